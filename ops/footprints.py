@@ -1,0 +1,259 @@
+"""Read building footprints from any OGR source into the `buildings` contract.
+
+Sources differ in everything but the buildings: BD TOPO GeoPackages name the id
+``cleabs``; its shapefiles truncate names to ten characters (``ID``,
+``USAGE1``) and ship without a ``.cpg`` although their text is UTF-8; other
+sources carry ``osm_id`` or ``id``; geometries come as Polygon Z, MultiPolygon,
+empty, or self-intersecting. This module maps all of that onto one schema
+(DESIGN.md, table ``buildings``) and gives every input row a
+``geometry_status`` instead of dropping it, so the accounting invariant can
+hold downstream.
+
+It streams the source in Arrow batches: memory stays flat whatever the size of
+the département.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pyogrio
+import shapely
+from pyproj import CRS, Transformer
+
+from ops.crs import recognise_epsg
+from ops.grid import DEFAULT_CELL_SIZE_M, NO_CELL, cell_ids
+
+ID_CANDIDATES = ("cleabs", "id", "osm_id", "building_id", "fid")
+HEIGHT_CANDIDATES = ("hauteur", "height", "height_m")
+USAGE_CANDIDATES = ("usage_1", "usage1", "usage")
+
+STATUSES = ("ok", "repaired", "invalid", "empty")
+
+BUILDINGS_SCHEMA = pa.schema(
+    [
+        pa.field("building_id", pa.string(), nullable=False),
+        pa.field("departement", pa.string(), nullable=False),
+        pa.field("cell_id", pa.string(), nullable=False),
+        pa.field("geometry", pa.binary()),
+        pa.field("area_m2", pa.float64()),
+        pa.field("height_m", pa.float64()),
+        pa.field("usage", pa.string()),
+        pa.field("geometry_status", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),
+    ]
+)
+
+
+class FootprintError(ValueError):
+    """A footprint source that cannot be read into the contract (names the file)."""
+
+
+@dataclass
+class FootprintStats:
+    """What happened to the rows of one source, for logs and asset metadata."""
+
+    rows: int = 0
+    statuses: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STATUSES, 0))
+    generated_ids: int = 0
+    source_epsg: int | None = None
+    cells: set[str] = field(default_factory=set)
+
+
+def _pick(columns: list[str], candidates: tuple[str, ...], explicit: str | None, path: Path, what: str) -> str | None:
+    lower = {c.lower(): c for c in columns}
+    if explicit is not None:
+        if explicit.lower() not in lower:
+            raise FootprintError(f"{path}: {what} column {explicit!r} not found; columns are {columns}")
+        return lower[explicit.lower()]
+    for cand in candidates:
+        if cand in lower:
+            return lower[cand]
+    return None
+
+
+def _shapefile_encoding(path: Path) -> str | None:
+    """BD TOPO shapefiles come without a .cpg but are UTF-8; GDAL would assume
+    Latin-1 and produce mojibake. Use UTF-8 when the DBF decodes as UTF-8."""
+    if path.suffix.lower() != ".shp":
+        return None
+    if any(path.with_suffix(s).exists() for s in (".cpg", ".CPG")):
+        return None
+    dbf = next((p for p in (path.with_suffix(".dbf"), path.with_suffix(".DBF")) if p.exists()), None)
+    if dbf is None:
+        return None
+    with open(dbf, "rb") as fh:
+        header = fh.read(10)
+        if len(header) < 10:
+            return None
+        fh.seek(int.from_bytes(header[8:10], "little"))  # records start after the header
+        head = fh.read(8 << 20)
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        # A cut in the middle of a multi-byte character at the end is fine.
+        if exc.start < len(head) - 4:
+            return "ISO-8859-1"
+    return "UTF-8"
+
+
+def _clean_geometries(geoms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """2D, valid, polygonal geometries and their status, one per input."""
+    status = np.full(len(geoms), "ok", dtype=object)
+    missing = shapely.is_missing(geoms)
+    empty = missing | shapely.is_empty(np.where(missing, shapely.Point(), geoms))
+    status[empty] = "empty"
+    out = np.where(empty, None, geoms)
+    present = ~empty
+    out[present] = shapely.force_2d(out[present])
+    polygonal = np.isin(shapely.get_type_id(out), (3, 6))  # Polygon, MultiPolygon
+    valid = shapely.is_valid(out)
+    bad = present & ~(polygonal & valid)
+    for i in np.flatnonzero(bad):
+        geom = out[i]
+        fixed = shapely.make_valid(geom) if polygonal[i] else None
+        if fixed is not None and fixed.geom_type == "GeometryCollection":
+            parts = [g for g in fixed.geoms if g.geom_type in ("Polygon", "MultiPolygon")]
+            fixed = shapely.union_all(parts) if parts else None
+        if fixed is not None and fixed.geom_type in ("Polygon", "MultiPolygon") and fixed.area > 0:
+            out[i] = fixed
+            status[i] = "repaired"
+        else:
+            status[i] = "invalid"  # keep the source geometry so an analyst can see it
+    return out, status
+
+
+def iter_building_batches(
+    path: str | Path,
+    departement: str,
+    target_epsg: int,
+    *,
+    layer: str | int | None = None,
+    id_column: str | None = None,
+    batch_size: int = 50_000,
+    cell_size_m: float = DEFAULT_CELL_SIZE_M,
+    stats: FootprintStats | None = None,
+) -> Iterator[pa.RecordBatch]:
+    """Yield record batches in :data:`BUILDINGS_SCHEMA` (geometry as WKB in ``target_epsg``).
+
+    Raises :class:`FootprintError` naming the file for an unreadable source,
+    a missing id column, a missing CRS or duplicate building ids.
+    """
+    path = Path(path)
+    stats = stats if stats is not None else FootprintStats()
+    if not path.exists():
+        raise FootprintError(f"{path}: footprint file not found")
+    try:
+        info = pyogrio.read_info(path, layer=layer)
+    except Exception as exc:
+        raise FootprintError(f"{path}: cannot be read as a vector layer ({exc})") from exc
+    fields = list(info["fields"])
+    id_col = _pick(fields, ID_CANDIDATES, id_column, path, "id")
+    height_col = _pick(fields, HEIGHT_CANDIDATES, None, path, "height")
+    usage_col = _pick(fields, USAGE_CANDIDATES, None, path, "usage")
+    if info["crs"] is None:
+        raise FootprintError(f"{path}: layer has no CRS; cannot place its buildings")
+    src_epsg = recognise_epsg(CRS.from_user_input(info["crs"]), what=str(path))
+    stats.source_epsg = src_epsg
+    transformer = (
+        None if src_epsg == target_epsg else Transformer.from_crs(src_epsg, target_epsg, always_xy=True)
+    )
+    columns = [c for c in (id_col, height_col, usage_col) if c is not None]
+    source_name = path.name
+    seen: set[str] = set()
+    offset = 0
+    with pyogrio.raw.open_arrow(
+        path, layer=layer, columns=columns, batch_size=batch_size, encoding=_shapefile_encoding(path), use_pyarrow=True
+    ) as (meta, reader):
+        geom_name = next(n for n in reader.schema.names if n not in columns)
+        for batch in reader:
+            n = batch.num_rows
+            if id_col is not None:
+                raw_ids = batch.column(id_col).cast(pa.string()).to_pylist()
+            else:
+                raw_ids = [None] * n
+            ids = []
+            for k, v in enumerate(raw_ids):
+                if v is None or str(v).strip() == "":
+                    v = f"{path.stem}#{offset + k}"  # no id in the source: feature index, stable
+                    stats.generated_ids += 1
+                ids.append(str(v).strip())
+            batch_seen: set[str] = set()
+            dups = {i for i in ids if i in seen or i in batch_seen or batch_seen.add(i)}
+            seen |= batch_seen
+            if dups:
+                uniq = sorted(dups)
+                raise FootprintError(
+                    f"{path}: {len(uniq)} duplicate building id(s) in column {id_col!r}, e.g. {uniq[:5]}"
+                )
+            wkb = batch.column(geom_name).to_numpy(zero_copy_only=False)
+            geoms = shapely.from_wkb(wkb, on_invalid="fix")
+            geoms, status = _clean_geometries(geoms)
+            if transformer is not None:
+                present = ~shapely.is_missing(geoms)
+                geoms[present] = shapely.transform(
+                    geoms[present], lambda xy: np.column_stack(transformer.transform(xy[:, 0], xy[:, 1]))
+                )
+            centroids = shapely.centroid(geoms)
+            cx = np.where(shapely.is_missing(centroids), np.nan, shapely.get_x(centroids))
+            cy = np.where(shapely.is_missing(centroids), np.nan, shapely.get_y(centroids))
+            cells = cell_ids(cx, cy, cell_size_m)
+            stats.cells.update(c for c in set(cells) if c != NO_CELL)
+            areas = shapely.area(geoms).astype("float64")
+            areas[status == "empty"] = np.nan
+            heights = batch.column(height_col).cast(pa.float64()) if height_col else pa.nulls(n, pa.float64())
+            usages = batch.column(usage_col).cast(pa.string()) if usage_col else pa.nulls(n, pa.string())
+            for s in STATUSES:
+                stats.statuses[s] += int((status == s).sum())
+            stats.rows += n
+            offset += n
+            yield pa.RecordBatch.from_arrays(
+                [
+                    pa.array(ids, pa.string()),
+                    pa.array([departement] * n, pa.string()),
+                    pa.array(cells.tolist(), pa.string()),
+                    pa.array(shapely.to_wkb(geoms).tolist(), pa.binary()),
+                    pa.array(areas, pa.float64(), from_pandas=True),
+                    heights,
+                    usages,
+                    pa.array(status.tolist(), pa.string()),
+                    pa.array([source_name] * n, pa.string()),
+                ],
+                schema=BUILDINGS_SCHEMA,
+            )
+
+
+def geoparquet_metadata(epsg: int) -> dict[bytes, bytes]:
+    """GeoParquet 1.1 file metadata for a WKB ``geometry`` column in ``epsg``."""
+    geo = {
+        "version": "1.1.0",
+        "primary_column": "geometry",
+        "columns": {
+            "geometry": {
+                "encoding": "WKB",
+                "geometry_types": ["Polygon", "MultiPolygon"],
+                "crs": json.loads(CRS.from_epsg(epsg).to_json()),
+            }
+        },
+    }
+    return {b"geo": json.dumps(geo).encode()}
+
+
+def write_buildings_geoparquet(batches: Iterator[pa.RecordBatch], out: Path, epsg: int) -> int:
+    """Stream batches into one GeoParquet file; returns the row count."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    schema = BUILDINGS_SCHEMA.with_metadata(geoparquet_metadata(epsg))
+    rows = 0
+    with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+        for b in batches:
+            writer.write_batch(b.replace_schema_metadata(schema.metadata))
+            rows += b.num_rows
+    tmp.replace(out)  # readers never see a half-written file
+    return rows

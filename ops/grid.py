@@ -1,0 +1,38 @@
+"""The tile grid that cuts a département into cells.
+
+A cell is the unit of parallel crop work, of progress reporting and of
+resumption. Cells are squares of a fixed grid in the département's native CRS
+(5 km by default: BD ORTHO's own slab size, so a cell maps onto few source
+tiles). A building belongs to the one cell that holds its centroid, so the
+assignment is stable across runs and independent of the imagery.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+DEFAULT_CELL_SIZE_M = 5000.0
+NO_CELL = "none"  # cell of buildings without a geometry (status `empty`)
+
+
+def cell_ids(x: np.ndarray, y: np.ndarray, cell_size_m: float = DEFAULT_CELL_SIZE_M) -> np.ndarray:
+    """Cell id of each point, named after the cell's lower-left corner in metres.
+
+    ``E0660000_N6360000`` reads as the 5 km cell whose lower-left corner is
+    (660 000, 6 360 000). NaN coordinates get :data:`NO_CELL`.
+    """
+    x = np.asarray(x, dtype="float64")
+    y = np.asarray(y, dtype="float64")
+    out = np.full(x.shape, NO_CELL, dtype=object)
+    ok = np.isfinite(x) & np.isfinite(y)
+    ex = (np.floor(x[ok] / cell_size_m) * cell_size_m).astype("int64")
+    ny = (np.floor(y[ok] / cell_size_m) * cell_size_m).astype("int64")
+    out[ok] = [f"E{a:07d}_N{b:07d}" for a, b in zip(ex.tolist(), ny.tolist(), strict=True)]
+    return out
+
+
+def cell_bounds(cell_id: str, cell_size_m: float = DEFAULT_CELL_SIZE_M) -> tuple[float, float, float, float]:
+    """(minx, miny, maxx, maxy) of a cell id made by :func:`cell_ids`."""
+    e, n = cell_id.split("_")
+    x0, y0 = float(e[1:]), float(n[1:])
+    return x0, y0, x0 + cell_size_m, y0 + cell_size_m

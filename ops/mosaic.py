@@ -1,0 +1,227 @@
+"""A virtual mosaic (GDAL VRT) over a département's orthophoto tiles.
+
+The chips step reads one raster, not hundreds of tiles, and the VRT is cheap
+to rebuild when tiles change. We write the VRT XML ourselves (the GDAL Python
+bindings are not a dependency) and give it a recognised EPSG CRS, so tiles
+whose CRS lacks an authority (IGN's own sample) come out as plain EPSG:2154.
+
+Beside the VRT, :class:`MosaicInfo` records what the crop needs and the VRT
+does not say: each tile's footprint (to tell ``no_imagery`` from ``nodata``),
+the band rule that turns the source into 3×uint8 chips, and an ``imagery_id``
+that changes when the tiles change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from xml.sax.saxutils import escape
+
+import numpy as np
+import rasterio
+from pyproj import CRS
+from rasterio.enums import Resampling
+
+from ops.crs import recognise_epsg
+
+TILE_SUFFIXES = (".tif", ".tiff", ".jp2", ".vrt")
+_GDAL_TYPES = {"uint8": "Byte", "uint16": "UInt16", "int16": "Int16", "float32": "Float32"}
+_COLOR = ("Red", "Green", "Blue", "Undefined")
+
+
+class MosaicError(ValueError):
+    """Tiles that cannot form one mosaic (names the offending file)."""
+
+
+@dataclass
+class TileInfo:
+    path: str
+    bounds: tuple[float, float, float, float]
+    width: int
+    height: int
+    block: tuple[int, int]
+
+
+@dataclass
+class MosaicInfo:
+    """What the crop needs to know about a mosaic, stored as JSON beside the VRT."""
+
+    imagery_id: str
+    epsg: int
+    resolution: float
+    bounds: tuple[float, float, float, float]
+    width: int
+    height: int
+    count: int
+    dtype: str
+    nodata: float | None
+    band_rule: str  # how source bands become 3 uint8 chip bands
+    scale: tuple[float, float] | None  # (low, high) source values mapped to 0..255, non-uint8 only
+    tiles: list[TileInfo] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> MosaicInfo:
+        d = json.loads(text)
+        d["tiles"] = [TileInfo(**{**t, "bounds": tuple(t["bounds"]), "block": tuple(t["block"])}) for t in d["tiles"]]
+        d["bounds"] = tuple(d["bounds"])
+        d["scale"] = tuple(d["scale"]) if d["scale"] is not None else None
+        return cls(**d)
+
+    def tile_bounds_array(self) -> np.ndarray:
+        return np.array([t.bounds for t in self.tiles], dtype="float64").reshape(-1, 4)
+
+
+def band_rule(count: int, dtype: str, *, what: str) -> str:
+    """The documented rule from source bands to the model's 3 uint8 bands.
+
+    - 3 bands: used as RGB; 4 or more (RGBI, IRC products): the first three;
+    - 1 band (panchromatic): replicated to three;
+    - 2 bands: ambiguous, rejected;
+    - non-uint8 data are linearly stretched from the mosaic's 2nd-98th
+      percentile to 0-255 (see :func:`band_scale`).
+    """
+    if count == 2 or count < 1:
+        raise MosaicError(f"{what}: {count} band(s), expected 1 (replicated), 3 (RGB) or ≥4 (first three used)")
+    base = "replicate" if count == 1 else "rgb" if count == 3 else "first3"
+    return base if dtype == "uint8" else f"{base}+stretch"
+
+
+def find_tiles(folder: str | Path) -> list[str]:
+    """The orthophoto tiles of a folder, sorted by name."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise MosaicError(f"{folder}: imagery folder not found")
+    tiles = sorted(str(p.resolve()) for p in folder.iterdir() if p.suffix.lower() in TILE_SUFFIXES)
+    if not tiles:
+        raise MosaicError(f"{folder}: no orthophoto tiles ({', '.join(TILE_SUFFIXES)})")
+    return tiles
+
+
+def _imagery_id(name: str, tiles: list[str]) -> str:
+    h = hashlib.sha256()
+    for t in tiles:
+        p = Path(t)
+        stat = p.stat() if p.exists() else None
+        h.update(f"{p.name}:{stat.st_size if stat else ''}:{int(stat.st_mtime) if stat else ''}\n".encode())
+    return f"{name}-{h.hexdigest()[:10]}"
+
+
+def band_scale(path: str, nodata: float | None, max_pixels: int = 1_000_000) -> tuple[float, float]:
+    """2nd and 98th percentile of valid pixels, read from a decimated view."""
+    with rasterio.open(path) as ds:
+        f = max(1, int(math.sqrt(ds.width * ds.height / max_pixels)))
+        a = ds.read(out_shape=(ds.count, max(1, ds.height // f), max(1, ds.width // f)), resampling=Resampling.nearest)
+    vals = a.astype("float64").ravel()
+    if nodata is not None:
+        vals = vals[vals != nodata]
+    if vals.size == 0:
+        return 0.0, 1.0
+    lo, hi = np.percentile(vals, [2, 98])
+    return float(lo), float(max(hi, lo + 1))
+
+
+def build_mosaic(tiles: list[str], vrt_path: Path, *, name: str, target_epsg: int | None = None) -> MosaicInfo:
+    """Check that ``tiles`` agree, write the VRT at ``vrt_path`` and return its :class:`MosaicInfo`.
+
+    Every tile must have the same band count, data type, resolution and CRS
+    (recognised as ``target_epsg`` when given) and sit on the same pixel grid;
+    the first tile that does not is named in the error.
+    """
+    if not tiles:
+        raise MosaicError(f"{name}: no tiles given")
+    infos: list[TileInfo] = []
+    ref: dict | None = None
+    for t in tiles:
+        try:
+            ds = rasterio.open(t)
+        except Exception as exc:
+            raise MosaicError(f"{t}: cannot be opened as a raster ({exc})") from exc
+        with ds:
+            epsg = recognise_epsg(ds.crs, what=t)
+            tr = ds.transform
+            if tr.b != 0 or tr.d != 0:
+                raise MosaicError(f"{t}: rotated rasters are not supported")
+            this = {"epsg": epsg, "count": ds.count, "dtype": ds.dtypes[0], "res": (tr.a, -tr.e), "nodata": ds.nodata}
+            if target_epsg is not None and epsg != target_epsg:
+                raise MosaicError(f"{t}: CRS is EPSG:{epsg}, the département's is EPSG:{target_epsg}")
+            if ref is None:
+                ref = this
+            else:
+                for k in ("epsg", "count", "dtype"):
+                    if this[k] != ref[k]:
+                        raise MosaicError(f"{t}: {k} is {this[k]}, other tiles have {ref[k]}")
+                if not np.allclose(this["res"], ref["res"], rtol=1e-6):
+                    raise MosaicError(f"{t}: resolution {this['res']} differs from {ref['res']}")
+            infos.append(
+                TileInfo(path=t, bounds=tuple(ds.bounds), width=ds.width, height=ds.height, block=tuple(ds.block_shapes[0]))
+            )
+    assert ref is not None
+    res = float(ref["res"][0])
+    resy = float(ref["res"][1])
+    b = np.array([i.bounds for i in infos])
+    minx, miny, maxx, maxy = b[:, 0].min(), b[:, 1].min(), b[:, 2].max(), b[:, 3].max()
+    width = int(round((maxx - minx) / res))
+    height = int(round((maxy - miny) / resy))
+    nodata = ref["nodata"] if ref["nodata"] is not None else 0.0
+    rule = band_rule(ref["count"], ref["dtype"], what=tiles[0])
+    scale = band_scale(tiles[0], nodata) if rule.endswith("stretch") else None
+    gdal_type = _GDAL_TYPES.get(ref["dtype"])
+    if gdal_type is None:
+        raise MosaicError(f"{tiles[0]}: data type {ref['dtype']} not supported")
+    bands_xml = []
+    for band in range(1, ref["count"] + 1):
+        sources = []
+        for ti in infos:
+            xoff = (ti.bounds[0] - minx) / res
+            yoff = (maxy - ti.bounds[3]) / resy
+            if abs(xoff - round(xoff)) > 1e-3 or abs(yoff - round(yoff)) > 1e-3:
+                raise MosaicError(f"{ti.path}: not aligned on the mosaic's pixel grid (offset {xoff:.3f}, {yoff:.3f} px)")
+            sources.append(
+                f"""    <ComplexSource>
+      <SourceFilename relativeToVRT="0">{escape(ti.path)}</SourceFilename>
+      <SourceBand>{band}</SourceBand>
+      <SourceProperties RasterXSize="{ti.width}" RasterYSize="{ti.height}" DataType="{gdal_type}" BlockXSize="{ti.block[1]}" BlockYSize="{ti.block[0]}"/>
+      <SrcRect xOff="0" yOff="0" xSize="{ti.width}" ySize="{ti.height}"/>
+      <DstRect xOff="{round(xoff)}" yOff="{round(yoff)}" xSize="{ti.width}" ySize="{ti.height}"/>
+      <NODATA>{nodata:g}</NODATA>
+    </ComplexSource>"""
+            )
+        colour = _COLOR[band - 1] if ref["count"] >= 3 and band <= 3 else ("Gray" if ref["count"] == 1 else "Undefined")
+        bands_xml.append(
+            f"""  <VRTRasterBand dataType="{gdal_type}" band="{band}">
+    <NoDataValue>{nodata:g}</NoDataValue>
+    <ColorInterp>{colour}</ColorInterp>
+{chr(10).join(sources)}
+  </VRTRasterBand>"""
+        )
+    wkt = CRS.from_epsg(ref["epsg"]).to_wkt()
+    xml = f"""<VRTDataset rasterXSize="{width}" rasterYSize="{height}">
+  <SRS dataAxisToSRSAxisMapping="1,2">{escape(wkt)}</SRS>
+  <GeoTransform>{minx!r}, {res!r}, 0.0, {maxy!r}, 0.0, {-resy!r}</GeoTransform>
+{chr(10).join(bands_xml)}
+</VRTDataset>
+"""
+    vrt_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = vrt_path.with_suffix(".vrt.tmp")
+    tmp.write_text(xml)
+    tmp.replace(vrt_path)
+    return MosaicInfo(
+        imagery_id=_imagery_id(name, tiles),
+        epsg=ref["epsg"],
+        resolution=res,
+        bounds=(float(minx), float(miny), float(maxx), float(maxy)),
+        width=width,
+        height=height,
+        count=ref["count"],
+        dtype=ref["dtype"],
+        nodata=nodata,
+        band_rule=rule,
+        scale=scale,
+        tiles=infos,
+    )
