@@ -99,7 +99,7 @@ def chip_windows(bounds: np.ndarray, spec: ChipSpec, res: float, origin: tuple[f
     h = b[:, 3] - b[:, 1]
     side = np.maximum(w, h)
     side = side + 2 * np.maximum(spec.margin_m, spec.margin_ratio * side)
-    npx = np.maximum(np.ceil(side / res), 1)
+    npx = np.maximum(np.ceil(side / res - 1e-6), 1)  # real rasters have resolutions like 0.19999999999963
     cx = (b[:, 0] + b[:, 2]) / 2
     cy = (b[:, 1] + b[:, 3]) / 2
     left = origin[0] + np.round((cx - npx * res / 2 - origin[0]) / res) * res
@@ -139,7 +139,9 @@ def _intersects_any(windows: np.ndarray, tiles: np.ndarray) -> np.ndarray:
     return hit.any(axis=1)
 
 
-def crop_cell(ds: rasterio.io.DatasetReader, info: MosaicInfo, task: CellTask, spec: ChipSpec) -> tuple[np.ndarray, pa.Table]:
+def crop_cell(
+    ds: rasterio.io.DatasetReader, info: MosaicInfo, task: CellTask, spec: ChipSpec
+) -> tuple[np.ndarray, pa.Table]:
     """Chips and index rows for one cell's buildings (one index row per building)."""
     n = len(task.building_ids)
     status = np.array(["ok"] * n, dtype=object)
@@ -215,7 +217,9 @@ def write_shard(folder: Path, cell_id: str, chips: np.ndarray, index: pa.Table, 
     with open(tmp_npy, "wb") as fh:
         np.save(fh, chips, allow_pickle=False)
     tmp_npy.replace(npy)
-    table = index.replace_schema_metadata({**(index.schema.metadata or {}), **{k.encode(): v.encode() for k, v in meta.items()}})
+    table = index.replace_schema_metadata(
+        {**(index.schema.metadata or {}), **{k.encode(): v.encode() for k, v in meta.items()}}
+    )
     tmp_idx = idx.with_name(idx.name + ".tmp")
     pq.write_table(table, tmp_idx)
     tmp_idx.replace(idx)
@@ -252,7 +256,9 @@ def cell_tasks(buildings_parquet: Path, batch_size: int = 100_000) -> list[CellT
     gstat: list[str] = []
     bounds: list[np.ndarray] = []
     pf = pq.ParquetFile(buildings_parquet)
-    for batch in pf.iter_batches(batch_size=batch_size, columns=["building_id", "cell_id", "geometry_status", "geometry"]):
+    for batch in pf.iter_batches(
+        batch_size=batch_size, columns=["building_id", "cell_id", "geometry_status", "geometry"]
+    ):
         ids += batch.column("building_id").to_pylist()
         cells += batch.column("cell_id").to_pylist()
         gstat += batch.column("geometry_status").to_pylist()
@@ -334,7 +340,9 @@ def crop_partition(
         _init_worker(*init_args)
         results: Iterator[CellResult] = map(_run_task, todo)
     else:
-        pool = ProcessPoolExecutor(max_workers=min(workers, len(todo), os.cpu_count() or 1), initializer=_init_worker, initargs=init_args)
+        pool = ProcessPoolExecutor(
+            max_workers=min(workers, len(todo), os.cpu_count() or 1), initializer=_init_worker, initargs=init_args
+        )
         results = pool.map(_run_task, todo)
     try:
         for r in results:

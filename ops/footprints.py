@@ -161,9 +161,7 @@ def iter_building_batches(
         raise FootprintError(f"{path}: layer has no CRS; cannot place its buildings")
     src_epsg = recognise_epsg(CRS.from_user_input(info["crs"]), what=str(path))
     stats.source_epsg = src_epsg
-    transformer = (
-        None if src_epsg == target_epsg else Transformer.from_crs(src_epsg, target_epsg, always_xy=True)
-    )
+    transformer = None if src_epsg == target_epsg else Transformer.from_crs(src_epsg, target_epsg, always_xy=True)
     columns = [c for c in (id_col, height_col, usage_col) if c is not None]
     source_name = path.name
     seen: set[str] = set()

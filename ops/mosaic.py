@@ -159,7 +159,9 @@ def build_mosaic(tiles: list[str], vrt_path: Path, *, name: str, target_epsg: in
                 if not np.allclose(this["res"], ref["res"], rtol=1e-6):
                     raise MosaicError(f"{t}: resolution {this['res']} differs from {ref['res']}")
             infos.append(
-                TileInfo(path=t, bounds=tuple(ds.bounds), width=ds.width, height=ds.height, block=tuple(ds.block_shapes[0]))
+                TileInfo(
+                    path=t, bounds=tuple(ds.bounds), width=ds.width, height=ds.height, block=tuple(ds.block_shapes[0])
+                )
             )
     assert ref is not None
     res = float(ref["res"][0])
@@ -181,7 +183,9 @@ def build_mosaic(tiles: list[str], vrt_path: Path, *, name: str, target_epsg: in
             xoff = (ti.bounds[0] - minx) / res
             yoff = (maxy - ti.bounds[3]) / resy
             if abs(xoff - round(xoff)) > 1e-3 or abs(yoff - round(yoff)) > 1e-3:
-                raise MosaicError(f"{ti.path}: not aligned on the mosaic's pixel grid (offset {xoff:.3f}, {yoff:.3f} px)")
+                raise MosaicError(
+                    f"{ti.path}: not aligned on the mosaic's pixel grid (offset {xoff:.3f}, {yoff:.3f} px)"
+                )
             sources.append(
                 f"""    <ComplexSource>
       <SourceFilename relativeToVRT="0">{escape(ti.path)}</SourceFilename>

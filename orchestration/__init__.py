@@ -1,0 +1,1 @@
+"""Dagster wiring: Definitions, partitions, jobs, schedules, executors and the environment switch."""

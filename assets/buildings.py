@@ -1,0 +1,82 @@
+"""`buildings`: a département's footprints, validated, repaired, gridded, in the warehouse."""
+
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from dagster import AssetExecutionContext, Config, MaterializeResult, MetadataValue, asset
+from pydantic import Field
+
+from assets.metadata import counts_table
+from assets.partitions import departements_partitions
+from ops.departements import check_departement, native_epsg
+from ops.footprints import FootprintStats, iter_building_batches, write_buildings_geoparquet
+from ops.geo import to_wgs84_wkb
+from ops.grid import DEFAULT_CELL_SIZE_M
+from resources.imagery import FootprintSource
+from resources.object_store import LocalObjectStore
+from resources.warehouse import WAREHOUSE_POOL, DuckDBWarehouse
+
+
+class BuildingsConfig(Config):
+    layer: str | None = Field(default=None, description="Layer to read (default: the file's first layer)")
+    id_column: str | None = Field(default=None, description="Id column (default: cleabs, ID, osm_id, ... found first)")
+    cell_size_m: float = Field(default=DEFAULT_CELL_SIZE_M, description="Side of the work grid's cells, metres")
+
+
+def buildings_key(dep: str) -> str:
+    return f"buildings/{dep}/buildings.parquet"
+
+
+def wgs84_batches(path, epsg: int, batch_size: int = 50_000):
+    """The GeoParquet's batches with geometry reprojected to WGS84 for the warehouse."""
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size):
+        geom = to_wgs84_wkb(batch.column("geometry").to_numpy(zero_copy_only=False), epsg)
+        i = batch.schema.get_field_index("geometry")
+        yield batch.set_column(i, "geometry", pa.array(geom, pa.binary()))
+
+
+@asset(
+    partitions_def=departements_partitions,
+    group_name="ingest",
+    kinds={"duckdb", "parquet"},
+    pool=WAREHOUSE_POOL,
+    code_version="1",
+    description="One row per input building: id, cell, geometry (validated/repaired), area, height, usage, status.",
+)
+def buildings(
+    context: AssetExecutionContext,
+    config: BuildingsConfig,
+    footprints: FootprintSource,
+    store: LocalObjectStore,
+    warehouse: DuckDBWarehouse,
+) -> MaterializeResult:
+    dep = check_departement(context.partition_key)
+    epsg = native_epsg(dep)
+    src = footprints.footprints(dep)
+    context.log.info(f"partition {dep}: reading {src} into EPSG:{epsg}")
+    t0 = time.perf_counter()
+    stats = FootprintStats()
+    out = store.path(buildings_key(dep))
+    batches = iter_building_batches(
+        src, dep, epsg, layer=config.layer, id_column=config.id_column, cell_size_m=config.cell_size_m, stats=stats
+    )
+    rows = write_buildings_geoparquet(batches, out, epsg)
+    loaded = warehouse.replace_partition("buildings", dep, wgs84_batches(out, epsg))
+    if loaded != rows:
+        raise RuntimeError(f"partition {dep}: {rows} buildings read but {loaded} loaded into the warehouse")
+    seconds = time.perf_counter() - t0
+    context.log.info(f"partition {dep}: {rows:,} buildings, statuses {stats.statuses}, {len(stats.cells)} cells")
+    return MaterializeResult(
+        metadata={
+            "rows": rows,
+            "statuses": counts_table(stats.statuses, "geometry_status"),
+            "cells": len(stats.cells),
+            "source": MetadataValue.path(str(src)),
+            "source_epsg": stats.source_epsg,
+            "generated_ids": stats.generated_ids,
+            "geoparquet": MetadataValue.path(str(out)),
+            "seconds": round(seconds, 2),
+            "buildings_per_s": round(rows / seconds, 1) if seconds else 0.0,
+        }
+    )

@@ -1,0 +1,99 @@
+"""`chips`: one fixed-size image chip per building, stored as per-cell shards."""
+
+import hashlib
+import time
+
+from dagster import AssetExecutionContext, Config, MaterializeResult, MetadataValue, asset
+from pydantic import Field
+
+from assets.buildings import buildings, buildings_key
+from assets.metadata import counts_table
+from assets.mosaic import load_mosaic_info, mosaic_keys, ortho_mosaic
+from assets.partitions import departements_partitions
+from ops.chips import STATUSES, CellResult, ChipSpec, crop_partition, list_shards, shard_paths
+from ops.departements import check_departement
+from resources.object_store import LocalObjectStore
+
+
+class ChipsConfig(Config):
+    size: int = Field(default=64, description="Chip side in pixels (the model's input size)")
+    margin_m: float = Field(default=2.0, description="Minimum margin around the building's bounding box, metres")
+    margin_ratio: float = Field(default=0.15, description="Margin as a fraction of the building's extent, if larger")
+    min_valid_fraction: float = Field(default=0.5, description="Below this share of valid pixels a chip is `nodata`")
+    workers: int = Field(default=1, description="Worker processes cropping cells in parallel")
+    resume: bool = Field(default=True, description="Reuse cells whose shard was cut from the same inputs")
+
+
+def chips_prefix(dep: str) -> str:
+    return f"chips/{dep}"
+
+
+def file_fingerprint(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+@asset(
+    partitions_def=departements_partitions,
+    deps=[buildings, ortho_mosaic],
+    group_name="imagery",
+    kinds={"numpy"},
+    code_version="1",
+    description="Image chips cut around every building from the mosaic, one shard per grid cell.",
+)
+def chips(context: AssetExecutionContext, config: ChipsConfig, store: LocalObjectStore) -> MaterializeResult:
+    dep = check_departement(context.partition_key)
+    spec = ChipSpec(config.size, config.margin_m, config.margin_ratio, config.min_valid_fraction)
+    info = load_mosaic_info(store, dep)
+    bpath = store.path(buildings_key(dep))
+    out = store.path(chips_prefix(dep) + "/.keep").parent
+    t0 = time.perf_counter()
+    totals = dict.fromkeys(STATUSES, 0)
+    done_chips = {"n": 0, "reused": 0}
+
+    def progress(r: CellResult, done: int, total: int) -> None:
+        for k, v in r.counts.items():
+            totals[k] += v
+        done_chips["n"] += r.chips
+        done_chips["reused"] += int(r.reused)
+        elapsed = time.perf_counter() - t0
+        eta = elapsed / done * (total - done)
+        how = "reused" if r.reused else f"{r.seconds:.1f} s"
+        context.log.info(
+            f"partition {dep}: cell {r.cell_id} ({done}/{total}): {r.chips} chips ({how}); "
+            f"{done_chips['n'] / max(elapsed, 1e-9):,.0f} chips/s, ETA {eta:.0f} s"
+        )
+
+    for _ in crop_partition(
+        bpath,
+        store.path(mosaic_keys(dep)[0]),
+        info,
+        out,
+        spec,
+        buildings_fingerprint=file_fingerprint(bpath),
+        workers=config.workers,
+        resume=config.resume,
+        progress=progress,
+    ):
+        pass
+    n_chips, reused = done_chips["n"], done_chips["reused"]
+    seconds = time.perf_counter() - t0
+    stored = sum(shard_paths(out, c)[0].stat().st_size for c in list_shards(out))
+    return MaterializeResult(
+        metadata={
+            "buildings": sum(totals.values()),
+            "chips": n_chips,
+            "statuses": counts_table(totals),
+            "cells": len(list_shards(out)),
+            "cells_reused": reused,
+            "chip_size_px": spec.size,
+            "imagery_id": info.imagery_id,
+            "seconds": round(seconds, 2),
+            "chips_per_s": round(n_chips / seconds, 1) if seconds else 0.0,
+            "bytes_per_chip": round(stored / n_chips) if n_chips else 0,
+            "folder": MetadataValue.path(str(out)),
+        }
+    )

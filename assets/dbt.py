@@ -1,0 +1,78 @@
+"""The dbt project as Dagster assets, so lineage runs from footprints to `building_attributes`.
+
+dbt's sources `warehouse.buildings` and `warehouse.predictions` map onto the
+`buildings` and `predictions` assets. The models are partitioned like their
+sources: a partition run rebuilds them and runs their tests (the accounting
+invariant among them) after that département's predictions landed.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from dagster import AssetExecutionContext, AssetKey
+from dagster_dbt import DagsterDbtTranslator, DbtCliResource, DbtProject, dbt_assets
+
+from assets.partitions import departements_partitions
+from resources.warehouse import WAREHOUSE_POOL, DuckDBWarehouse, spatial_extension_path
+
+DBT_DIR = Path(__file__).resolve().parent.parent / "dbt"
+dbt_project = DbtProject(project_dir=DBT_DIR, profiles_dir=DBT_DIR)
+
+
+def dbt_env(warehouse_path: str) -> dict[str, str]:
+    """Environment dbt needs: where the warehouse is, and the spatial extension file."""
+    return {
+        "BATIVISION_DUCKDB_PATH": str(Path(warehouse_path).resolve()),
+        "BATIVISION_SPATIAL_EXTENSION": spatial_extension_path(),
+    }
+
+
+def ensure_manifest() -> Path:
+    """Parse the dbt project if its manifest is missing or older than its sources.
+
+    Dagster builds the dbt assets from the manifest at import time; a fresh
+    clone has none, and a stale one would show models that no longer exist.
+    """
+    manifest = dbt_project.manifest_path
+    sources = [p for p in DBT_DIR.rglob("*") if p.suffix in {".sql", ".yml", ".yaml"} and "target" not in p.parts]
+    newest = max((p.stat().st_mtime for p in sources), default=0)
+    if not manifest.exists() or manifest.stat().st_mtime < newest:
+        env = {**os.environ, **dbt_env(os.environ.get("BATIVISION_DUCKDB_PATH", "data/warehouse.duckdb"))}
+        dbt = Path(sys.executable).parent / "dbt"
+        subprocess.run(
+            [str(dbt), "parse", "--project-dir", str(DBT_DIR), "--profiles-dir", str(DBT_DIR), "--quiet"],
+            check=True,
+            env=env,
+            cwd=DBT_DIR,
+        )
+    return manifest
+
+
+class BativisionDbtTranslator(DagsterDbtTranslator):
+    """dbt sources are our own assets; models go in the `warehouse_models` group."""
+
+    def get_asset_key(self, dbt_resource_props: Mapping[str, Any]) -> AssetKey:
+        if dbt_resource_props["resource_type"] == "source":
+            return AssetKey(dbt_resource_props["name"])
+        return super().get_asset_key(dbt_resource_props)
+
+    def get_group_name(self, dbt_resource_props: Mapping[str, Any]) -> str | None:
+        return "warehouse_models"
+
+
+@dbt_assets(
+    manifest=ensure_manifest(),
+    project=dbt_project,
+    dagster_dbt_translator=BativisionDbtTranslator(),
+    partitions_def=departements_partitions,
+    pool=WAREHOUSE_POOL,
+)
+def bativision_dbt_models(context: AssetExecutionContext, dbt: DbtCliResource, warehouse: DuckDBWarehouse):
+    os.environ.update(dbt_env(warehouse.path))
+    args = ["build", "--vars", json.dumps({"departement": context.partition_key})]
+    yield from dbt.cli(args, context=context).stream()

@@ -1,0 +1,46 @@
+"""`ortho_mosaic`: a VRT over the département's orthophoto tiles, plus what the crop needs to know."""
+
+from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
+
+from assets.partitions import departements_partitions
+from ops.departements import check_departement, native_epsg
+from ops.mosaic import MosaicInfo, build_mosaic
+from resources.imagery import OrthoImagery
+from resources.object_store import LocalObjectStore
+
+
+def mosaic_keys(dep: str) -> tuple[str, str]:
+    return f"mosaic/{dep}/mosaic.vrt", f"mosaic/{dep}/mosaic.json"
+
+
+def load_mosaic_info(store: LocalObjectStore, dep: str) -> MosaicInfo:
+    return MosaicInfo.from_json(store.path(mosaic_keys(dep)[1]).read_text())
+
+
+@asset(
+    partitions_def=departements_partitions,
+    group_name="ingest",
+    kinds={"gdal"},
+    code_version="1",
+    description="Virtual mosaic (VRT) over the département's orthophoto tiles, in its native CRS.",
+)
+def ortho_mosaic(context: AssetExecutionContext, imagery: OrthoImagery, store: LocalObjectStore) -> MaterializeResult:
+    dep = check_departement(context.partition_key)
+    tiles = imagery.tiles(dep)
+    context.log.info(f"partition {dep}: building a mosaic over {len(tiles)} tiles")
+    vrt_key, info_key = mosaic_keys(dep)
+    info = build_mosaic(tiles, store.path(vrt_key), name=f"ortho-{dep}", target_epsg=native_epsg(dep))
+    store.path(info_key).write_text(info.to_json())
+    w, h = info.bounds[2] - info.bounds[0], info.bounds[3] - info.bounds[1]
+    return MaterializeResult(
+        metadata={
+            "imagery_id": info.imagery_id,
+            "tiles": len(tiles),
+            "crs": f"EPSG:{info.epsg}",
+            "resolution_m": info.resolution,
+            "size_px": f"{info.width} x {info.height}",
+            "extent_km": f"{w / 1000:.2f} x {h / 1000:.2f}",
+            "bands": f"{info.count} x {info.dtype} ({info.band_rule})",
+            "vrt": MetadataValue.path(str(store.path(vrt_key))),
+        }
+    )

@@ -1,0 +1,70 @@
+{#-
+  One row per building with, for each attribute model of var('attribute_models'), the
+  prediction of its latest model version for that building: the model_version with the most
+  recent predicted_at (ties broken by model_version), whatever its status.
+-#}
+{%- set attribute_models = bativision.attribute_models() -%}
+
+with
+
+buildings as (
+
+    select * from {{ ref('stg_buildings') }}
+
+),
+
+latest_attribute_predictions as (
+
+    select
+        building_id,
+        model_name,
+        model_version,
+        label,
+        score,
+        prediction_status,
+        predicted_at
+
+    from {{ ref('stg_predictions') }}
+
+    {% if attribute_models | length > 0 -%}
+    where model_name in {{ bativision.sql_string_list(attribute_models) }}
+    {%- else -%}
+    where 1 = 0
+    {%- endif %}
+
+    qualify row_number() over (
+        partition by building_id, model_name
+        order by predicted_at desc, model_version desc
+    ) = 1
+
+)
+
+select
+    buildings.building_id,
+    buildings.departement,
+    buildings.cell_id,
+    buildings.geometry,
+    buildings.geometry_wkt,
+    buildings.centroid_lon,
+    buildings.centroid_lat,
+    buildings.geometry_status,
+    buildings.area_m2,
+    buildings.height_m,
+    buildings.usage,
+    buildings.source
+    {%- for name in attribute_models %},
+
+    {{ name }}_prediction.label as {{ name }}_label,
+    {{ name }}_prediction.score as {{ name }}_score,
+    {{ name }}_prediction.prediction_status as {{ name }}_status,
+    {{ name }}_prediction.model_version as {{ name }}_model_version,
+    {{ name }}_prediction.predicted_at as {{ name }}_predicted_at
+    {%- endfor %}
+
+from buildings
+{%- for name in attribute_models %}
+
+left join latest_attribute_predictions as {{ name }}_prediction
+    on {{ name }}_prediction.building_id = buildings.building_id
+    and {{ name }}_prediction.model_name = '{{ name }}'
+{%- endfor %}

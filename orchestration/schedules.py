@@ -1,0 +1,14 @@
+"""The monthly reprocessing of every département."""
+
+from dagster import RunRequest, ScheduleEvaluationContext, schedule
+
+from ops.departements import DEPARTEMENTS
+from orchestration.jobs import enrich_job
+
+
+@schedule(job=enrich_job, cron_schedule="0 2 1 * *", execution_timezone="Europe/Paris")
+def monthly_reprocessing(context: ScheduleEvaluationContext):
+    """On the 1st of each month at 02:00, one run per département (the run queue limits concurrency)."""
+    month = context.scheduled_execution_time.strftime("%Y-%m")
+    for dep in DEPARTEMENTS:
+        yield RunRequest(run_key=f"{month}-{dep}", partition_key=dep, tags={"bativision/reprocessing": month})
