@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,6 +104,59 @@ def _shapefile_encoding(path: Path) -> str | None:
     return "UTF-8"
 
 
+@dataclass
+class _Source:
+    """A vector source as (fields, CRS, streamed Arrow batches with a WKB geometry column)."""
+
+    path: Path
+    fields: list[str]
+    crs: object
+    layer: str | int | None
+    batch_size: int
+    geoparquet_geom: str | None = None
+
+    @contextmanager
+    def batches(self, columns: list[str]) -> Iterator[tuple[str, Iterator[pa.RecordBatch]]]:
+        if self.geoparquet_geom is not None:
+            pf = pq.ParquetFile(self.path)
+            yield self.geoparquet_geom, pf.iter_batches(self.batch_size, columns=[*columns, self.geoparquet_geom])
+            return
+        with pyogrio.raw.open_arrow(
+            self.path,
+            layer=self.layer,
+            columns=columns,
+            batch_size=self.batch_size,
+            encoding=_shapefile_encoding(self.path),
+            use_pyarrow=True,
+        ) as (_meta, reader):
+            yield next(n for n in reader.schema.names if n not in columns), reader
+
+
+def _open_source(path: Path, layer: str | int | None, batch_size: int) -> _Source:
+    """GeoParquet is read with pyarrow (streamed); everything else through GDAL/OGR."""
+    if path.suffix.lower() in (".parquet", ".geoparquet"):
+        try:
+            schema = pq.read_schema(path)
+        except Exception as exc:
+            raise FootprintError(f"{path}: cannot be read as Parquet ({exc})") from exc
+        geo = json.loads((schema.metadata or {}).get(b"geo", b"null"))
+        if not geo:
+            raise FootprintError(f"{path}: Parquet file without GeoParquet 'geo' metadata")
+        geom = geo["primary_column"]
+        if geo["columns"][geom].get("encoding", "WKB").upper() != "WKB":
+            raise FootprintError(
+                f"{path}: geometry encoding {geo['columns'][geom]['encoding']} not supported (WKB only)"
+            )
+        crs = geo["columns"][geom].get("crs", "OGC:CRS84")  # GeoParquet: absent crs means lon/lat
+        fields = [n for n in schema.names if n != geom]
+        return _Source(path, fields, json.dumps(crs) if isinstance(crs, dict) else crs, layer, batch_size, geom)
+    try:
+        info = pyogrio.read_info(path, layer=layer)
+    except Exception as exc:
+        raise FootprintError(f"{path}: cannot be read as a vector layer ({exc})") from exc
+    return _Source(path, list(info["fields"]), info["crs"], layer, batch_size)
+
+
 def _clean_geometries(geoms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """2D, valid, polygonal geometries and their status, one per input."""
     status = np.full(len(geoms), "ok", dtype=object)
@@ -149,27 +203,21 @@ def iter_building_batches(
     stats = stats if stats is not None else FootprintStats()
     if not path.exists():
         raise FootprintError(f"{path}: footprint file not found")
-    try:
-        info = pyogrio.read_info(path, layer=layer)
-    except Exception as exc:
-        raise FootprintError(f"{path}: cannot be read as a vector layer ({exc})") from exc
-    fields = list(info["fields"])
+    source = _open_source(path, layer, batch_size)
+    fields = source.fields
     id_col = _pick(fields, ID_CANDIDATES, id_column, path, "id")
     height_col = _pick(fields, HEIGHT_CANDIDATES, None, path, "height")
     usage_col = _pick(fields, USAGE_CANDIDATES, None, path, "usage")
-    if info["crs"] is None:
+    if source.crs is None:
         raise FootprintError(f"{path}: layer has no CRS; cannot place its buildings")
-    src_epsg = recognise_epsg(CRS.from_user_input(info["crs"]), what=str(path))
+    src_epsg = recognise_epsg(CRS.from_user_input(source.crs), what=str(path))
     stats.source_epsg = src_epsg
     transformer = None if src_epsg == target_epsg else Transformer.from_crs(src_epsg, target_epsg, always_xy=True)
     columns = [c for c in (id_col, height_col, usage_col) if c is not None]
     source_name = path.name
     seen: set[str] = set()
     offset = 0
-    with pyogrio.raw.open_arrow(
-        path, layer=layer, columns=columns, batch_size=batch_size, encoding=_shapefile_encoding(path), use_pyarrow=True
-    ) as (meta, reader):
-        geom_name = next(n for n in reader.schema.names if n not in columns)
+    with source.batches(columns) as (geom_name, reader):
         for batch in reader:
             n = batch.num_rows
             if id_col is not None:
