@@ -29,7 +29,7 @@ class RoofModelConfig(Config):
         default_factory=list, description="Départements whose labelled chips train the model (default: all with labels)"
     )
     epochs: int = Field(default=12, description="Training epochs")
-    batch_size: int = Field(default=64)
+    batch_size: int = Field(default=128)
     learning_rate: float = Field(default=3e-3)
     max_samples: int = Field(default=30_000, description="Cap on training chips (a deterministic sample)")
     max_train_seconds: float = Field(default=900.0, description="Stop training after this long")

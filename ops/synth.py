@@ -17,17 +17,26 @@ What is generated under ``DIR/<dep>/``:
 * ``ortho/*.tif`` -- BD ORTHO-like RGB GeoTIFF tiles (tiled 256x256, DEFLATE +
   predictor 2, nodata 0), one of which has a rectangular nodata hole; a band of
   villages lies beyond the imagery on purpose;
-* ``labels.csv`` -- the hidden roof class of every building
-  (``cleabs,roof_type,...``);
-* ``manifest.json`` -- written last; :func:`load_manifest` reads it back.
+* ``labels.csv`` -- one row per footprint: ``cleabs,roof_type`` plus
+  ``orientation_deg``, ``roof_colour``, ``in_nodata_hole`` and ``category`` (which
+  of the manifest ``counts`` the building falls in); buildings that are not drawn
+  (empty, unrepairable) carry a random class;
+* ``manifest.json`` -- written last (so an interrupted run is regenerated);
+  :func:`load_manifest` reads it back. ``counts`` are exact: ``invalid_repairable``
+  (bow-ties, ``make_valid`` gives polygons), ``invalid_unrepairable`` (collinear,
+  ``make_valid`` gives lines), ``empty`` (``MULTIPOLYGON EMPTY`` or null),
+  ``outside_imagery``, ``nodata_area`` (chip window = bbox + 2 m entirely inside
+  the hole, whose edges keep >= 2 px away from every chip window) and ``normal``.
 
 Towns are laid out on street grids with a density of 500-5,000 buildings/km²,
 separated by countryside with a few farms per km², and the whole département scales
-with the number of buildings, so 300 and 300,000 buildings look alike. Roofs are
-drawn from the class (flat: one gravel plane with parapet and rooftop boxes; gable:
-two planes lit differently with a ridge; hip: four planes with a shorter ridge),
-with shared colour palettes, sun shadows, trees and per-pixel noise, so a model has
-a real but learnable task.
+with the number of buildings, so 300 and 300,000 buildings look alike. Buildings
+never overlap (each one sits in its own lot with a 1 m margin). Roofs are drawn
+from the class (flat: one gravel plane with parapet and rooftop boxes; gable: two
+planes lit differently with a ridge; hip: four planes with a shorter ridge), with
+shared colour palettes, sun shadows, trees and per-pixel texture, so a model has a
+real but learnable task. Imagery costs ~120-200 ns per pixel on one core (about
+1 min for 20,000 buildings over 5,000 px tiles), one tile in memory per worker.
 
 Usage
 -----
@@ -48,7 +57,11 @@ From Python::
 A second call with the same parameters returns the existing manifest without
 regenerating (pass ``overwrite=True`` to force). Same (département, buildings, seed,
 tile_px, resolution) gives identical footprint coordinates, attributes, labels and
-image pixels.
+image bytes, whatever the number of workers. Tile names follow BD ORTHO
+(``{dep}-2024-{x_km}-{y_km}-LA93-0M20.tif``, upper-left corner); when a tile is not a
+whole number of km (2,500 px at 20 cm = 500 m) the km get three decimals
+(``12-2024-0660.500-6360.000-LA93-0M20.tif``). Only tiles holding at least one
+imaged building are written, so the mosaic can have empty (missing) tiles.
 """
 
 from __future__ import annotations
@@ -67,7 +80,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageChops, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw, ImageFilter
 
 from ops.departements import check_departement, native_epsg
 
@@ -199,7 +212,13 @@ _ANCHORS: dict[str, tuple[float, float]] = {
     "974": (340_000.0, 7_670_000.0),
     "976": (515_000.0, 8_585_000.0),
 }
-_CRS_TAGS: dict[int, str] = {2154: "LA93", 5490: "RGAF09UTM20", 2972: "UTM22RGFG95", 2975: "RGR92UTM40S", 4471: "RGM04UTM38S"}
+_CRS_TAGS: dict[int, str] = {
+    2154: "LA93",
+    5490: "RGAF09UTM20",
+    2972: "UTM22RGFG95",
+    2975: "RGR92UTM40S",
+    4471: "RGM04UTM38S",
+}
 
 # Roof colours are shared by all classes (with different weights) so colour alone never gives the class away.
 _ROOF_COLOURS: tuple[tuple[str, tuple[int, int, int]], ...] = (
@@ -226,6 +245,10 @@ _TEX_SIGMA = np.zeros(256, dtype=np.float32)
 _TEX_SIGMA[:6] = (3.5, 3.5, 7.0, 2.5, 7.0, 3.0)  # white grain, grey levels
 _TEX_BLOTCH = np.zeros(256, dtype=np.float32)
 _TEX_BLOTCH[:6] = (0.08, 0.05, 0.06, 0.03, 0.18, 0.04)  # 3 px blotches, relative
+
+_BLOT_LUT = ((np.arange(256, dtype=np.float32) - 128.0) / 32.0).astype(np.float32)  # uint8 blotch -> N(0, 1)
+_SHADE_LUT = (1.0 - 0.5 * np.arange(256, dtype=np.float32) / 255.0).astype(np.float32)  # shadow mask -> factor
+_SHADE_BLUE = (10.0 * np.arange(256, dtype=np.float32) / 255.0).astype(np.float32)  # skylight in shadows
 
 _FIELD_COLOURS = np.array(
     [
@@ -362,6 +385,7 @@ class _Settlement:
     trees: np.ndarray  # (k, 3): x, y, crown radius
     streets: np.ndarray  # (k, 4): x0, y0, x1, y1
     street_w: float
+    outline: np.ndarray  # r_cut, 3 amplitudes, 3 phases, grid rotation
     cx: float = 0.0
     cy: float = 0.0
 
@@ -378,7 +402,10 @@ def _make_settlement(rng: np.random.Generator, n: int, density: float, kind: str
     a_lot = occ * 1e6 / density
     k = int(rng.integers(3, 7))
     rho = rng.uniform(0.6, 1.1)
-    s = rng.uniform(6.0, 10.0) if kind != "hamlet" else rng.uniform(4.0, 6.0)
+    if kind == "hamlet":
+        s = rng.uniform(4.0, 6.0)
+    else:  # old dense centres have narrow streets
+        s = rng.uniform(5.0, 7.0) if density > 2500 else rng.uniform(6.0, 10.0)
     qa, qb, qc = 2 * k * rho, k * rho * s + 2 * s, s * s - 2 * k * a_lot
     dl = (-qb + math.sqrt(qb * qb - 4 * qa * qc)) / (2 * qa)
     w = rho * dl
@@ -481,17 +508,20 @@ def _make_settlement(rng: np.random.Generator, n: int, density: float, kind: str
 
     lot_r = np.hypot(lx[in_town], ly[in_town]).max() + 0.5 * math.hypot(w, dl)
     radius = float(lot_r + 1.0)
+    # streets run along the block edges, only as far as the lots of the town reach
     streets = np.zeros((0, 4))
     if kind != "hamlet":
-        sx = ox + bi * pitch_x
-        sx = sx[np.abs(sx) < radius]
-        hx = np.sqrt(radius**2 - sx**2)
-        sy = oy + bj * pitch_y
-        sy = sy[np.abs(sy) < radius]
-        hy = np.sqrt(radius**2 - sy**2)
-        streets = np.concatenate(
-            [np.column_stack([sx, -hx, sx, hx]), np.column_stack([-hy, sy, hy, sy])]
-        )
+        tx, ty = lx[in_town], ly[in_town]
+        segs = []
+        for sx in ox + bi * pitch_x:
+            near = np.abs(tx - sx) < (s + w) / 2 + 0.5
+            if near.any():
+                segs.append([sx, ty[near].min() - dl / 2 - s / 2, sx, ty[near].max() + dl / 2 + s / 2])
+        for sy in oy + bj * pitch_y:
+            near = np.abs(ty - sy) < (s + dl) / 2 + 0.5
+            if near.any():
+                segs.append([tx[near].min() - w / 2 - s / 2, sy, tx[near].max() + w / 2 + s / 2, sy])
+        streets = np.array(segs, dtype=float).reshape(-1, 4)
 
     phi = rng.uniform(0.0, math.pi / 2)
     cp, sp = math.cos(phi), math.sin(phi)
@@ -517,7 +547,9 @@ def _make_settlement(rng: np.random.Generator, n: int, density: float, kind: str
         "cut_w": cut_w,
         "flip": flip.astype(np.int8),
     }
-    return _Settlement(kind, n, density, radius, b, trees, streets, s)
+    # the outline, so the ground of gardens follows the same lumpy shape as the lots
+    outline = np.array([float(r_eff[order[cut - 1]]), *amps, *phases, phi])
+    return _Settlement(kind, n, density, radius, b, trees, streets, s, outline)
 
 
 def _town_sizes(rng: np.random.Generator, total: int) -> list[int]:
@@ -552,48 +584,49 @@ def _split(rng: np.random.Generator, total: int, lo: int, hi: int) -> list[int]:
 
 def _gap(r1: float | np.ndarray, r2: float | np.ndarray) -> float | np.ndarray:
     """Countryside kept between two settlements: wider between big towns."""
-    return 25.0 + 0.1 * (r1 + r2)
+    return 20.0 + 0.08 * (r1 + r2)
 
 
-def _place(
-    rng: np.random.Generator, radii: np.ndarray, box: tuple[float, float, float, float], margin: float
-) -> tuple[np.ndarray, np.ndarray] | None:
-    """Random sequential packing of discs in ``box``, largest first; None if one does not fit."""
-    x0, y0, x1, y1 = box
-    cx = np.full(radii.size, np.nan)
-    cy = np.full(radii.size, np.nan)
-    px: list[float] = []
-    py: list[float] = []
-    pr: list[float] = []
-    for i in np.argsort(-radii, kind="stable"):
+def _pack(rng: np.random.Generator, radii: np.ndarray, aspect: float) -> tuple[np.ndarray, np.ndarray]:
+    """Pack discs compactly (largest first), each one next to an already placed one.
+
+    Candidates are drawn on rings around placed discs, at the countryside gap
+    plus a little slack; the valid candidate that keeps the cluster closest to a
+    rectangle of the given aspect wins. The result is a compact département (so
+    the imagery, which costs time, is mostly towns) with countryside between
+    towns and farms filling the holes. Returns centres relative to the cluster.
+    """
+    order = np.argsort(-radii, kind="stable")
+    cx = np.zeros(radii.size)
+    cy = np.zeros(radii.size)
+    px, py, pr = np.zeros(radii.size), np.zeros(radii.size), np.zeros(radii.size)
+    k = 0
+    for i in order:
         r = float(radii[i])
-        lo_x, hi_x, lo_y, hi_y = x0 + r + margin, x1 - r - margin, y0 + r + margin, y1 - r - margin
-        if lo_x > hi_x or lo_y > hi_y:
-            return None
-        ax, ay, ar = np.array(px), np.array(py), np.array(pr)
-        for _ in range(25):
-            cand_x = rng.uniform(lo_x, hi_x, 64)
-            cand_y = rng.uniform(lo_y, hi_y, 64)
-            if ar.size:
-                d = np.hypot(cand_x[:, None] - ax[None, :], cand_y[:, None] - ay[None, :])
-                good = np.all(d >= r + ar[None, :] + _gap(r, ar[None, :]), axis=1)
-            else:
-                good = np.ones(64, dtype=bool)
+        if k == 0:
+            px[0], py[0], pr[0] = 0.0, 0.0, r
+            k = 1
+            continue
+        ax, ay, ar = px[:k], py[:k], pr[:k]
+        slack = 10.0
+        while True:
+            j = rng.integers(0, k, 96)
+            ang = rng.uniform(0.0, 2 * math.pi, 96)
+            dist = r + ar[j] + _gap(r, ar[j]) + rng.uniform(0.0, slack, 96)
+            cand_x = ax[j] + dist * np.cos(ang)
+            cand_y = ay[j] + dist * np.sin(ang)
+            d = np.hypot(cand_x[:, None] - ax[None, :], cand_y[:, None] - ay[None, :])
+            good = np.all(d >= r + ar[None, :] + _gap(r, ar[None, :]), axis=1)
             if good.any():
-                j = int(np.argmax(good))
-                cx[i], cy[i] = cand_x[j], cand_y[j]
-                px.append(float(cand_x[j]))
-                py.append(float(cand_y[j]))
-                pr.append(r)
+                score = np.maximum(np.abs(cand_x) / math.sqrt(aspect), np.abs(cand_y) * math.sqrt(aspect)) + r
+                score = np.where(good, score, np.inf)
+                c = int(np.argmin(score))
+                px[k], py[k], pr[k] = cand_x[c], cand_y[c], r
+                k += 1
                 break
-        else:
-            return None
+            slack *= 1.5
+    cx[order], cy[order] = px, py
     return cx, cy
-
-
-def _packed_area(radii: np.ndarray) -> float:
-    """Area (m²) a set of discs needs once countryside gaps are counted (random packing ~55 %)."""
-    return float(np.sum(np.pi * (radii + _gap(radii, radii) / 2) ** 2) / 0.55)
 
 
 @dataclass
@@ -619,7 +652,7 @@ class _Plan:
     trees: np.ndarray  # (T, 4): x, y, crown radius, height
     tree_col: np.ndarray  # (T, 3) uint8
     roads: np.ndarray  # (R, 5): x0, y0, x1, y1, width
-    settlements: np.ndarray  # (S, 4): x, y, radius, kind (0 town, 1 hamlet)
+    settlements: np.ndarray  # (S, 12): x, y, radius, kind (0 town, 1 hamlet), outline (see _Settlement)
     hole: dict[str, Any] | None = None
     tiles: list[tuple[int, int]] = field(default_factory=list)
 
@@ -657,44 +690,32 @@ def _plan(dep: str, n: int, seed: int, tile_px: int, res: float) -> _Plan:
         n_country = 0
     inside: list[_Settlement] = [_make_settlement(rng, s, d, "town") for s, d in zip(sizes, dens, strict=True)]
     inside += [_make_settlement(rng, s, rng.uniform(150.0, 300.0), "hamlet") for s in _split(rng, n_country, 1, 5)]
-    outside = [
-        _make_settlement(rng, s, _town_density(rng, s), "outside") for s in _split(rng, n_out, 8, 80)
-    ]
+    outside = [_make_settlement(rng, s, _town_density(rng, s), "outside") for s in _split(rng, n_out, 8, 80)]
 
     radii = np.array([s.radius for s in inside])
-    aspect = rng.uniform(1.0, 1.35)
-    area = _packed_area(radii)
     margin = 25.0
-    for _ in range(60):
-        sx = max(math.sqrt(area * aspect), 2 * radii.max() + 2 * margin + 1)
-        sy = max(area / sx, 2 * radii.max() + 2 * margin + 1)
-        placed = _place(rng, radii, (0.0, 0.0, sx, sy), margin)
-        if placed is not None:
-            break
-        area *= 1.1
-    else:  # pragma: no cover
-        raise RuntimeError("could not place settlements")
-    for s, x, y in zip(inside, *placed, strict=True):
+    px, py = _pack(rng, radii, rng.uniform(1.0, 1.35))
+    px = px - (px - radii).min() + margin
+    py = py - (py - radii).min() + margin
+    for s, x, y in zip(inside, px, py, strict=True):
         s.cx, s.cy = float(x), float(y)
+    sx, sy = float((px + radii).max() + margin), float((py + radii).max() + margin)
     nx, ny = max(1, math.ceil(sx / tile_m)), max(1, math.ceil(sy / tile_m))
     img_w, img_h = nx * tile_m, ny * tile_m
 
+    # villages beyond the imagery's east edge, with countryside in between
     band_x0 = img_w + 150.0
     band_x1, band_h = band_x0, img_h
     if outside:
         oradii = np.array([s.radius for s in outside])
-        bw = max(_packed_area(oradii) / img_h, 2 * oradii.max() + 1)
-        band_h = max(img_h, 2 * oradii.max() + 1)
-        for _ in range(60):
-            oplaced = _place(rng, oradii, (band_x0, 0.0, band_x0 + bw, band_h), 0.0)
-            if oplaced is not None:
-                break
-            bw *= 1.15
-        else:  # pragma: no cover
-            raise RuntimeError("could not place outside villages")
-        for s, x, y in zip(outside, *oplaced, strict=True):
+        ox, oy = _pack(rng, oradii, 0.35)  # a tall band
+        ox = ox - (ox - oradii).min() + band_x0
+        oy = oy - (oy - oradii).min()
+        oy = oy + max(0.0, (img_h - float((oy + oradii).max())) / 2)
+        for s, x, y in zip(outside, ox, oy, strict=True):
             s.cx, s.cy = float(x), float(y)
-        band_x1 = band_x0 + bw
+        band_x1 = float((ox + oradii).max())
+        band_h = max(img_h, float((oy + oradii).max()))
 
     ax, ay = _anchor(dep, epsg)
     origin_x = math.floor((ax - band_x1 / 2) / tile_m) * tile_m
@@ -703,9 +724,7 @@ def _plan(dep: str, n: int, seed: int, tile_px: int, res: float) -> _Plan:
     # ---- buildings, in file order: towns, hamlets, outside villages
     parts = inside + outside
     cat = np.concatenate([np.full(s.n, _CAT_OUTSIDE if s.kind == "outside" else _CAT_NORMAL) for s in parts])
-    b: dict[str, np.ndarray] = {
-        key: np.concatenate([s.b[key] for s in parts]) for key in parts[0].b
-    }
+    b: dict[str, np.ndarray] = {key: np.concatenate([s.b[key] for s in parts]) for key in parts[0].b}
     b["x"] = b["x"] + np.concatenate([np.full(s.n, s.cx) for s in parts]) + origin_x
     b["y"] = b["y"] + np.concatenate([np.full(s.n, s.cy) for s in parts]) + origin_y
     b["category"] = cat.astype(np.int8)
@@ -720,8 +739,12 @@ def _plan(dep: str, n: int, seed: int, tile_px: int, res: float) -> _Plan:
         np.array([58, 82, 46]) * rng.uniform(0.75, 1.2, (len(trees), 1)) + rng.normal(0, 5, (len(trees), 3)), 20, 255
     ).astype(np.uint8)
     roads = [
-        np.column_stack([s.streets + np.array([s.cx, s.cy, s.cx, s.cy]) + [origin_x, origin_y] * 2,
-                         np.full(len(s.streets), s.street_w)])
+        np.column_stack(
+            [
+                s.streets + np.array([s.cx, s.cy, s.cx, s.cy]) + [origin_x, origin_y] * 2,
+                np.full(len(s.streets), s.street_w),
+            ]
+        )
         for s in inside
         if len(s.streets)
     ]
@@ -738,15 +761,19 @@ def _plan(dep: str, n: int, seed: int, tile_px: int, res: float) -> _Plan:
             continue
         ux, uy = (c.cx - a.cx) / dist, (c.cy - a.cy) / dist
         main.append(
-            [a.cx + ux * a.radius + origin_x, a.cy + uy * a.radius + origin_y,
-             c.cx - ux * c.radius + origin_x, c.cy - uy * c.radius + origin_y,
-             rng.uniform(5.0, 7.0) if a.kind != "hamlet" else 3.5]
+            [
+                a.cx + ux * a.radius + origin_x,
+                a.cy + uy * a.radius + origin_y,
+                c.cx - ux * c.radius + origin_x,
+                c.cy - uy * c.radius + origin_y,
+                rng.uniform(5.0, 7.0) if a.kind != "hamlet" else 3.5,
+            ]
         )
     if main:
         roads.append(np.array(main))
     roads_arr = np.concatenate(roads) if roads else np.zeros((0, 5))
     settlements = np.array(
-        [[s.cx + origin_x, s.cy + origin_y, s.radius, 0 if s.kind == "town" else 1] for s in inside]
+        [[s.cx + origin_x, s.cy + origin_y, s.radius, 0 if s.kind == "town" else 1, *s.outline] for s in inside]
     )
 
     plan = _Plan(
@@ -817,8 +844,9 @@ def _finish_buildings(rng: np.random.Generator, b: dict[str, np.ndarray]) -> Non
     farm = b["farm"]
     # Olemps (12): median height 5.6 m; a few taller flat-roofed blocks
     tall = rng.random(n) < 0.12
-    height = np.where(roof == _FLAT, np.where(tall, rng.uniform(8.0, 15.0, n), rng.uniform(3.0, 8.0, n)),
-                      rng.uniform(4.5, 8.5, n))
+    height = np.where(
+        roof == _FLAT, np.where(tall, rng.uniform(8.0, 15.0, n), rng.uniform(3.0, 8.0, n)), rng.uniform(4.5, 8.5, n)
+    )
     height = np.where(farm, rng.uniform(5.0, 9.5, n), height)
     b["height"] = height
     b["slope"] = np.radians(np.where(farm, rng.uniform(15.0, 25.0, n), rng.uniform(28.0, 42.0, n)))
@@ -896,7 +924,9 @@ def _shading(plan: _Plan) -> None:
     tex = np.where(pitched, _TEX_TILES, _TEX_GRAVEL)
     smooth = np.isin(b["colour"], [2, 6])  # slate and dark grey read as smooth slate / bitumen
     b["tex"] = np.where(smooth, _TEX_SMOOTH, tex).astype(np.uint8)
-    shadow_len = b["height"] * np.where(pitched, 0.85, 1.0) / math.tan(el)  # a pitched roof's shadow is shorter on average
+    shadow_len = (
+        b["height"] * np.where(pitched, 0.85, 1.0) / math.tan(el)
+    )  # a pitched roof's shadow is shorter on average
     b["shadow"] = np.stack([-math.sin(az) * shadow_len, -math.cos(az) * shadow_len], 1)
     ring = b["ring"]
     lo, hi = ring.min(axis=1), ring.max(axis=1)
@@ -951,7 +981,9 @@ def _choose_hole(plan: _Plan) -> None:
     need.sort()
     delta = 2 * res
     hy_max = min((ax - x0) / asp, (x1 - ax) / asp, ay - ybot, ytop - ay) - 2 * delta
-    target = max(1, int(round(0.01 * plan.n)))
+    target = _defect_count(0.01, plan.n)
+    if target == 0:  # too small a sample to spare a building
+        return
     target = min(target, max(1, members.size // 2))
     candidates = [(need[k] + need[k + 1]) / 2 for k in range(need.size - 1) if need[k + 1] - need[k] > 4 * delta]
     candidates = [h for h in candidates if h <= hy_max]
@@ -1029,7 +1061,12 @@ def _bucket(plan: _Plan, boxes: np.ndarray) -> dict[tuple[int, int], np.ndarray]
     ix1, iy0 = _tile_of(plan, boxes[:, 2], boxes[:, 3])
     ix0, ix1 = np.clip(ix0, 0, plan.nx - 1), np.clip(ix1, -1, plan.nx - 1)
     iy0, iy1 = np.clip(iy0, 0, plan.ny - 1), np.clip(iy1, -1, plan.ny - 1)
-    ok = (ix1 >= ix0) & (iy1 >= iy0) & (boxes[:, 2] >= plan.origin_x) & (boxes[:, 0] <= plan.origin_x + plan.nx * plan.tile_m)
+    ok = (
+        (ix1 >= ix0)
+        & (iy1 >= iy0)
+        & (boxes[:, 2] >= plan.origin_x)
+        & (boxes[:, 0] <= plan.origin_x + plan.nx * plan.tile_m)
+    )
     ok &= (boxes[:, 3] >= plan.origin_y) & (boxes[:, 1] <= plan.origin_y + plan.ny * plan.tile_m)
     idx = np.flatnonzero(ok)
     wx = (ix1 - ix0 + 1)[idx]
@@ -1145,13 +1182,17 @@ def _write_labels(plan: _Plan, path: Path) -> None:
 # --------------------------------------------------------------------------------------
 
 
-def tile_name(dep: str, x_ul: float, y_ul: float, epsg: int, resolution: float) -> str:
-    """BD ORTHO-style file name from the upper-left corner (km), e.g. ``12-2024-0660-6361-LA93-0M20.tif``.
+def tile_name(dep: str, x_ul: float, y_ul: float, epsg: int, resolution: float, tile_m: float = 1000.0) -> str:
+    """BD ORTHO-style file name from the upper-left corner in km, e.g. ``12-2024-0660-6361-LA93-0M20.tif``.
 
-    Corners off the kilometre grid (tiles smaller than 1 km) get three decimals so names stay unique.
+    When tiles are not a whole number of kilometres (2,500 px at 20 cm is 500 m), every
+    name of the département uses three decimals (``12-2024-0660.500-6360.000-...``) so
+    names stay unique and sort the same way.
     """
+    whole_km = round(tile_m) % 1000 == 0
+
     def km(v: float) -> str:
-        return f"{int(round(v)) // 1000:04d}" if round(v) % 1000 == 0 else f"{v / 1000:08.3f}"
+        return f"{int(round(v)) // 1000:04d}" if whole_km else f"{v / 1000:08.3f}"
 
     whole = int(resolution)
     frac = int(round((resolution - whole) * 100))
@@ -1184,40 +1225,64 @@ def _tile_jobs(plan: _Plan) -> list[_TileJob]:
     rr = _bucket(
         plan,
         np.stack(
-            [np.minimum(r[:, 0], r[:, 2]) - r[:, 4], np.minimum(r[:, 1], r[:, 3]) - r[:, 4],
-             np.maximum(r[:, 0], r[:, 2]) + r[:, 4], np.maximum(r[:, 1], r[:, 3]) + r[:, 4]],
+            [
+                np.minimum(r[:, 0], r[:, 2]) - r[:, 4],
+                np.minimum(r[:, 1], r[:, 3]) - r[:, 4],
+                np.maximum(r[:, 0], r[:, 2]) + r[:, 4],
+                np.maximum(r[:, 1], r[:, 3]) + r[:, 4],
+            ],
             1,
-        ) if len(r) else np.zeros((0, 4)),
+        )
+        if len(r)
+        else np.zeros((0, 4)),
     )
     s = plan.settlements
     sr = s[:, 2] + 60.0
     ss = _bucket(plan, np.stack([s[:, 0] - sr, s[:, 1] - sr, s[:, 0] + sr, s[:, 1] + sr], 1))
     empty = np.zeros(0, dtype=np.int64)
     return [
-        _TileJob(ix, iy, drawn[tb.get((ix, iy), empty)], tt.get((ix, iy), empty), rr.get((ix, iy), empty),
-                 ss.get((ix, iy), empty))
+        _TileJob(
+            ix,
+            iy,
+            drawn[tb.get((ix, iy), empty)],
+            tt.get((ix, iy), empty),
+            rr.get((ix, iy), empty),
+            ss.get((ix, iy), empty),
+        )
         for ix, iy in plan.tiles
     ]
 
 
 def _ground(plan: _Plan, job: _TileJob) -> tuple[Image.Image, Image.Image]:
-    """Background (fields, hedges, woods, town gardens and yards) and its texture codes.
+    """Background (fields, hedges, woods, town gardens and yards) and its texture codes, full size.
 
-    Computed on a 1 m grid from global coordinates (hashes, value noise), then
+    Computed on a ~1 m grid from global coordinates (hashes, value noise), then
     upsampled, so it is continuous across tile edges and cheap for 10,000 px tiles.
     """
+    tp = plan.tile_px
+    rgb, tex, f = _ground_coarse(plan, job)
+    box = (1.0, 1.0, 1.0 + tp / f, 1.0 + tp / f)  # coarse cell k+1 covers pixels [k*f, (k+1)*f)
+    img = Image.fromarray(rgb).resize((tp, tp), Image.Resampling.BILINEAR, box=box)
+    tex_img = Image.fromarray(tex).resize((tp, tp), Image.Resampling.NEAREST, box=box)
+    return img, tex_img
+
+
+def _ground_coarse(plan: _Plan, job: _TileJob) -> tuple[np.ndarray, np.ndarray, int]:
+    """The ground on a coarse grid (one cell of ``f`` pixels, one cell of padding all round)."""
     res, tp = plan.resolution, plan.tile_px
     f = max(1, int(round(1.0 / res)))
     cs = f * res
     mc = -(-tp // f)
     n = mc + 2
+    # coordinates relative to the imagery's SW corner (the same for every tile), so float32 is exact enough
     x0, ytop = plan.tile_origin(job.ix, job.iy)
-    xs = x0 + (np.arange(n) - 1 + 0.5) * cs
-    ys = ytop - (np.arange(n) - 1 + 0.5) * cs
+    xs = (x0 - plan.origin_x) + (np.arange(n) - 1 + 0.5) * cs
+    ys = (ytop - plan.origin_y) - (np.arange(n) - 1 + 0.5) * cs
     salt = _crc(f"{plan.departement}:{plan.seed}")
     ca, sa = math.cos(plan.field_angle), math.sin(plan.field_angle)
-    u = xs[None, :] * ca + ys[:, None] * sa
-    v = -xs[None, :] * sa + ys[:, None] * ca
+    x32, y32 = xs.astype(np.float32), ys.astype(np.float32)
+    u = x32[None, :] * np.float32(ca) + y32[:, None] * np.float32(sa)
+    v = -x32[None, :] * np.float32(sa) + y32[:, None] * np.float32(ca)
     pu, pv = 190.0, 120.0
     iu, iv = np.floor(u / pu), np.floor(v / pv)
     fu, fv = u / pu - iu, v / pv - iv
@@ -1227,10 +1292,11 @@ def _ground(plan: _Plan, job: _TileJob) -> tuple[Image.Image, Image.Image]:
     pid = _hash2(iu * 2 + sub, iv, salt + 1)
     cum = np.cumsum(_FIELD_WEIGHTS) / _FIELD_WEIGHTS.sum()
     kind = np.searchsorted(cum, _unit(pid)).clip(0, len(_FIELD_WEIGHTS) - 1)
-    rgb = _FIELD_COLOURS[kind] * (0.9 + 0.2 * _unit(pid >> np.uint64(7)))[..., None]
+    rgb = _FIELD_COLOURS[kind] * (0.9 + 0.2 * _unit(pid >> np.uint64(7)))[..., None]  # float32
     stripes = (kind >= 2) & (kind <= 6)
     period = 3.0 + 4.0 * _unit(pid >> np.uint64(3))
-    rgb *= (1.0 + 0.05 * np.where(stripes, np.sin(2 * math.pi * v / period), 0.0))[..., None]
+    rgb *= (1.0 + 0.05 * np.where(stripes, np.sin(np.float32(2 * math.pi) * v / period), 0.0))[..., None]
+    del u, v, iu, iv, sub, pid, stripes, period
     tex = np.where(kind == 7, _TEX_FOLIAGE, _TEX_GROUND).astype(np.uint8)
     du = np.minimum(fu, 1 - fu) * pu
     du = np.where(split, np.minimum(du, np.abs(fu - 0.5) * pu), du)
@@ -1242,15 +1308,26 @@ def _ground(plan: _Plan, job: _TileJob) -> tuple[Image.Image, Image.Image]:
     n1 = _value_noise(xs, ys, 37.0, salt + 2)
     n2 = _value_noise(xs, ys, 9.0, salt + 3)
     for si in job.settlements:
-        sx, sy, sr, skind = plan.settlements[si]
+        sx, sy, sr, skind = plan.settlements[si, :4]
+        sx, sy = sx - plan.origin_x, sy - plan.origin_y
+        r_cut, amps, phases, phi = (
+            plan.settlements[si, 4],
+            plan.settlements[si, 5:8],
+            plan.settlements[si, 8:11],
+            plan.settlements[si, 11],
+        )
         c_lo, c_hi = np.searchsorted(xs, [sx - sr - 50, sx + sr + 50])
         r_lo, r_hi = np.searchsorted(-ys, [-(sy + sr + 50), -(sy - sr - 50)])
         if c_hi <= c_lo or r_hi <= r_lo:
             continue
-        d = np.hypot(xs[None, c_lo:c_hi] - sx, ys[r_lo:r_hi, None] - sy)
+        ddx, ddy = x32[None, c_lo:c_hi] - np.float32(sx), y32[r_lo:r_hi, None] - np.float32(sy)
+        d = np.hypot(ddx, ddy)
         a1, a2 = n1[r_lo:r_hi, c_lo:c_hi], n2[r_lo:r_hi, c_lo:c_hi]
         if skind == 0:  # gardens, with paved yards and car parks more common towards the centre
-            edge = sr + 12.0 + 18.0 * a1
+            ang = np.arctan2(ddy, ddx) - phi
+            mod = 1.0 + sum(amps[q] * np.cos((q + 1) * ang - phases[q]) for q in range(3))
+            d = d / mod
+            edge = r_cut + 14.0 + 14.0 * a1
             m = np.clip((edge - d) / 8.0, 0.0, 1.0)
             t = np.clip(1.5 * a2 - 0.25 + 0.45 * (1 - d / max(sr, 1.0)), 0.0, 1.0)
             garden = _GARDEN * (1.0 + 0.15 * a1)[..., None]
@@ -1262,12 +1339,8 @@ def _ground(plan: _Plan, job: _TileJob) -> tuple[Image.Image, Image.Image]:
         blk = rgb[r_lo:r_hi, c_lo:c_hi]
         rgb[r_lo:r_hi, c_lo:c_hi] = blk * (1 - m)[..., None] + col * m[..., None]
         tex[r_lo:r_hi, c_lo:c_hi] = np.where(m > 0.5, _TEX_GROUND, tex[r_lo:r_hi, c_lo:c_hi])
-    rgb *= (1.0 + 0.07 * n1 + 0.05 * n2)[..., None]
-    coarse = Image.fromarray(np.clip(rgb, 1, 255).astype(np.uint8))
-    box = (1.0, 1.0, 1.0 + tp / f, 1.0 + tp / f)
-    img = coarse.resize((tp, tp), Image.Resampling.BILINEAR, box=box)
-    tex_img = Image.fromarray(tex).resize((tp, tp), Image.Resampling.NEAREST, box=box)
-    return img, tex_img
+    rgb *= (1.0 + 0.07 * n1 + 0.05 * n2)[..., None].astype(np.float32)
+    return np.clip(rgb, 1, 255).astype(np.uint8), tex, f
 
 
 def _flat(points: np.ndarray) -> list[float]:
@@ -1318,7 +1391,9 @@ def _render_tile(plan: _Plan, job: _TileJob) -> np.ndarray:
         mdraw.polygon(_flat(rs), fill=255)
         for q in range(nv[j]):
             p0, p1 = r[q], r[(q + 1) % nv[j]]
-            mdraw.polygon([p0[0], p0[1], p1[0], p1[1], p1[0] + s[0], p1[1] + s[1], p0[0] + s[0], p0[1] + s[1]], fill=255)
+            mdraw.polygon(
+                [p0[0], p0[1], p1[0], p1[1], p1[0] + s[0], p1[1] + s[1], p0[0] + s[0], p0[1] + s[1]], fill=255
+            )
     tel = math.tan(plan.sun_el)
     t_all = plan.trees[job.trees]
     t_px = px(t_all[:, :2]) if len(t_all) else np.zeros((0, 2))
@@ -1331,54 +1406,70 @@ def _render_tile(plan: _Plan, job: _TileJob) -> np.ndarray:
         rr = t_r[j]
         mdraw.ellipse([cx - rr, cy - rr, cx + rr, cy + rr], fill=255)
         mdraw.line([tx, ty, cx, cy], fill=255, width=max(1, int(rr * 0.8)))
-    lut_r = [int(255 - (255 - 0.50 * 255) * m / 255) for m in range(256)]
-    lut_b = [int(255 - (255 - 0.58 * 255) * m / 255) for m in range(256)]
-    shade = Image.merge("RGB", (mask.point(lut_r), mask.point(lut_r), mask.point(lut_b)))
-    del mask, mdraw
-    img = ImageChops.multiply(img, shade)
-    del shade
+    # the mask is applied with the texture below; roofs and crowns drawn later clear it under them
     draw = ImageDraw.Draw(img)
 
-    # --- roofs
+    # --- roofs: the geometry of every plane is computed for the whole tile at once
     line_w = max(1, int(round(0.25 / res)))
-    for j in range(len(bi)):
+    m_b = len(bi)
+    quad = rings[:, :4]
+    p0, p1, p2, p3 = quad[:, 0], quad[:, 1], quad[:, 2], quad[:, 3]
+    a_mid, b_mid = (p0 + p3) / 2, (p1 + p2) / 2
+    half_len = np.linalg.norm(p1 - p0, axis=1) / 2
+    half_w = np.linalg.norm(p3 - p0, axis=1) / 2
+    is_hip = b["roof"][bi] == _HIP
+    t_in = np.where(is_hip, np.minimum(0.5, half_w * hip_k / np.maximum(2 * half_len, 1e-6)), 0.0)[:, None]
+    r0 = a_mid + t_in * (b_mid - a_mid)  # ridge ends: the gable's run end to end, the hip's stop short
+    r1 = b_mid - t_in * (b_mid - a_mid)
+    plane_a = np.stack([p0, p1, r1, r0], 1).reshape(m_b, 8).tolist()
+    plane_b = np.stack([r0, r1, p2, p3], 1).reshape(m_b, 8).tolist()
+    end_u = np.stack([p1, p2, r1], 1).reshape(m_b, 6).tolist()
+    end_v = np.stack([p3, p0, r0], 1).reshape(m_b, 6).tolist()
+    ridge_l = np.stack([r0, r1], 1).reshape(m_b, 4).tolist()
+    hip_l = np.stack([p0, r0, p3, r0, p1, r1, p2, r1], 1).reshape(m_b, 4, 4).tolist()
+    outline = np.concatenate([rings, rings[:, :1]], axis=1).reshape(m_b, 14).tolist()
+    ax_u = (p1 - p0) / np.maximum(np.linalg.norm(p1 - p0, axis=1), 1e-9)[:, None]
+    ax_v = np.stack([-ax_u[:, 1], ax_u[:, 0]], 1)
+    chim_c = r0 + det[:, 10:11] * (r1 - r0) + (det[:, 11:12] - 0.5) * 0.25 * (p3 - p0)
+    ch = 0.45 / res
+    chim = np.stack(
+        [
+            chim_c - ch * ax_u - ch * ax_v,
+            chim_c + ch * ax_u - ch * ax_v,
+            chim_c + ch * ax_u + ch * ax_v,
+            chim_c - ch * ax_u + ch * ax_v,
+        ],
+        1,
+    )
+    chim_sh = (chim + sdir * (1.2 / res / tel)).reshape(m_b, 8).tolist()
+    chim = chim.reshape(m_b, 8).tolist()
+    has_chim = (det[:, 9] < 0.35).tolist()
+    has_parapet = (det[:, 0] < 0.6).tolist()
+    for j in range(m_b):
         k = nv[j]
-        r = rings[j, :k]
+        ring_j = outline[j][: 2 * k]
         pl = planes[j]
-        tdraw.polygon(_flat(r), fill=texc[j])
+        tdraw.polygon(ring_j, fill=texc[j])
+        mdraw.polygon(ring_j, fill=0)
         if roofs[j] == _FLAT:
-            draw.polygon(_flat(r), fill=tuple(pl[0]))
-            d = det[j]
-            if d[0] < 0.6:  # parapet
-                draw.line(_flat(np.vstack([r, r[:1]])), fill=tuple(pl[4]), width=line_w, joint="curve")
+            draw.polygon(ring_j, fill=tuple(pl[0]))
+            if has_parapet[j]:
+                draw.line(outline[j][: 2 * k] + outline[j][:2], fill=tuple(pl[4]), width=line_w, joint="curve")
             if k == 4:
-                _rooftop_boxes(draw, r, d, res, sdir)
+                _rooftop_boxes(draw, rings[j, :4], det[j], res, sdir)
             continue
-        p0, p1, p2, p3 = r
-        a_mid, b_mid = (p0 + p3) / 2, (p1 + p2) / 2
-        if roofs[j] == _GABLE:
-            draw.polygon(_flat(np.array([p0, p1, b_mid, a_mid])), fill=tuple(pl[0]))
-            draw.polygon(_flat(np.array([a_mid, b_mid, p2, p3])), fill=tuple(pl[1]))
-            draw.line(_flat(np.array([a_mid, b_mid])), fill=tuple(pl[4]), width=line_w)
-            r0, r1 = a_mid, b_mid
-        else:
-            half_len = np.linalg.norm(p1 - p0) / 2
-            half_w = np.linalg.norm(p3 - p0) / 2
-            t = min(0.5, half_w * hip_k[j] / max(2 * half_len, 1e-6))
-            r0 = a_mid + t * (b_mid - a_mid)
-            r1 = b_mid - t * (b_mid - a_mid)
-            draw.polygon(_flat(np.array([p0, p1, r1, r0])), fill=tuple(pl[0]))
-            draw.polygon(_flat(np.array([r0, r1, p2, p3])), fill=tuple(pl[1]))
-            draw.polygon(_flat(np.array([p1, p2, r1])), fill=tuple(pl[2]))
-            draw.polygon(_flat(np.array([p3, p0, r0])), fill=tuple(pl[3]))
-            ridge = tuple(pl[4])
-            draw.line(_flat(np.array([r0, r1])), fill=ridge, width=line_w)
-            for corner, end in ((p0, r0), (p3, r0), (p1, r1), (p2, r1)):
-                draw.line(_flat(np.array([corner, end])), fill=ridge, width=1)
-        d = det[j]
-        if d[9] < 0.35:  # chimney near the ridge
-            c = r0 + d[10] * (r1 - r0) + (d[11] - 0.5) * 0.5 * (p3 - p0) * 0.5
-            _box(draw, c, (p1 - p0), 0.45 / res, (60, 52, 48), sdir * (1.2 / res / tel), (30, 30, 34))
+        draw.polygon(plane_a[j], fill=tuple(pl[0]))
+        draw.polygon(plane_b[j], fill=tuple(pl[1]))
+        ridge = tuple(pl[4])
+        if roofs[j] == _HIP:
+            draw.polygon(end_u[j], fill=tuple(pl[2]))
+            draw.polygon(end_v[j], fill=tuple(pl[3]))
+            for seg in hip_l[j]:
+                draw.line(seg, fill=ridge, width=1)
+        draw.line(ridge_l[j], fill=ridge, width=line_w)
+        if has_chim[j]:
+            draw.polygon(chim_sh[j], fill=(30, 30, 34))
+            draw.polygon(chim[j], fill=(60, 52, 48))
 
     # --- trees, over everything: a few lobes and a sunlit highlight
     for j in range(len(t_all)):
@@ -1390,6 +1481,7 @@ def _render_tile(plan: _Plan, job: _TileJob) -> np.ndarray:
         dseed = (t_all[j, 0] * 7.31 + t_all[j, 1] * 3.17) % 1.0  # lobe layout fixed by position: same on every tile
         draw.ellipse([cx - rr, cy - rr, cx + rr, cy + rr], fill=dark)
         tdraw.ellipse([cx - rr, cy - rr, cx + rr, cy + rr], fill=_TEX_FOLIAGE)
+        mdraw.ellipse([cx - rr, cy - rr, cx + rr, cy + rr], fill=0)
         for q in range(3):
             ang = 2 * math.pi * (dseed + q / 3)
             lr = rr * 0.6
@@ -1399,31 +1491,39 @@ def _render_tile(plan: _Plan, job: _TileJob) -> np.ndarray:
         hr = rr * 0.45
         draw.ellipse([hx - hr, hy - hr, hx + hr, hy + hr], fill=hl)
 
-    # --- texture: multiplicative blotches (3 px grain, keeps hue) and white grain, by surface type,
-    # then a slight blur: soft and JPEG-like, and it compresses like real imagery (~2-3x with DEFLATE)
+    # --- shadows (darker, a little bluish), multiplicative blotches (3 px grain, keeps hue) and
+    # white grain by surface type, then a slight blur: soft, JPEG-like, and it compresses like real
+    # imagery (~2-3x with DEFLATE). Done in row strips so only one tile-sized array is live.
     arr = np.array(img)
     del img, draw
     tex_arr = np.asarray(tex)
+    mask_arr = np.asarray(mask)
+    del tex, mask, mdraw, tdraw
     rng = _rng(plan.seed, plan.departement, plan.n, plan.tile_px, "tile", job.ix, job.iy)
     bf = 3
     nb = -(-tp // bf) + 1
-    blot = Image.fromarray(rng.standard_normal((nb, nb), dtype=np.float32), mode="F")
+    blot = Image.fromarray(np.clip(rng.normal(128.0, 32.0, (nb, nb)), 0, 255).astype(np.uint8))
     step = 512
     for r0_ in range(0, tp, step):
         r1_ = min(tp, r0_ + step)
         t = tex_arr[r0_:r1_]
+        m = mask_arr[r0_:r1_]
         grain = rng.standard_normal(t.shape, dtype=np.float32)
         grain *= _TEX_SIGMA[t]
-        fac = np.asarray(
-            blot.resize((tp, r1_ - r0_), Image.Resampling.BILINEAR, box=(0, r0_ / bf, tp / bf, r1_ / bf))
-        )
-        fac = fac * _TEX_BLOTCH[t] + 1.0
+        fac = np.asarray(blot.resize((tp, r1_ - r0_), Image.Resampling.BILINEAR, box=(0, r0_ / bf, tp / bf, r1_ / bf)))
+        fac = _BLOT_LUT[fac] * _TEX_BLOTCH[t]
+        fac += 1.0
+        fac *= _SHADE_LUT[m]
         chunk = arr[r0_:r1_].astype(np.float32)
         chunk *= fac[..., None]
         chunk += grain[..., None]
+        chunk[..., 2] += _SHADE_BLUE[m]
         np.clip(chunk, 1, 255, out=chunk)
         arr[r0_:r1_] = chunk
-    img = Image.fromarray(arr).filter(ImageFilter.GaussianBlur(0.5))
+    del tex_arr, mask_arr, blot, chunk, grain, fac
+    img = Image.fromarray(arr)
+    del arr
+    img = img.filter(ImageFilter.BoxBlur(0.5))  # [1 2 1]/4 each way, 3x cheaper than Gaussian
     arr = np.array(img)
     del img
     np.maximum(arr, 1, out=arr)  # 0 is nodata: only the hole may hold it
@@ -1445,8 +1545,14 @@ def _box(
     """A small square (chimney, AC unit) aligned with ``axis``, with its cast shadow."""
     u = axis / max(float(np.linalg.norm(axis)), 1e-9)
     v = np.array([-u[1], u[0]])
-    pts = np.array([centre - half * u - half * v, centre + half * u - half * v, centre + half * u + half * v,
-                    centre - half * u + half * v])
+    pts = np.array(
+        [
+            centre - half * u - half * v,
+            centre + half * u - half * v,
+            centre + half * u + half * v,
+            centre - half * u + half * v,
+        ]
+    )
     draw.polygon(_flat(pts + shadow), fill=shadow_colour)
     draw.polygon(_flat(pts), fill=colour)
 
@@ -1488,6 +1594,7 @@ def _write_tile(plan: _Plan, arr: np.ndarray, path: Path, ix: int, iy: int, thre
         "blockysize": 256,
         "compress": "deflate",
         "predictor": 2,
+        "zlevel": 1,  # ~2.5x faster than the default 6 for a ~4 % larger file
         "interleave": "pixel",
         "photometric": "RGB",
         "num_threads": threads,
@@ -1503,7 +1610,7 @@ def _write_tile(plan: _Plan, arr: np.ndarray, path: Path, ix: int, iy: int, thre
 def _tile_path(plan: _Plan, ortho: Path, ix: int, iy: int) -> Path:
     """Where tile (ix, iy) is written."""
     x0, ytop = plan.tile_origin(ix, iy)
-    return ortho / tile_name(plan.departement, x0, ytop, plan.epsg, plan.resolution)
+    return ortho / tile_name(plan.departement, x0, ytop, plan.epsg, plan.resolution, plan.tile_m)
 
 
 _WORKER_PLAN: _Plan | None = None
@@ -1592,10 +1699,16 @@ def generate_departement(
     workers: int = 1,
     verbose: bool = False,
 ) -> SampleManifest:
-    """Generate (or reuse) the synthetic département ``DIR/<departement>`` and return its manifest.
+    """Generate (or reuse) the synthetic département ``out_dir/<departement>`` and return its manifest.
 
-    ``workers`` > 1 renders tiles in that many processes (same bytes, less wall
-    time on a multi-core machine); ``verbose`` prints progress to stderr.
+    If a ``manifest.json`` made by this generator version with the same
+    parameters is there (and its files are), it is returned as is: the demo calls
+    this on every run. Otherwise the files this module owns are removed (manifest
+    first) and everything is written again, the manifest last.
+
+    ``workers`` > 1 renders tiles in that many processes: same bytes, less wall
+    time on a multi-core machine, but each worker holds one tile (~2 GB at
+    10,000 px). ``verbose`` prints progress to stderr.
     """
     dep = check_departement(departement)
     if n_buildings < 1:
@@ -1622,13 +1735,14 @@ def generate_departement(
     root.mkdir(parents=True, exist_ok=True)
     plan = _plan(dep, n_buildings, seed, tile_px, resolution)
     log(f"layout: {n_buildings} buildings, {len(plan.tiles)} tiles ({time.perf_counter() - t0:.1f}s)")
+    # tiles first: worker processes are forked before this process has touched GDAL
+    ortho = root / "ortho"
+    _write_tiles(plan, ortho, workers, log if verbose else None)
     footprints = root / "footprints" / "batiment.gpkg"
     _write_footprints(plan, footprints)
     labels = root / "labels.csv"
     _write_labels(plan, labels)
     log(f"footprints and labels written ({time.perf_counter() - t0:.1f}s)")
-    ortho = root / "ortho"
-    _write_tiles(plan, ortho, workers, log if verbose else None)
 
     cat = plan.b["category"]
     counts = {k: int(np.sum(cat == i)) for i, k in enumerate(COUNT_KEYS)}
@@ -1639,7 +1753,7 @@ def generate_departement(
         hx, hy = plan.hole["tile"]
         x0, ytop = plan.tile_origin(hx, hy)
         hole = {
-            "tile": tile_name(dep, x0, ytop, plan.epsg, resolution),
+            "tile": tile_name(dep, x0, ytop, plan.epsg, resolution, plan.tile_m),
             "pixels": list(plan.hole["pixels"]),
             "bounds": [round(v, 3) for v in plan.hole["bounds"]],
         }
@@ -1659,8 +1773,12 @@ def generate_departement(
         n_tiles=len(plan.tiles),
         area_km2=round(area, 3),
         density_per_km2=round(n_buildings / area, 1),
-        imagery_bounds=[plan.origin_x, plan.origin_y, plan.origin_x + plan.nx * plan.tile_m,
-                        plan.origin_y + plan.ny * plan.tile_m],
+        imagery_bounds=[
+            plan.origin_x,
+            plan.origin_y,
+            plan.origin_x + plan.nx * plan.tile_m,
+            plan.origin_y + plan.ny * plan.tile_m,
+        ],
         nodata_hole=hole,
         class_counts={c: int(np.sum(plan.b["roof"] == i)) for i, c in enumerate(ROOF_CLASSES)},
     )

@@ -22,12 +22,12 @@ from ops.model import ModelCard, RoofNet
 @dataclass
 class TrainConfig:
     epochs: int = 12
-    batch_size: int = 64
+    batch_size: int = 128
     lr: float = 3e-3
     weight_decay: float = 1e-4
     val_fraction: float = 0.2
     seed: int = 0
-    widths: tuple[int, ...] = (24, 48, 96, 128)
+    widths: tuple[int, ...] = (16, 32, 64, 128)
     max_train_seconds: float = 600.0
 
 
@@ -137,7 +137,7 @@ def train_classifier(
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss) * len(idx)
+            total += loss.item() * len(idx)
         pred = predict_logits(model, xva).argmax(1) if len(xva) else np.array([])
         acc = float((pred == yva).mean()) if len(xva) else float("nan")
         history.append({"epoch": epoch + 1, "train_loss": total / max(len(xtr), 1), "val_accuracy": acc})

@@ -6,6 +6,7 @@ from assets import buildings, chips, dbt, mosaic, predictions, roof_model
 from orchestration.environment import executor_for, resources_for
 from orchestration.jobs import enrich_job, train_job
 from orchestration.schedules import monthly_reprocessing
+from orchestration.sensors import new_imagery_sensor
 
 all_assets = load_assets_from_modules([buildings, mosaic, chips, roof_model, predictions, dbt])
 
@@ -13,6 +14,7 @@ defs = Definitions(
     assets=all_assets,
     jobs=[enrich_job, train_job],
     schedules=[monthly_reprocessing],
+    sensors=[new_imagery_sensor],
     resources=resources_for(),
     executor=executor_for(),
 )

@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 from dagster import AssetKey, DagsterInstance, execute_job, reconstructable
-from ops.synth import generate_departement
 
+from ops.synth import generate_departement
 from orchestration.environment import REPO_ROOT, data_dir, source_dir
 
 DEMO_DEPARTEMENTS = ("12", "2A")
@@ -44,11 +44,20 @@ def instance() -> DagsterInstance:
     return DagsterInstance.get()
 
 
-def run(job_fn, inst: DagsterInstance, *, partition: str | None = None, assets: list[str] | None = None) -> dict:
+def run(
+    job_fn,
+    inst: DagsterInstance,
+    *,
+    partition: str | None = None,
+    assets: list[str] | None = None,
+    run_config: dict | None = None,
+) -> dict:
     """Execute a job and return {asset: metadata} of its materializations; raise if it failed."""
     tags = {"dagster/partition": partition} if partition else {}
     selection = [AssetKey(a) for a in assets] if assets else None
-    with execute_job(reconstructable(job_fn), inst, tags=tags, asset_selection=selection) as result:
+    with execute_job(
+        reconstructable(job_fn), inst, tags=tags, asset_selection=selection, run_config=run_config or {}
+    ) as result:
         if not result.success:
             failures = [e.message for e in result.all_events if e.is_failure]
             raise SystemExit(f"run {result.run_id} failed ({partition or 'unpartitioned'}):\n" + "\n".join(failures))
@@ -95,6 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--buildings", type=int, default=3000, help="buildings per sample département")
     parser.add_argument("--departements", nargs="+", default=list(DEMO_DEPARTEMENTS))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train-seconds", type=float, default=240, help="training time budget of roof_model")
     args = parser.parse_args(argv)
     inst = instance()
     t_start = time.perf_counter()
@@ -107,7 +117,8 @@ def main(argv: list[str] | None = None) -> None:
         crop[dep] = run(enrich_job, inst, partition=dep, assets=STAGE_CROP)
         timing[dep] = time.perf_counter() - t0
         print(f"{dep}: buildings, mosaic and chips materialized ({timing[dep]:.1f} s)")
-    model = run(train_job, inst)["roof_model"]
+    training = {"ops": {"roof_model": {"config": {"max_train_seconds": args.train_seconds}}}}
+    model = run(train_job, inst, run_config=training)["roof_model"]
     print(f"roof_model@{model['model_version']}: held-out accuracy {model['accuracy']:.3f}")
     pred = {}
     for dep in args.departements:

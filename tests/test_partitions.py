@@ -14,7 +14,9 @@ def test_the_101_insee_codes_are_the_partitions():
     assert tuple(keys) == DEPARTEMENTS
 
 
-@pytest.mark.parametrize("dep,epsg", [("12", 2154), ("2A", 2154), ("971", 5490), ("973", 2972), ("974", 2975), ("976", 4471)])
+@pytest.mark.parametrize(
+    "dep,epsg", [("12", 2154), ("2A", 2154), ("971", 5490), ("973", 2972), ("974", 2975), ("976", 4471)]
+)
 def test_native_crs(dep, epsg):
     assert native_epsg(dep) == epsg
 

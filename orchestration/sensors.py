@@ -1,0 +1,46 @@
+"""Sensors: re-run a département when its orthophoto tiles change.
+
+IGN publishes BD ORTHO by département; when a new vintage lands in a
+département's imagery folder, its mosaic, chips and predictions are out of
+date. The sensor fingerprints each département's tile list (names, sizes,
+modification times) and requests one enrichment run per changed département.
+"""
+
+import hashlib
+import json
+from pathlib import Path
+
+from dagster import RunRequest, SensorEvaluationContext, SkipReason, sensor
+
+from ops.departements import DEPARTEMENTS
+from ops.mosaic import TILE_SUFFIXES
+from orchestration.jobs import enrich_job
+from resources.imagery import OrthoImagery
+
+
+def tiles_fingerprint(folder: Path) -> str | None:
+    if not folder.is_dir():
+        return None
+    h = hashlib.sha256()
+    for p in sorted(folder.iterdir()):
+        if p.suffix.lower() in TILE_SUFFIXES:
+            st = p.stat()
+            h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+@sensor(job=enrich_job, minimum_interval_seconds=300)
+def new_imagery_sensor(context: SensorEvaluationContext, imagery: OrthoImagery):
+    """One run per département whose tiles changed since the last evaluation."""
+    seen = json.loads(context.cursor) if context.cursor else {}
+    now = {}
+    for dep in DEPARTEMENTS:
+        fp = tiles_fingerprint(Path(imagery.root) / dep / imagery.subdir)
+        if fp is not None:
+            now[dep] = fp
+    changed = [d for d, fp in now.items() if seen.get(d) != fp]
+    context.update_cursor(json.dumps(now))
+    if not changed:
+        return SkipReason("no imagery folder changed")
+    for dep in changed:
+        yield RunRequest(run_key=f"{dep}-{now[dep]}", partition_key=dep, tags={"bativision/trigger": "new_imagery"})
