@@ -82,7 +82,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from ops.departements import check_departement, native_epsg
+from ops.departements import DEPARTEMENTS, check_departement, native_epsg
 
 ROOF_CLASSES: tuple[str, ...] = ("flat", "gable", "hip")
 COUNT_KEYS: tuple[str, ...] = (
@@ -728,7 +728,9 @@ def _plan(dep: str, n: int, seed: int, tile_px: int, res: float) -> _Plan:
     b["x"] = b["x"] + np.concatenate([np.full(s.n, s.cx) for s in parts]) + origin_x
     b["y"] = b["y"] + np.concatenate([np.full(s.n, s.cy) for s in parts]) + origin_y
     b["category"] = cat.astype(np.int8)
+    b["dep_rank"] = np.array(DEPARTEMENTS.index(dep) + 1)
     _finish_buildings(rng, b)
+    del b["dep_rank"]
 
     # ---- trees and roads (inside only: nothing is rendered beyond the imagery)
     tr = [s.trees + np.array([s.cx + origin_x, s.cy + origin_y, 0.0]) for s in inside]
@@ -886,7 +888,9 @@ def _finish_buildings(rng: np.random.Generator, b: dict[str, np.ndarray]) -> Non
     b["hauteur"] = np.where(h_null, np.nan, hauteur)
     b["etages"], b["etages_null"] = etages, e_null
     b["created_s"] = seconds
-    ids = 240_000_000 + np.cumsum(rng.integers(1, 400, n))
+    # BD TOPO's cleabs are unique across France: each département gets its own id range
+    # (b["dep_rank"], set by the caller), so two sample départements never share an id.
+    ids = int(b.get("dep_rank", 0)) * 10**13 + 240_000_000 + np.cumsum(rng.integers(1, 400, n))
     b["cleabs"] = np.array([f"BATIMENT{v:016d}" for v in ids], dtype=object)
 
 
