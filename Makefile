@@ -29,8 +29,11 @@ test: install
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -n 2 --dist loadgroup
 
-ui: install
-	$(BIN)/dagster dev -w workspace.yaml
+$(DAGSTER_HOME)/dagster.yaml: orchestration/instance/local.yaml
+	mkdir -p $(DAGSTER_HOME) && cp $< $@
+
+ui: install $(DAGSTER_HOME)/dagster.yaml
+	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

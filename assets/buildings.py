@@ -4,10 +4,11 @@ import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import shapely
 from dagster import AssetExecutionContext, Config, MaterializeResult, MetadataValue, asset
 from pydantic import Field
 
-from assets.metadata import counts_table
+from assets.metadata import counts_table, points_map
 from assets.partitions import departements_partitions
 from ops.departements import check_departement, native_epsg
 from ops.footprints import FootprintStats, iter_building_batches, write_buildings_geoparquet
@@ -66,11 +67,19 @@ def buildings(
     if loaded != rows:
         raise RuntimeError(f"partition {dep}: {rows} buildings read but {loaded} loaded into the warehouse")
     seconds = time.perf_counter() - t0
+    preview = pq.read_table(out, columns=["geometry", "geometry_status"])
+    centroids = shapely.centroid(shapely.from_wkb(preview.column("geometry").to_numpy(zero_copy_only=False)))
     context.log.info(f"partition {dep}: {rows:,} buildings, statuses {stats.statuses}, {len(stats.cells)} cells")
     return MaterializeResult(
         metadata={
             "rows": rows,
             "statuses": counts_table(stats.statuses, "geometry_status"),
+            "map": points_map(
+                shapely.get_x(centroids),
+                shapely.get_y(centroids),
+                preview.column("geometry_status").to_numpy(zero_copy_only=False),
+                f"buildings {dep} by geometry_status (EPSG:{epsg})",
+            ),
             "cells": len(stats.cells),
             "source": MetadataValue.path(str(src)),
             "source_epsg": stats.source_epsg,

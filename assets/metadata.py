@@ -20,3 +20,31 @@ def png_markdown(fig) -> MetadataValue:
     fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
     plt.close(fig)
     return MetadataValue.md(f"![preview](data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()})")
+
+
+def points_map(x, y, categories, title: str, max_points: int = 20_000) -> MetadataValue:
+    """A scatter map of buildings coloured by category (status, label), for the asset's metadata.
+
+    Subsampled deterministically to ``max_points`` so large partitions stay cheap.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    x, y, cat = np.asarray(x, float), np.asarray(y, float), np.asarray(categories, dtype=object)
+    keep = np.isfinite(x) & np.isfinite(y)
+    x, y, cat = x[keep], y[keep], cat[keep]
+    if len(x) > max_points:
+        sel = np.random.default_rng(0).choice(len(x), max_points, replace=False)
+        x, y, cat = x[sel], y[sel], cat[sel]
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for name in sorted(set(cat.tolist())):
+        m = cat == name
+        ax.scatter(x[m], y[m], s=2, label=f"{name} ({m.sum():,})")
+    ax.set_aspect("equal")
+    ax.set_title(title, fontsize=9)
+    ax.tick_params(labelsize=6)
+    ax.legend(fontsize=6, markerscale=4, loc="best")
+    return png_markdown(fig)

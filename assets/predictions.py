@@ -13,7 +13,7 @@ from pydantic import Field
 
 from assets.buildings import buildings_key
 from assets.chips import chips, chips_prefix
-from assets.metadata import counts_table
+from assets.metadata import counts_table, points_map
 from assets.partitions import departements_partitions
 from assets.roof_model import MODEL_NAME, roof_model
 from ops.chips import STATUSES, list_shards, open_chips, read_index, shard_meta, shard_paths
@@ -164,6 +164,10 @@ def predictions(
         pq.ParquetFile(staged).iter_batches(batch_size=50_000),
         where={"model_name": MODEL_NAME, "model_version": card.version},
     )
+    shown = pq.read_table(staged, columns=["label", "status"]).to_pandas()
+    where = pa.concat_tables(
+        [read_index(folder, c).select(["minx", "miny", "maxx", "maxy"]) for c in cells]
+    ).to_pandas()
     if totals["error"]:
         context.log.warning(
             f"partition {dep}: {totals['error']} buildings with status error (see chips index messages)"
@@ -174,6 +178,12 @@ def predictions(
             "predicted": n_pred,
             "statuses": counts_table(totals),
             "labels": counts_table(dict(sorted(labels.items())), "label"),
+            "map": points_map(
+                (where.minx + where.maxx) / 2,
+                (where.miny + where.maxy) / 2,
+                shown.label.fillna(shown.status),
+                f"{MODEL_NAME}@{card.version} in {dep}: label, or status when not predicted",
+            ),
             "model_version": card.version,
             "device": str(device),
             "seconds": round(seconds, 2),
