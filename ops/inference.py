@@ -35,7 +35,8 @@ def classify(
     """Yield predictions for ``chips`` (uint8, N×3×S×S, may be a memory map), batch by batch."""
     device = device or torch.device("cpu")
     for i in range(0, len(chips), batch_size):
-        xb = torch.from_numpy(np.ascontiguousarray(chips[i : i + batch_size])).to(device, non_blocking=True)
+        # np.array copies the (read-only, memory-mapped) slice into a writable, contiguous batch
+        xb = torch.from_numpy(np.array(chips[i : i + batch_size])).to(device, non_blocking=True)
         if device.type == "cuda":
             with torch.autocast("cuda", dtype=torch.float16):
                 logits = model(xb)

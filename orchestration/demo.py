@@ -54,9 +54,11 @@ def run(
 ) -> dict:
     """Execute a job and return {asset: metadata} of its materializations; raise if it failed."""
     tags = {"dagster/partition": partition} if partition else {}
+    # INFO on the console: progress lines and results, not every engine event.
+    run_config = {**(run_config or {}), "loggers": {"console": {"config": {"log_level": "INFO"}}}}
     selection = [AssetKey(a) for a in assets] if assets else None
     with execute_job(
-        reconstructable(job_fn), inst, tags=tags, asset_selection=selection, run_config=run_config or {}
+        reconstructable(job_fn), inst, tags=tags, asset_selection=selection, run_config=run_config
     ) as result:
         if not result.success:
             failures = [e.message for e in result.all_events if e.is_failure]
