@@ -112,3 +112,46 @@ def test_rerunning_a_partition_replaces_its_rows(materialized):
     b = _query(data, "select count(*) n, count(distinct building_id) d from buildings").iloc[0]
     assert before.n == after.n == after.d == dep.n_buildings
     assert b.n == b.d == dep.n_buildings
+
+
+def test_dbt_invariant_test_fails_when_a_prediction_is_missing(materialized):
+    """The accounting-invariant test must catch a lost row (then the row is put back)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from assets.dbt import DBT_DIR, dbt_env
+
+    _, data, _ = materialized
+    db = data / "warehouse.duckdb"
+    con = duckdb.connect(str(db))
+    con.load_extension(spatial_extension_path())
+    con.execute(
+        "create table _kept as select * from predictions where building_id = (select min(building_id) from predictions)"
+    )
+    con.execute("delete from predictions where building_id in (select building_id from _kept)")
+    con.close()
+    dbt = [
+        str(Path(sys.executable).parent / "dbt"),
+        "test",
+        "--project-dir",
+        str(DBT_DIR),
+        "--profiles-dir",
+        str(DBT_DIR),
+    ]
+    env = {**os.environ, **dbt_env(str(db))}
+    broken = subprocess.run(
+        [*dbt, "--target-path", str(data / "dbt_target")], env=env, cwd=DBT_DIR, capture_output=True, text=True
+    )
+    assert broken.returncode != 0
+    assert "assert_predictions_account_for_every_building" in broken.stdout
+    con = duckdb.connect(str(db))
+    con.load_extension(spatial_extension_path())
+    con.execute("insert into predictions select * from _kept")
+    con.execute("drop table _kept")
+    con.close()
+    fixed = subprocess.run(
+        [*dbt, "--target-path", str(data / "dbt_target")], env=env, cwd=DBT_DIR, capture_output=True, text=True
+    )
+    assert fixed.returncode == 0, fixed.stdout[-2000:]

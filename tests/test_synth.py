@@ -26,7 +26,7 @@ def test_footprints_look_like_bd_topo_with_counted_defects(small_dep):
     assert len(g) == small_dep.n_buildings == sum(small_dep.counts.values())
     assert {"cleabs", "nature", "usage_1", "hauteur"} <= set(g.columns)
     assert g.crs.to_epsg() == 2154 and g["cleabs"].is_unique
-    present = g.geometry.notna() & ~g.geometry.is_empty
+    present = ~(g.geometry.isna() | g.geometry.is_empty)
     assert (~present).sum() == small_dep.counts["empty"]
     invalid = present & ~g.geometry.is_valid
     c = small_dep.counts
