@@ -8,7 +8,7 @@ from pydantic import Field
 
 from assets.buildings import buildings, buildings_key
 from assets.metadata import counts_table
-from assets.mosaic import load_mosaic_info, mosaic_keys, ortho_mosaic
+from assets.mosaic import load_mosaic_info, ortho_mosaic
 from assets.partitions import departements_partitions
 from ops.chips import STATUSES, CellResult, ChipSpec, crop_partition, list_shards, shard_paths
 from ops.departements import check_departement
@@ -69,7 +69,6 @@ def chips(context: AssetExecutionContext, config: ChipsConfig, store: LocalObjec
 
     for _ in crop_partition(
         bpath,
-        store.path(mosaic_keys(dep)[0]),
         info,
         out,
         spec,

@@ -28,7 +28,7 @@ class RoofModelConfig(Config):
     departements: list[str] = Field(
         default_factory=list, description="Départements whose labelled chips train the model (default: all with labels)"
     )
-    epochs: int = Field(default=12, description="Training epochs")
+    epochs: int = Field(default=24, description="Training epochs")
     batch_size: int = Field(default=128)
     learning_rate: float = Field(default=3e-3)
     max_samples: int = Field(default=30_000, description="Cap on training chips (a deterministic sample)")

@@ -32,10 +32,10 @@ import pyarrow.parquet as pq
 import rasterio
 import shapely
 import torch
-import torch.nn.functional as F
 from rasterio.windows import Window
 
 from ops.mosaic import MosaicInfo
+from ops.resample import resample_batch
 
 STATUSES = ("ok", "no_imagery", "nodata", "invalid_geometry", "error")
 
@@ -71,12 +71,16 @@ class ChipSpec:
 
 @dataclass
 class CellTask:
-    """The buildings of one cell, as plain arrays (cheap to send to a worker)."""
+    """The buildings of one cell (or of one part of a big cell), as plain arrays cheap to send to a worker."""
 
     cell_id: str
     building_ids: list[str]
     geometry_status: list[str]
     bounds: np.ndarray  # (N, 4) minx, miny, maxx, maxy; NaN when no geometry
+    shard_id: str = ""  # the cell id, or "<cell>.pNNN" when a big cell is cut into parts
+
+    def __post_init__(self) -> None:
+        self.shard_id = self.shard_id or self.cell_id
 
 
 @dataclass
@@ -120,16 +124,6 @@ def to_chip_bands(arr: np.ndarray, info: MosaicInfo) -> np.ndarray:
     return a
 
 
-def resample(chip: np.ndarray, size: int) -> np.ndarray:
-    """(3, n, n) float → (3, size, size) uint8, anti-aliased bilinear."""
-    if chip.shape[1] == size and chip.shape[2] == size:
-        out = chip
-    else:
-        t = torch.from_numpy(np.ascontiguousarray(chip))[None]
-        out = F.interpolate(t, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0].numpy()
-    return np.clip(np.rint(out), 0, 255).astype("uint8")
-
-
 def _intersects_any(windows: np.ndarray, tiles: np.ndarray) -> np.ndarray:
     if len(tiles) == 0:
         return np.zeros(len(windows), dtype=bool)
@@ -139,10 +133,99 @@ def _intersects_any(windows: np.ndarray, tiles: np.ndarray) -> np.ndarray:
     return hit.any(axis=1)
 
 
-def crop_cell(
-    ds: rasterio.io.DatasetReader, info: MosaicInfo, task: CellTask, spec: ChipSpec
-) -> tuple[np.ndarray, pa.Table]:
-    """Chips and index rows for one cell's buildings (one index row per building)."""
+class TileSet:
+    """The mosaic's source tiles, read block by block with each block decoded once.
+
+    Buildings are processed in the order of their window's top row; a block
+    is decoded the first time a window needs it and dropped once the sweep
+    has passed below it, so memory holds about one band of blocks, and no
+    block is decompressed twice within a unit of work. Reading the tiles
+    directly (not through the VRT) keeps GDAL's per-read overhead off the hot
+    path; GDAL's own block cache is kept small since it would only duplicate
+    ours.
+    """
+
+    def __init__(self, info: MosaicInfo) -> None:
+        self.info = info
+        res, left, top = info.resolution, info.bounds[0], info.bounds[3]
+        t = info.tiles
+        self.col0 = np.array([round((x.bounds[0] - left) / res) for x in t], dtype=np.int64)
+        self.row0 = np.array([round((top - x.bounds[3]) / res) for x in t], dtype=np.int64)
+        self.width = np.array([x.width for x in t], dtype=np.int64)
+        self.height = np.array([x.height for x in t], dtype=np.int64)
+        self.block = [(int(x.block[0]), int(x.block[1])) for x in t]
+        self._ds: dict[int, rasterio.io.DatasetReader] = {}
+        self._cache: dict[tuple[int, int, int], np.ndarray] = {}
+        self._bottom: dict[tuple[int, int, int], int] = {}
+        self.blocks_decoded = 0
+        self.bytes_decoded = 0
+
+    def _dataset(self, i: int) -> rasterio.io.DatasetReader:
+        ds = self._ds.get(i)
+        if ds is None:
+            ds = self._ds[i] = rasterio.open(self.info.tiles[i].path)
+        return ds
+
+    def _block(self, i: int, br: int, bc: int) -> np.ndarray:
+        key = (i, br, bc)
+        blk = self._cache.get(key)
+        if blk is None:
+            bh, bw = self.block[i]
+            w = int(min(bw, self.width[i] - bc * bw))
+            h = int(min(bh, self.height[i] - br * bh))
+            blk = self._dataset(i).read(window=Window(bc * bw, br * bh, w, h))
+            self._cache[key] = blk
+            self._bottom[key] = int(self.row0[i]) + br * bh + h
+            self.blocks_decoded += 1
+            self.bytes_decoded += blk.nbytes
+        return blk
+
+    def evict_above(self, row: int) -> None:
+        """Forget blocks that end above mosaic row ``row`` (the sweep has passed them)."""
+        if len(self._cache) > 64:
+            for key in [k for k, b in self._bottom.items() if b <= row]:
+                del self._cache[key], self._bottom[key]
+
+    def clear(self) -> None:
+        self._cache.clear()
+        self._bottom.clear()
+
+    def read(self, col: int, row: int, npx: int, out: np.ndarray) -> None:
+        """Fill ``out`` (bands, npx, npx), pre-filled with nodata, with the mosaic's pixels."""
+        hit = np.flatnonzero(
+            (self.col0 < col + npx)
+            & (self.col0 + self.width > col)
+            & (self.row0 < row + npx)
+            & (self.row0 + self.height > row)
+        )
+        for i in hit.tolist():
+            tc0, tr0 = int(self.col0[i]), int(self.row0[i])
+            # the window in the tile's pixel coordinates, clipped to the tile
+            c0, r0 = max(col - tc0, 0), max(row - tr0, 0)
+            c1, r1 = min(col + npx - tc0, int(self.width[i])), min(row + npx - tr0, int(self.height[i]))
+            bh, bw = self.block[i]
+            for br in range(r0 // bh, (r1 - 1) // bh + 1):
+                for bc in range(c0 // bw, (c1 - 1) // bw + 1):
+                    blk = self._block(i, br, bc)
+                    # intersection of the block and the window, in tile pixels
+                    y0, y1 = max(r0, br * bh), min(r1, br * bh + blk.shape[1])
+                    x0, x1 = max(c0, bc * bw), min(c1, bc * bw + blk.shape[2])
+                    out[:, y0 + tr0 - row : y1 + tr0 - row, x0 + tc0 - col : x1 + tc0 - col] = blk[
+                        :, y0 - br * bh : y1 - br * bh, x0 - bc * bw : x1 - bc * bw
+                    ]
+
+    def close(self) -> None:
+        for ds in self._ds.values():
+            ds.close()
+        self._ds.clear()
+        self.clear()
+
+
+RESAMPLE_BATCH = 256
+
+
+def crop_cell(tiles: TileSet, info: MosaicInfo, task: CellTask, spec: ChipSpec) -> tuple[np.ndarray, pa.Table]:
+    """Chips and index rows for one unit of work (one index row per building)."""
     n = len(task.building_ids)
     status = np.array(["ok"] * n, dtype=object)
     message: list[str | None] = [None] * n
@@ -151,25 +234,33 @@ def crop_cell(
     has_geom = np.isfinite(task.bounds).all(axis=1) & np.isin(task.geometry_status, ("ok", "repaired"))
     status[~has_geom] = "invalid_geometry"
     windows = np.full((n, 4), np.nan)
-    left, top = info.bounds[0], info.bounds[3]
+    left, top, res = info.bounds[0], info.bounds[3], info.resolution
     if has_geom.any():
-        windows[has_geom] = chip_windows(task.bounds[has_geom], spec, info.resolution, (left, top))
+        windows[has_geom] = chip_windows(task.bounds[has_geom], spec, res, (left, top))
     covered = has_geom.copy()
     covered[has_geom] = _intersects_any(windows[has_geom], info.tile_bounds_array())
     status[has_geom & ~covered] = "no_imagery"
-    chips: list[np.ndarray] = []
-    res = info.resolution
-    for i in np.flatnonzero(covered):
-        x0, y0, x1, y1 = windows[i]
-        col = int(round((x0 - left) / res))
-        row = int(round((top - y1) / res))
-        npx = int(round((x1 - x0) / res))
-        c0, r0 = max(col, 0), max(row, 0)
-        c1, r1 = min(col + npx, info.width), min(row + npx, info.height)
+    idx = np.flatnonzero(covered)
+    cols = np.rint((windows[idx, 0] - left) / res).astype(np.int64)
+    rws = np.rint((top - windows[idx, 3]) / res).astype(np.int64)
+    npxs = np.rint((windows[idx, 2] - windows[idx, 0]) / res).astype(np.int64)
+    order = np.lexsort((cols, rws))  # sweep top to bottom: each block decoded once
+    done: dict[int, np.ndarray] = {}
+    pending: dict[int, list[tuple[int, np.ndarray]]] = {}
+
+    def flush(npx: int) -> None:
+        group = pending.pop(npx, [])
+        if group:
+            out = resample_batch(np.stack([c for _, c in group]), spec.size)
+            for (i, _), chip in zip(group, out, strict=True):
+                done[i] = chip
+
+    for k in order.tolist():
+        i, col, row, npx = int(idx[k]), int(cols[k]), int(rws[k]), int(npxs[k])
+        tiles.evict_above(row)
         buf = np.full((info.count, npx, npx), info.nodata, dtype=info.dtype)
         try:
-            if c1 > c0 and r1 > r0:
-                buf[:, r0 - row : r1 - row, c0 - col : c1 - col] = ds.read(window=Window(c0, r0, c1 - c0, r1 - r0))
+            tiles.read(col, row, npx, buf)
         except Exception as exc:  # a corrupt or unreachable tile: quarantine, don't crash the partition
             status[i] = "error"
             message[i] = f"read failed for window {tuple(np.round(windows[i], 2))}: {exc}"
@@ -180,9 +271,17 @@ def crop_cell(
             status[i] = "nodata"
             continue
         chip = to_chip_bands(buf, info)
-        chip[:, ~valid] = 0.0
-        rows[i] = len(chips)
-        chips.append(resample(chip, spec.size))
+        if not valid.all():
+            chip[:, ~valid] = 0.0
+        pending.setdefault(npx, []).append((i, chip))
+        if len(pending[npx]) >= RESAMPLE_BATCH:
+            flush(npx)
+    for npx in list(pending):
+        flush(npx)
+    tiles.clear()
+    ok = [i for i in range(n) if i in done]
+    rows[ok] = np.arange(len(ok), dtype="int32")
+    chips = [done[i] for i in ok]
     arr = np.stack(chips) if chips else np.zeros((0, 3, spec.size, spec.size), dtype="uint8")
     index = pa.table(
         {
@@ -249,8 +348,12 @@ def open_chips(folder: Path, cell_id: str) -> np.ndarray:
 # --- the partition -----------------------------------------------------------
 
 
-def cell_tasks(buildings_parquet: Path, batch_size: int = 100_000) -> list[CellTask]:
-    """Group a partition's buildings by cell, keeping only ids, statuses and bounds."""
+def cell_tasks(buildings_parquet: Path, part_size: int = 4096, batch_size: int = 100_000) -> list[CellTask]:
+    """Group a partition's buildings by cell, keeping only ids, statuses and bounds.
+
+    A cell with more than ``part_size`` buildings is cut into parts, north to
+    south, so that one unit of work holds a bounded number of chips in memory.
+    """
     ids: list[str] = []
     cells: list[str] = []
     gstat: list[str] = []
@@ -266,20 +369,31 @@ def cell_tasks(buildings_parquet: Path, batch_size: int = 100_000) -> list[CellT
         bounds.append(shapely.bounds(geoms))
     b = np.concatenate(bounds) if bounds else np.zeros((0, 4))
     cell_arr = np.array(cells, dtype=object)
-    order = np.argsort(cell_arr, kind="stable")
+    # within a cell, north to south (the crop's sweep order); no-geometry rows last
+    top = np.where(np.isfinite(b[:, 3]), -b[:, 3], np.inf) if len(b) else np.zeros(0)
+    order = np.lexsort((top, cell_arr))
     tasks = []
-    for cell in sorted(set(cells)):
-        sel = order[cell_arr[order] == cell]
-        tasks.append(CellTask(cell, [ids[i] for i in sel], [gstat[i] for i in sel], b[sel]))
+    bounds_sorted = cell_arr[order]
+    starts = np.flatnonzero(np.r_[True, bounds_sorted[1:] != bounds_sorted[:-1]]) if len(order) else []
+    ends = list(starts[1:]) + [len(order)]
+    for a, z in zip(starts, ends, strict=True):
+        sel = order[a:z]
+        cell = str(cell_arr[sel[0]])
+        parts = max(1, -(-len(sel) // part_size))
+        for k in range(parts):
+            part = sel[k * part_size : (k + 1) * part_size]
+            shard = cell if parts == 1 else f"{cell}.p{k:03d}"
+            tasks.append(CellTask(cell, [ids[i] for i in part], [gstat[i] for i in part], b[part], shard))
     return tasks
 
 
 _WORKER: dict = {}
 
 
-def _init_worker(vrt: str, info_json: str, spec: ChipSpec, out_dir: str, meta: dict[str, str]) -> None:
+def _init_worker(info_json: str, spec: ChipSpec, out_dir: str, meta: dict[str, str]) -> None:
     torch.set_num_threads(1)
-    _WORKER.update(ds=rasterio.open(vrt), info=MosaicInfo.from_json(info_json), spec=spec, out=Path(out_dir), meta=meta)
+    info = MosaicInfo.from_json(info_json)
+    _WORKER.update(tiles=TileSet(info), info=info, spec=spec, out=Path(out_dir), meta=meta)
 
 
 def _run_task(task: CellTask) -> CellResult:
@@ -287,16 +401,15 @@ def _run_task(task: CellTask) -> CellResult:
 
     t0 = time.perf_counter()
     w = _WORKER
-    chips, index = crop_cell(w["ds"], w["info"], task, w["spec"])
-    write_shard(w["out"], task.cell_id, chips, index, w["meta"])
+    chips, index = crop_cell(w["tiles"], w["info"], task, w["spec"])
+    write_shard(w["out"], task.shard_id, chips, index, w["meta"])
     status = index.column("status").to_pylist()
     counts = {s: status.count(s) for s in STATUSES}
-    return CellResult(task.cell_id, counts, len(chips), time.perf_counter() - t0)
+    return CellResult(task.shard_id, counts, len(chips), time.perf_counter() - t0)
 
 
 def crop_partition(
     buildings_parquet: Path,
-    vrt_path: Path,
     info: MosaicInfo,
     out_dir: Path,
     spec: ChipSpec,
@@ -304,9 +417,13 @@ def crop_partition(
     buildings_fingerprint: str,
     workers: int = 1,
     resume: bool = True,
+    part_size: int = 4096,
     progress: Callable[[CellResult, int, int], None] | None = None,
 ) -> Iterator[CellResult]:
-    """Crop every cell of a partition into ``out_dir``, yielding one result per cell.
+    """Crop every cell of a partition into ``out_dir``, yielding one result per shard (cell or part of a cell).
+
+    Chips are read from the tiles listed in ``info`` (the VRT is for people
+    and other tools; the crop reads blocks from the tiles themselves).
 
     With ``resume``, a cell whose complete shard carries the same fingerprint
     (same chip spec, imagery and buildings) is reused rather than recut. Shards
@@ -314,20 +431,20 @@ def crop_partition(
     exactly the current buildings.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    tasks = cell_tasks(buildings_parquet)
+    tasks = cell_tasks(buildings_parquet, part_size)
     fp = spec.fingerprint(info.imagery_id, buildings_fingerprint)
     meta = {"fingerprint": fp, "imagery_id": info.imagery_id, "chip_size": str(spec.size), "epsg": str(info.epsg)}
-    wanted = {t.cell_id for t in tasks}
+    wanted = {t.shard_id for t in tasks}
     for stale in set(list_shards(out_dir)) - wanted:
         for p in shard_paths(out_dir, stale):
             p.unlink(missing_ok=True)
     todo: list[CellTask] = []
     done = 0
     for t in tasks:
-        idx = shard_paths(out_dir, t.cell_id)[1]
+        idx = shard_paths(out_dir, t.shard_id)[1]
         if resume and idx.exists() and shard_meta(idx).get("fingerprint") == fp:
             status = pq.read_table(idx, columns=["status"]).column("status").to_pylist()
-            r = CellResult(t.cell_id, {s: status.count(s) for s in STATUSES}, status.count("ok"), 0.0, reused=True)
+            r = CellResult(t.shard_id, {s: status.count(s) for s in STATUSES}, status.count("ok"), 0.0, reused=True)
             done += 1
             if progress:
                 progress(r, done, len(tasks))
@@ -335,7 +452,7 @@ def crop_partition(
         else:
             todo.append(t)
     todo.sort(key=lambda t: -len(t.building_ids))  # big cells first: better load balance
-    init_args = (str(vrt_path), info.to_json(), spec, str(out_dir), meta)
+    init_args = (info.to_json(), spec, str(out_dir), meta)
     if workers <= 1 or len(todo) <= 1:
         _init_worker(*init_args)
         results: Iterator[CellResult] = map(_run_task, todo)
@@ -354,4 +471,5 @@ def crop_partition(
         if workers > 1 and len(todo) > 1:
             pool.shutdown(cancel_futures=True)
         else:
-            _WORKER.get("ds") and _WORKER["ds"].close()
+            if _WORKER.get("tiles") is not None:
+                _WORKER["tiles"].close()

@@ -21,7 +21,7 @@ from ops.model import ModelCard, RoofNet
 
 @dataclass
 class TrainConfig:
-    epochs: int = 12
+    epochs: int = 24
     batch_size: int = 128
     lr: float = 3e-3
     weight_decay: float = 1e-4

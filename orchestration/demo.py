@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--buildings", type=int, default=3000, help="buildings per sample département")
     parser.add_argument("--departements", nargs="+", default=list(DEMO_DEPARTEMENTS))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--train-seconds", type=float, default=240, help="training time budget of roof_model")
+    parser.add_argument("--train-seconds", type=float, default=300, help="training time budget of roof_model")
     args = parser.parse_args(argv)
     inst = instance()
     t_start = time.perf_counter()

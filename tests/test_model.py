@@ -27,7 +27,7 @@ def labelled(tmp_path_factory):
     parquet = root / "b.parquet"
     write_buildings_geoparquet(iter_building_batches(dep.footprints, "2A", 2154), parquet, 2154)
     info = build_mosaic(find_tiles(dep.ortho_dir), root / "m.vrt", name="m")
-    list(crop_partition(parquet, root / "m.vrt", info, root / "chips", ChipSpec(), buildings_fingerprint="x"))
+    list(crop_partition(parquet, info, root / "chips", ChipSpec(), buildings_fingerprint="x"))
     labels = pd.read_csv(dep.labels, dtype=str).set_index("cleabs")["roof_type"]
     xs, ys, gs = [], [], []
     for cell in list_shards(root / "chips"):

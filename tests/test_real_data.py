@@ -22,7 +22,7 @@ def _crop(footprints: Path, tiles: list[Path], epsg: int, tmp: Path, spec: ChipS
     write_buildings_geoparquet(iter_building_batches(footprints, "12", epsg), parquet, epsg)
     info = build_mosaic([str(t.resolve()) for t in tiles], tmp / "mosaic.vrt", name="t")
     out = tmp / "chips"
-    list(crop_partition(parquet, tmp / "mosaic.vrt", info, out, spec or ChipSpec(), buildings_fingerprint="x"))
+    list(crop_partition(parquet, info, out, spec or ChipSpec(), buildings_fingerprint="x"))
     index = {c: read_index(out, c).to_pandas() for c in list_shards(out)}
     return info, out, index
 
