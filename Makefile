@@ -38,5 +38,13 @@ ui: install $(DAGSTER_HOME)/dagster.yaml
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
+# Benchmarks need rio-tiler (the baseline) on top of the pinned runtime.
+$(VENV)/.bench-installed: $(STAMP) requirements-bench.lock
+	$(BIN)/pip install --quiet --no-deps -r requirements-bench.lock
+	@touch $@
+
+bench-crop: $(VENV)/.bench-installed
+	$(BIN)/python -m bench.crop
+
 clean:
 	rm -rf data .dagster_home dbt/target dbt/logs

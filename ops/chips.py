@@ -112,16 +112,12 @@ def chip_windows(bounds: np.ndarray, spec: ChipSpec, res: float, origin: tuple[f
 
 
 def to_chip_bands(arr: np.ndarray, info: MosaicInfo) -> np.ndarray:
-    """Apply the mosaic's band rule: (bands, h, w) source → (3, h, w) float32 in 0..255."""
-    if info.band_rule.startswith("replicate"):
-        a = np.repeat(arr[:1], 3, axis=0)
-    else:
-        a = arr[:3]
-    a = a.astype("float32")
+    """Apply the mosaic's band rule: (bands, h, w) source → (3, h, w) uint8."""
+    a = np.repeat(arr[:1], 3, axis=0) if info.band_rule.startswith("replicate") else arr[:3]
     if info.scale is not None:
         lo, hi = info.scale
-        a = np.clip((a - lo) * (255.0 / (hi - lo)), 0, 255)
-    return a
+        a = np.clip((a.astype(np.float32) - lo) * (255.0 / (hi - lo)), 0, 255).round()
+    return a.astype(np.uint8, copy=False)
 
 
 def _intersects_any(windows: np.ndarray, tiles: np.ndarray) -> np.ndarray:
@@ -272,7 +268,8 @@ def crop_cell(tiles: TileSet, info: MosaicInfo, task: CellTask, spec: ChipSpec) 
             continue
         chip = to_chip_bands(buf, info)
         if not valid.all():
-            chip[:, ~valid] = 0.0
+            chip = chip.copy() if chip.base is buf else chip
+            chip[:, ~valid] = 0
         pending.setdefault(npx, []).append((i, chip))
         if len(pending[npx]) >= RESAMPLE_BATCH:
             flush(npx)
@@ -348,7 +345,7 @@ def open_chips(folder: Path, cell_id: str) -> np.ndarray:
 # --- the partition -----------------------------------------------------------
 
 
-def cell_tasks(buildings_parquet: Path, part_size: int = 4096, batch_size: int = 100_000) -> list[CellTask]:
+def cell_tasks(buildings_parquet: Path, part_size: int = 4096, batch_size: int = 16_384) -> list[CellTask]:
     """Group a partition's buildings by cell, keeping only ids, statuses and bounds.
 
     A cell with more than ``part_size`` buildings is cut into parts, north to
@@ -390,8 +387,14 @@ def cell_tasks(buildings_parquet: Path, part_size: int = 4096, batch_size: int =
 _WORKER: dict = {}
 
 
+# GDAL's own block cache (5 % of RAM by default) would keep every block we decode:
+# TileSet already holds the ones still needed, so GDAL gets a small one.
+GDAL_CACHE_MB = 64
+
+
 def _init_worker(info_json: str, spec: ChipSpec, out_dir: str, meta: dict[str, str]) -> None:
     torch.set_num_threads(1)
+    os.environ["GDAL_CACHEMAX"] = str(GDAL_CACHE_MB)
     info = MosaicInfo.from_json(info_json)
     _WORKER.update(tiles=TileSet(info), info=info, spec=spec, out=Path(out_dir), meta=meta)
 
@@ -461,6 +464,8 @@ def crop_partition(
             max_workers=min(workers, len(todo), os.cpu_count() or 1), initializer=_init_worker, initargs=init_args
         )
         results = pool.map(_run_task, todo)
+    env = rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB)
+    env.__enter__()
     try:
         for r in results:
             done += 1
@@ -468,6 +473,7 @@ def crop_partition(
                 progress(r, done, len(tasks))
             yield r
     finally:
+        env.__exit__(None, None, None)
         if workers > 1 and len(todo) > 1:
             pool.shutdown(cancel_futures=True)
         else:

@@ -207,7 +207,7 @@ def build_mosaic(tiles: list[str], vrt_path: Path, *, name: str, target_epsg: in
     wkt = CRS.from_epsg(ref["epsg"]).to_wkt()
     xml = f"""<VRTDataset rasterXSize="{width}" rasterYSize="{height}">
   <SRS dataAxisToSRSAxisMapping="1,2">{escape(wkt)}</SRS>
-  <GeoTransform>{minx!r}, {res!r}, 0.0, {maxy!r}, 0.0, {-resy!r}</GeoTransform>
+  <GeoTransform>{float(minx)!r}, {res!r}, 0.0, {float(maxy)!r}, 0.0, {-resy!r}</GeoTransform>
 {chr(10).join(bands_xml)}
 </VRTDataset>
 """

@@ -139,3 +139,12 @@ def test_resumed_cells_are_reused_and_stale_ones_removed(scene):
     assert not (folder / "E0000000_N0000000.index.parquet").exists()
     changed = list(crop_partition(scene / "b.parquet", info, folder, ChipSpec(), buildings_fingerprint="b"))
     assert not any(r.reused for r in changed)
+
+
+def test_vrt_is_georeferenced_like_its_tiles(scene):
+    build_mosaic(find_tiles(scene / "tiles"), scene / "geo.vrt", name="geo")
+    with rasterio.open(scene / "geo.vrt") as vrt, rasterio.open(scene / "merged" / "all.tif") as ref:
+        assert vrt.crs.to_epsg() == 2154
+        assert vrt.transform.almost_equals(ref.transform) and vrt.bounds == pytest.approx(ref.bounds)
+        win = Window(450, 450, 100, 100)  # across all four tiles
+        np.testing.assert_array_equal(vrt.read(window=win), ref.read(window=win))

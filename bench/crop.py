@@ -1,0 +1,251 @@
+"""Benchmark of the `chips` step against what a user would write, and against the decode floor.
+
+    make bench-crop            # or: .venv/bin/python -m bench.crop [--buildings 100000]
+
+Same files, same run:
+- **baseline**: one read per building, in source order, on the mosaic (VRT): rio-tiler's
+  ``Reader.part()`` and a plain rasterio windowed read with ``out_shape`` (dataset opened
+  once); each chip goes to the same shard writer as ours. Run on the first
+  ``--baseline-buildings`` buildings (default 20,000) to keep the run short; chips/s is
+  what is compared.
+- **decode floor**: decompress once every raster block that the chips touch.
+- **ours**: the real `chips` code path (``ops.chips.crop_partition``), writing shards, with 1
+  and 2 worker processes.
+- **memory**: peak RSS of the crop (1 worker, in a fresh process) for N and 2N buildings.
+Ends with one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import rasterio
+from rasterio.enums import Resampling
+from rasterio.windows import Window
+
+from ops.chips import ChipSpec, TileSet, _intersects_any, chip_windows, crop_partition, write_shard
+from ops.footprints import iter_building_batches, write_buildings_geoparquet
+from ops.mosaic import MosaicInfo, build_mosaic, find_tiles
+from ops.synth import generate_departement
+
+DEP = "33"
+SPEC = ChipSpec()
+
+
+def prepare(out: Path, n: int) -> tuple[Path, Path, MosaicInfo, dict]:
+    m = generate_departement(out / "data", DEP, n, seed=0, tile_px=10_000, verbose=True)
+    work = out / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    full = work / f"buildings_{n}.parquet"
+    if not full.exists():
+        write_buildings_geoparquet(iter_building_batches(m.footprints, DEP, m.epsg), full, m.epsg)
+    half = work / f"buildings_{n // 2}.parquet"
+    if not half.exists():
+        pq.write_table(pq.read_table(full).slice(0, n // 2), half)
+    info = build_mosaic(find_tiles(m.ortho_dir), work / "mosaic.vrt", name="bench")
+    tiles = info.tile_bounds_array()
+    area = float(((tiles[:, 2] - tiles[:, 0]) * (tiles[:, 3] - tiles[:, 1])).sum()) / 1e6
+    facts = {
+        "buildings": m.n_buildings,
+        "tiles": len(info.tiles),
+        "tile_px": m.tile_px,
+        "imagery_km2": round(area, 1),
+        "buildings_per_km2_imagery": round(m.n_buildings / area, 1),
+        "buildings_per_km2_extent": m.density_per_km2,
+        "compression": round(
+            sum(t.width * t.height * 3 for t in info.tiles) / sum(Path(t.path).stat().st_size for t in info.tiles), 2
+        ),
+    }
+    return full, half, info, facts
+
+
+def windows_in_source_order(parquet: Path, info: MosaicInfo) -> np.ndarray:
+    """Chip windows (minx, miny, maxx, maxy) of the buildings that have imagery, in file order."""
+    import shapely
+
+    geoms = shapely.from_wkb(pq.read_table(parquet, columns=["geometry"]).column("geometry").to_numpy(False))
+    status = pq.read_table(parquet, columns=["geometry_status"]).column("geometry_status").to_numpy(False)
+    b = shapely.bounds(geoms)
+    ok = np.isfinite(b).all(axis=1) & np.isin(status, ("ok", "repaired"))
+    w = chip_windows(b[ok], SPEC, info.resolution, (info.bounds[0], info.bounds[3]))
+    return w[_intersects_any(w, info.tile_bounds_array())]
+
+
+def _write_chunks(chips: list[np.ndarray], folder: Path, k: int) -> None:
+    import pyarrow as pa
+
+    ids = [f"b{i}" for i in range(len(chips))]
+    index = pa.table({"building_id": ids, "row": np.arange(len(chips), dtype="int32")})
+    write_shard(folder, f"part{k:04d}", np.stack(chips), index, {})
+
+
+def baseline(kind: str, vrt: Path, windows: np.ndarray, folder: Path) -> float:
+    """chips/s of one read per building on the mosaic, chips handed to the shard writer."""
+    shutil.rmtree(folder, ignore_errors=True)
+    size = SPEC.size
+    chips: list[np.ndarray] = []
+    k = 0
+    t0 = time.perf_counter()
+    if kind == "rio-tiler":
+        from rio_tiler.io import Reader
+
+        with Reader(str(vrt)) as r:
+            crs = r.crs
+            for x0, y0, x1, y1 in windows:
+                img = r.part((x0, y0, x1, y1), dst_crs=crs, bounds_crs=crs, height=size, width=size,
+                             resampling_method="bilinear")  # fmt: skip
+                chips.append(img.data[:3].astype("uint8"))
+                if len(chips) == 4096:
+                    _write_chunks(chips, folder, k)
+                    chips, k = [], k + 1
+    else:
+        with rasterio.open(vrt) as ds:
+            whole = Window(0, 0, ds.width, ds.height)
+            for x0, y0, x1, y1 in windows:
+                # clipped to the raster, as a user would (boundless reads are far slower)
+                win = ds.window(x0, y0, x1, y1).round_offsets().round_lengths().intersection(whole)
+                chips.append(ds.read(window=win, out_shape=(ds.count, size, size), resampling=Resampling.bilinear))
+                if len(chips) == 4096:
+                    _write_chunks(chips, folder, k)
+                    chips, k = [], k + 1
+    if chips:
+        _write_chunks(chips, folder, k)
+    return len(windows) / (time.perf_counter() - t0)
+
+
+def decode_floor(info: MosaicInfo, windows: np.ndarray) -> tuple[float, int, int]:
+    """Seconds to decompress once every block the windows touch; (seconds, blocks, bytes)."""
+    ts = TileSet(info)
+    res, left, top = info.resolution, info.bounds[0], info.bounds[3]
+    cols = np.rint((windows[:, 0] - left) / res).astype(np.int64)
+    rows = np.rint((top - windows[:, 3]) / res).astype(np.int64)
+    npx = np.rint((windows[:, 2] - windows[:, 0]) / res).astype(np.int64)
+    needed: set[tuple[int, int, int]] = set()
+    for i in range(len(info.tiles)):
+        bh, bw = ts.block[i]
+        c0 = np.clip(cols - ts.col0[i], 0, ts.width[i])
+        c1 = np.clip(cols + npx - ts.col0[i], 0, ts.width[i])
+        r0 = np.clip(rows - ts.row0[i], 0, ts.height[i])
+        r1 = np.clip(rows + npx - ts.row0[i], 0, ts.height[i])
+        hit = (c1 > c0) & (r1 > r0)
+        for a, b, c, d in zip(r0[hit], r1[hit], c0[hit], c1[hit], strict=True):
+            for br in range(a // bh, (b - 1) // bh + 1):
+                for bc in range(c // bw, (d - 1) // bw + 1):
+                    needed.add((i, br, bc))
+    t0 = time.perf_counter()
+    nbytes = 0
+    datasets = {}
+    for i, br, bc in sorted(needed):
+        ds = datasets.get(i) or datasets.setdefault(i, rasterio.open(info.tiles[i].path))
+        bh, bw = ts.block[i]
+        w = int(min(bw, ts.width[i] - bc * bw))
+        h = int(min(bh, ts.height[i] - br * bh))
+        nbytes += ds.read(window=Window(bc * bw, br * bh, w, h)).nbytes
+    seconds = time.perf_counter() - t0
+    for ds in datasets.values():
+        ds.close()
+    return seconds, len(needed), nbytes
+
+
+def ours(parquet: Path, info: MosaicInfo, folder: Path, workers: int) -> tuple[float, int, float]:
+    """(seconds, chips, stored bytes per chip) of the real crop path."""
+    shutil.rmtree(folder, ignore_errors=True)
+    t0 = time.perf_counter()
+    results = list(crop_partition(parquet, info, folder, SPEC, buildings_fingerprint="bench", workers=workers,
+                                  resume=False))  # fmt: skip
+    seconds = time.perf_counter() - t0
+    chips = sum(r.chips for r in results)
+    stored = sum(p.stat().st_size for p in folder.glob("*.chips.npy"))
+    return seconds, chips, stored / max(chips, 1)
+
+
+def rss_child(parquet: str, info_json: str, folder: str) -> None:
+    info = MosaicInfo.from_json(Path(info_json).read_text())
+    ours(Path(parquet), info, Path(folder), workers=1)
+    print(json.dumps({"peak_rss_mib": peak_rss_since_exec_mib()}))
+
+
+def peak_rss_since_exec_mib() -> float:
+    """VmHWM: peak RSS of this process image (ru_maxrss would include the parent's memory at fork)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peak_rss(parquet: Path, info: MosaicInfo, work: Path) -> float:
+    info_json = work / "mosaic.json"
+    info_json.write_text(info.to_json())
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.crop", "--rss-child", str(parquet), str(info_json), str(work / "rss_out")],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mib"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--buildings", type=int, default=100_000)
+    p.add_argument("--baseline-buildings", type=int, default=20_000)
+    p.add_argument("--out", type=Path, default=Path("bench/out"))
+    p.add_argument("--rss-child", nargs=3, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.rss_child:
+        return rss_child(*args.rss_child)
+    full, half, info, facts = prepare(args.out, args.buildings)
+    work = args.out / "work"
+    print(f"data: {facts}")
+    windows = windows_in_source_order(full, info)
+    sample = windows[: args.baseline_buildings]
+    vrt = work / "mosaic.vrt"
+
+    base_rt = baseline("rio-tiler", vrt, sample, work / "baseline_riotiler")
+    print(f"baseline rio-tiler part() per building : {base_rt:8,.0f} chips/s ({len(sample):,} buildings)")
+    base_rio = baseline("rasterio", vrt, sample, work / "baseline_rasterio")
+    print(f"baseline rasterio read per building    : {base_rio:8,.0f} chips/s ({len(sample):,} buildings)")
+    floor_s, blocks, nbytes = decode_floor(info, windows)
+    floor = len(windows) / floor_s
+    print(f"decode floor ({blocks:,} blocks, {nbytes / 2**20:,.0f} MiB, {nbytes / 2**20 / floor_s:,.0f} MiB/s) : "
+          f"{floor:8,.0f} chips/s")  # fmt: skip
+    s1, chips1, bpc = ours(full, info, work / "ours_1", 1)
+    s2, chips2, _ = ours(full, info, work / "ours_2", 2)
+    one, two = chips1 / s1, chips2 / s2
+    print(f"ours, 1 worker                         : {one:8,.0f} chips/s ({chips1:,} chips in {s1:.1f} s)")
+    print(f"ours, 2 workers                        : {two:8,.0f} chips/s ({two / one:.2f}x one worker)")
+    baseline_best = max(base_rt, base_rio)
+    rss_n = peak_rss(half, info, work)
+    rss_2n = peak_rss(full, info, work)
+    print(f"ratio ours/baseline (best of the two)  : {one / baseline_best:.2f}x (vs rio-tiler {one / base_rt:.2f}x)")
+    print(f"fraction of decode floor               : {one / floor:.2f}")
+    print(f"bytes per stored chip                  : {bpc:,.0f}")
+    print(f"peak RSS, {args.buildings // 2:,} / {args.buildings:,} buildings : {rss_n:,.0f} / {rss_2n:,.0f} MiB "
+          f"(+{100 * (rss_2n / rss_n - 1):.1f} %)")  # fmt: skip
+    result = {
+        "bench": "crop",
+        "chips_per_s": round(one, 1),
+        "chips_per_s_2_workers": round(two, 1),
+        "baseline_chips_per_s": round(baseline_best, 1),
+        "baseline_riotiler_chips_per_s": round(base_rt, 1),
+        "baseline_rasterio_chips_per_s": round(base_rio, 1),
+        "decode_floor_chips_per_s": round(floor, 1),
+        "ratio_vs_baseline": round(one / baseline_best, 2),
+        "fraction_of_decode_floor": round(one / floor, 3),
+        "bytes_per_chip": round(bpc),
+        "peak_rss_mib_n": round(rss_n, 1),
+        "peak_rss_mib_2n": round(rss_2n, 1),
+        **{f"data_{k}": v for k, v in facts.items()},
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
