@@ -55,6 +55,9 @@ INDEX_SCHEMA = pa.schema(
 )
 
 
+CROP_VERSION = 2  # bump when the chip geometry or pixels change, so stored shards are recut
+
+
 @dataclass(frozen=True)
 class ChipSpec:
     """How chips are cut. Its fingerprint decides whether a stored shard can be reused."""
@@ -65,7 +68,7 @@ class ChipSpec:
     min_valid_fraction: float = 0.5
 
     def fingerprint(self, imagery_id: str, buildings_fingerprint: str) -> str:
-        payload = json.dumps([asdict(self), imagery_id, buildings_fingerprint], sort_keys=True)
+        payload = json.dumps([asdict(self), CROP_VERSION, imagery_id, buildings_fingerprint], sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -92,7 +95,9 @@ class CellResult:
     reused: bool = False
 
 
-def chip_windows(bounds: np.ndarray, spec: ChipSpec, res: float, origin: tuple[float, float]) -> np.ndarray:
+def chip_windows(
+    bounds: np.ndarray, spec: ChipSpec, res: float, origin: tuple[float, float], step: int = 1
+) -> np.ndarray:
     """Square windows (minx, miny, maxx, maxy) around each bbox, snapped to the pixel grid.
 
     ``origin`` is the mosaic's (left, top) corner: snapping to it makes every
@@ -104,6 +109,7 @@ def chip_windows(bounds: np.ndarray, spec: ChipSpec, res: float, origin: tuple[f
     side = np.maximum(w, h)
     side = side + 2 * np.maximum(spec.margin_m, spec.margin_ratio * side)
     npx = np.maximum(np.ceil(side / res - 1e-6), 1)  # real rasters have resolutions like 0.19999999999963
+    npx = np.ceil(npx / step) * step  # few distinct sizes: chips are resampled in batches of one size
     cx = (b[:, 0] + b[:, 2]) / 2
     cy = (b[:, 1] + b[:, 3]) / 2
     left = origin[0] + np.round((cx - npx * res / 2 - origin[0]) / res) * res
@@ -112,8 +118,8 @@ def chip_windows(bounds: np.ndarray, spec: ChipSpec, res: float, origin: tuple[f
 
 
 def to_chip_bands(arr: np.ndarray, info: MosaicInfo) -> np.ndarray:
-    """Apply the mosaic's band rule: (bands, h, w) source → (3, h, w) uint8."""
-    a = np.repeat(arr[:1], 3, axis=0) if info.band_rule.startswith("replicate") else arr[:3]
+    """Apply the mosaic's band rule: (..., bands, h, w) source → (..., 3, h, w) uint8."""
+    a = np.repeat(arr[..., :1, :, :], 3, axis=-3) if info.band_rule.startswith("replicate") else arr[..., :3, :, :]
     if info.scale is not None:
         lo, hi = info.scale
         a = np.clip((a.astype(np.float32) - lo) * (255.0 / (hi - lo)), 0, 255).round()
@@ -186,14 +192,18 @@ class TileSet:
         self._cache.clear()
         self._bottom.clear()
 
-    def read(self, col: int, row: int, npx: int, out: np.ndarray) -> None:
-        """Fill ``out`` (bands, npx, npx), pre-filled with nodata, with the mosaic's pixels."""
-        hit = np.flatnonzero(
-            (self.col0 < col + npx)
-            & (self.col0 + self.width > col)
-            & (self.row0 < row + npx)
-            & (self.row0 + self.height > row)
-        )
+    def read(self, col: int, row: int, npx: int, out: np.ndarray, hit: np.ndarray | None = None) -> None:
+        """Fill ``out`` (bands, npx, npx), pre-filled with nodata, with the mosaic's pixels.
+
+        ``hit``: indices of the tiles the window touches, when the caller already knows them.
+        """
+        if hit is None:
+            hit = np.flatnonzero(
+                (self.col0 < col + npx)
+                & (self.col0 + self.width > col)
+                & (self.row0 < row + npx)
+                & (self.row0 + self.height > row)
+            )
         for i in hit.tolist():
             tc0, tr0 = int(self.col0[i]), int(self.row0[i])
             # the window in the tile's pixel coordinates, clipped to the tile
@@ -217,11 +227,26 @@ class TileSet:
         self.clear()
 
 
-RESAMPLE_BATCH = 256
+SIZE_STEP = 8  # window sides are rounded up to a multiple of this many pixels
+BATCH_BYTES = 2 << 20  # source bytes buffered per window size before resampling
+
+
+class _Batch:
+    """Chips of one window size, read straight into a preallocated buffer."""
+
+    def __init__(self, count: int, npx: int, dtype: str) -> None:
+        self.cap = max(4, min(256, BATCH_BYTES // (count * npx * npx * np.dtype(dtype).itemsize)))
+        self.arr = np.empty((self.cap, count, npx, npx), dtype=dtype)
+        self.ids: list[int] = []
 
 
 def crop_cell(tiles: TileSet, info: MosaicInfo, task: CellTask, spec: ChipSpec) -> tuple[np.ndarray, pa.Table]:
-    """Chips and index rows for one unit of work (one index row per building)."""
+    """Chips and index rows for one unit of work (one index row per building).
+
+    Buildings are visited north to south so each block is decoded once; each
+    window is read directly into a batch of same-sized windows, and validity,
+    the band rule and resampling run once per batch.
+    """
     n = len(task.building_ids)
     status = np.array(["ok"] * n, dtype=object)
     message: list[str | None] = [None] * n
@@ -232,7 +257,7 @@ def crop_cell(tiles: TileSet, info: MosaicInfo, task: CellTask, spec: ChipSpec) 
     windows = np.full((n, 4), np.nan)
     left, top, res = info.bounds[0], info.bounds[3], info.resolution
     if has_geom.any():
-        windows[has_geom] = chip_windows(task.bounds[has_geom], spec, res, (left, top))
+        windows[has_geom] = chip_windows(task.bounds[has_geom], spec, res, (left, top), step=SIZE_STEP)
     covered = has_geom.copy()
     covered[has_geom] = _intersects_any(windows[has_geom], info.tile_bounds_array())
     status[has_geom & ~covered] = "no_imagery"
@@ -240,46 +265,89 @@ def crop_cell(tiles: TileSet, info: MosaicInfo, task: CellTask, spec: ChipSpec) 
     cols = np.rint((windows[idx, 0] - left) / res).astype(np.int64)
     rws = np.rint((top - windows[idx, 3]) / res).astype(np.int64)
     npxs = np.rint((windows[idx, 2] - windows[idx, 0]) / res).astype(np.int64)
+    # which tiles each window touches, and whether one tile holds it whole (no nodata fill needed)
+    t = tiles
+    touch = (
+        (t.col0[None] < (cols + npxs)[:, None])
+        & ((t.col0 + t.width)[None] > cols[:, None])
+        & (t.row0[None] < (rws + npxs)[:, None])
+        & ((t.row0 + t.height)[None] > rws[:, None])
+    )
+    inside = (
+        (t.col0[None] <= cols[:, None])
+        & ((t.col0 + t.width)[None] >= (cols + npxs)[:, None])
+        & (t.row0[None] <= rws[:, None])
+        & ((t.row0 + t.height)[None] >= (rws + npxs)[:, None])
+    ).any(axis=1)
     order = np.lexsort((cols, rws))  # sweep top to bottom: each block decoded once
-    done: dict[int, np.ndarray] = {}
-    pending: dict[int, list[tuple[int, np.ndarray]]] = {}
+    # chips land in the shard array in the order batches complete; `rows` maps buildings to them
+    out_arr = np.empty((len(idx), 3, spec.size, spec.size), dtype=np.uint8)
+    n_out = 0
+    batches: dict[int, _Batch] = {}
+    nodata = info.nodata
 
     def flush(npx: int) -> None:
-        group = pending.pop(npx, [])
-        if group:
-            out = resample_batch(np.stack([c for _, c in group]), spec.size)
-            for (i, _), chip in zip(group, out, strict=True):
-                done[i] = chip
+        nonlocal n_out
+        b = batches[npx]
+        m = len(b.ids)
+        if m == 0:
+            return
+        a = b.arr[:m]
+        ids = np.array(b.ids)
+        b.ids = []
+        # one cheap pass finds the chips holding the nodata value; only those get a pixel mask
+        if nodata is None:
+            suspect = np.zeros(m, bool)
+        elif nodata == 0 and a.dtype.kind == "u":
+            suspect = a.reshape(m, -1).min(axis=1) == 0
+        else:
+            suspect = (a == nodata).reshape(m, -1).any(axis=1)
+        frac = np.ones(m, dtype=np.float32)
+        masks = {}
+        for j in np.flatnonzero(suspect).tolist():
+            valid = (a[j] != nodata).any(axis=0)
+            frac[j] = valid.mean()
+            if frac[j] < 1:
+                masks[j] = valid
+        valid_frac[ids] = frac
+        keep = frac >= spec.min_valid_fraction
+        status[ids[~keep]] = "nodata"
+        if not keep.any():
+            return
+        chips = to_chip_bands(a[keep] if not keep.all() else a, info)
+        if masks:  # blank the nodata pixels of partly covered windows
+            chips = chips.copy() if np.shares_memory(chips, a) else chips
+            pos = np.cumsum(keep) - 1
+            for j, valid in masks.items():
+                if keep[j]:
+                    chips[pos[j]] *= valid.astype(np.uint8)
+        kept = ids[keep]
+        out_arr[n_out : n_out + len(kept)] = resample_batch(chips, spec.size)
+        rows[kept] = np.arange(n_out, n_out + len(kept), dtype="int32")
+        n_out += len(kept)
 
     for k in order.tolist():
         i, col, row, npx = int(idx[k]), int(cols[k]), int(rws[k]), int(npxs[k])
         tiles.evict_above(row)
-        buf = np.full((info.count, npx, npx), info.nodata, dtype=info.dtype)
+        b = batches.get(npx)
+        if b is None:
+            b = batches[npx] = _Batch(info.count, npx, info.dtype)
+        slot = b.arr[len(b.ids)]
+        if not inside[k]:
+            slot.fill(nodata if nodata is not None else 0)
         try:
-            tiles.read(col, row, npx, buf)
+            tiles.read(col, row, npx, slot, np.flatnonzero(touch[k]))
         except Exception as exc:  # a corrupt or unreachable tile: quarantine, don't crash the partition
             status[i] = "error"
-            message[i] = f"read failed for window {tuple(np.round(windows[i], 2))}: {exc}"
+            message[i] = f"read failed for window {[round(float(v), 2) for v in windows[i]]}: {exc}"
             continue
-        valid = (buf != info.nodata).any(axis=0)
-        valid_frac[i] = float(valid.mean())
-        if valid_frac[i] < spec.min_valid_fraction:
-            status[i] = "nodata"
-            continue
-        chip = to_chip_bands(buf, info)
-        if not valid.all():
-            chip = chip.copy() if chip.base is buf else chip
-            chip[:, ~valid] = 0
-        pending.setdefault(npx, []).append((i, chip))
-        if len(pending[npx]) >= RESAMPLE_BATCH:
+        b.ids.append(i)
+        if len(b.ids) == b.cap:
             flush(npx)
-    for npx in list(pending):
+    for npx in list(batches):
         flush(npx)
     tiles.clear()
-    ok = [i for i in range(n) if i in done]
-    rows[ok] = np.arange(len(ok), dtype="int32")
-    chips = [done[i] for i in ok]
-    arr = np.stack(chips) if chips else np.zeros((0, 3, spec.size, spec.size), dtype="uint8")
+    arr = out_arr[:n_out]
     index = pa.table(
         {
             "building_id": pa.array(task.building_ids, pa.string()),

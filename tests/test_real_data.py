@@ -56,22 +56,24 @@ def test_chip_from_ign_ortho_has_the_expected_pixels(tmp_path):
     import geopandas as gpd
     from shapely.geometry import box
 
-    # A 6 m × 6 m building in the image; margin 2 m → a 10 m = 50 px window.
+    # A 7.2 m × 7.2 m building; margin 2 m → an 11.2 m = 56 px window (a multiple of the 8 px size step).
     x0, y0 = 770570.0, 6277570.0
     fp = tmp_path / "one.gpkg"
-    gpd.GeoDataFrame({"cleabs": ["B1"]}, geometry=[box(x0, y0, x0 + 6, y0 + 6)], crs=2154).to_file(fp, layer="batiment")
-    spec = ChipSpec(size=50, margin_m=2.0, margin_ratio=0.0)
+    gpd.GeoDataFrame({"cleabs": ["B1"]}, geometry=[box(x0, y0, x0 + 7.2, y0 + 7.2)], crs=2154).to_file(
+        fp, layer="batiment"
+    )
+    spec = ChipSpec(size=56, margin_m=2.0, margin_ratio=0.0)
     info, out, index = _crop(fp, [IGN_ORTHO], 2154, tmp_path, spec)
     assert info.epsg == 2154
     ((cell, idx),) = index.items()
     row = idx.iloc[0]
     assert row.status == "ok"
-    assert (row.minx, row.maxy, row.maxx - row.minx) == pytest.approx((x0 - 2, y0 + 8, 10.0), abs=1e-6)
+    assert (row.minx, row.maxy, row.maxx - row.minx) == pytest.approx((x0 - 2, y0 + 9.2, 11.2), abs=1e-6)
     with rasterio.open(IGN_ORTHO) as ds:
         col, r = ~ds.transform * (row.minx, row.maxy)
-        ref = ds.read(window=Window(round(col), round(r), 50, 50))
+        ref = ds.read(window=Window(round(col), round(r), 56, 56))
     chip = open_chips(out, cell)[row.row]
-    assert chip.shape == (3, 50, 50)
+    assert chip.shape == (3, 56, 56)
     np.testing.assert_array_equal(chip, ref)
 
 
