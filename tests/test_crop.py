@@ -89,7 +89,7 @@ def test_a_chip_equals_a_reference_crop_of_its_window(scene):
         checked = 0
         for bid, chip in chips.items():
             r = index[bid]
-            col, row = ~ds.transform * (r.minx, r.maxy)
+            col, row = ~ds.transform @ (r.minx, r.maxy)
             n = round((r.maxx - r.minx) / RES)
             win = ds.read(window=Window(round(col), round(row), n, n), boundless=True, fill_value=0).astype("float32")
             ref = F.interpolate(torch.from_numpy(win)[None], size=(64, 64), mode="bilinear", antialias=True)[0]

@@ -70,7 +70,7 @@ def test_chip_from_ign_ortho_has_the_expected_pixels(tmp_path):
     assert row.status == "ok"
     assert (row.minx, row.maxy, row.maxx - row.minx) == pytest.approx((x0 - 2, y0 + 9.2, 11.2), abs=1e-6)
     with rasterio.open(IGN_ORTHO) as ds:
-        col, r = ~ds.transform * (row.minx, row.maxy)
+        col, r = ~ds.transform @ (row.minx, row.maxy)
         ref = ds.read(window=Window(round(col), round(r), 56, 56))
     chip = open_chips(out, cell)[row.row]
     assert chip.shape == (3, 56, 56)
