@@ -19,6 +19,7 @@ Why this shape:
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -158,7 +159,7 @@ class TileSet:
         self.block = [(int(x.block[0]), int(x.block[1])) for x in t]
         self._ds: dict[int, rasterio.io.DatasetReader] = {}
         self._cache: dict[tuple[int, int, int], np.ndarray] = {}
-        self._bottom: dict[tuple[int, int, int], int] = {}
+        self._bottoms: list[tuple[int, tuple[int, int, int]]] = []  # heap of (last row + 1, block key)
         self.blocks_decoded = 0
         self.bytes_decoded = 0
 
@@ -177,20 +178,20 @@ class TileSet:
             h = int(min(bh, self.height[i] - br * bh))
             blk = self._dataset(i).read(window=Window(bc * bw, br * bh, w, h))
             self._cache[key] = blk
-            self._bottom[key] = int(self.row0[i]) + br * bh + h
+            heapq.heappush(self._bottoms, (int(self.row0[i]) + br * bh + h, key))
             self.blocks_decoded += 1
             self.bytes_decoded += blk.nbytes
         return blk
 
     def evict_above(self, row: int) -> None:
         """Forget blocks that end above mosaic row ``row`` (the sweep has passed them)."""
-        if len(self._cache) > 64:
-            for key in [k for k, b in self._bottom.items() if b <= row]:
-                del self._cache[key], self._bottom[key]
+        heap = self._bottoms
+        while heap and heap[0][0] <= row:
+            self._cache.pop(heapq.heappop(heap)[1], None)
 
     def clear(self) -> None:
         self._cache.clear()
-        self._bottom.clear()
+        self._bottoms.clear()
 
     def read(self, col: int, row: int, npx: int, out: np.ndarray, hit: np.ndarray | None = None) -> None:
         """Fill ``out`` (bands, npx, npx), pre-filled with nodata, with the mosaic's pixels.
@@ -424,14 +425,25 @@ def cell_tasks(buildings_parquet: Path, part_size: int = 4096, batch_size: int =
     gstat: list[str] = []
     bounds: list[np.ndarray] = []
     pf = pq.ParquetFile(buildings_parquet)
-    for batch in pf.iter_batches(
-        batch_size=batch_size, columns=["building_id", "cell_id", "geometry_status", "geometry"]
-    ):
+    has_bbox = "bbox" in pf.schema_arrow.names  # GeoParquet 1.1 covering column: no WKB to parse
+    columns = ["building_id", "cell_id", "geometry_status", "bbox" if has_bbox else "geometry"]
+    for batch in pf.iter_batches(batch_size=batch_size, columns=columns):
         ids += batch.column("building_id").to_pylist()
         cells += batch.column("cell_id").to_pylist()
         gstat += batch.column("geometry_status").to_pylist()
-        geoms = shapely.from_wkb(batch.column("geometry").to_numpy(zero_copy_only=False))
-        bounds.append(shapely.bounds(geoms))
+        if has_bbox:
+            bb = batch.column("bbox")
+            bounds.append(
+                np.column_stack(
+                    [
+                        bb.field(k).to_numpy(zero_copy_only=False).astype("float64")
+                        for k in ("xmin", "ymin", "xmax", "ymax")
+                    ]
+                )
+            )
+        else:
+            geoms = shapely.from_wkb(batch.column("geometry").to_numpy(zero_copy_only=False))
+            bounds.append(shapely.bounds(geoms))
     b = np.concatenate(bounds) if bounds else np.zeros((0, 4))
     cell_arr = np.array(cells, dtype=object)
     # within a cell, north to south (the crop's sweep order); no-geometry rows last

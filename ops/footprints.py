@@ -48,6 +48,11 @@ BUILDINGS_SCHEMA = pa.schema(
         pa.field("usage", pa.string()),
         pa.field("geometry_status", pa.string(), nullable=False),
         pa.field("source", pa.string(), nullable=False),
+        # GeoParquet 1.1 "covering": per-row bounding box, so readers can skip parsing WKB
+        pa.field(
+            "bbox",
+            pa.struct([("xmin", pa.float64()), ("ymin", pa.float64()), ("xmax", pa.float64()), ("ymax", pa.float64())]),
+        ),
     ]
 )
 
@@ -270,9 +275,17 @@ def iter_building_batches(
                     usages,
                     pa.array(status.tolist(), pa.string()),
                     pa.array([source_name] * n, pa.string()),
+                    _bbox_array(geoms),
                 ],
                 schema=BUILDINGS_SCHEMA,
             )
+
+
+def _bbox_array(geoms: np.ndarray) -> pa.StructArray:
+    b = shapely.bounds(geoms)  # NaN for missing/empty geometries
+    return pa.StructArray.from_arrays(
+        [pa.array(b[:, k], pa.float64(), from_pandas=True) for k in range(4)], names=["xmin", "ymin", "xmax", "ymax"]
+    )
 
 
 def geoparquet_metadata(epsg: int) -> dict[bytes, bytes]:
@@ -285,6 +298,14 @@ def geoparquet_metadata(epsg: int) -> dict[bytes, bytes]:
                 "encoding": "WKB",
                 "geometry_types": ["Polygon", "MultiPolygon"],
                 "crs": json.loads(CRS.from_epsg(epsg).to_json()),
+                "covering": {
+                    "bbox": {
+                        "xmin": ["bbox", "xmin"],
+                        "ymin": ["bbox", "ymin"],
+                        "xmax": ["bbox", "xmax"],
+                        "ymax": ["bbox", "ymax"],
+                    }
+                },
             }
         },
     }

@@ -148,3 +148,18 @@ def test_vrt_is_georeferenced_like_its_tiles(scene):
         assert vrt.transform.almost_equals(ref.transform) and vrt.bounds == pytest.approx(ref.bounds)
         win = Window(450, 450, 100, 100)  # across all four tiles
         np.testing.assert_array_equal(vrt.read(window=win), ref.read(window=win))
+
+
+def test_work_units_are_the_same_from_the_bbox_column_or_from_the_geometries(scene, tmp_path):
+    """Buildings files written before the GeoParquet covering column still crop the same."""
+    import pyarrow.parquet as pq
+
+    from ops.chips import cell_tasks
+
+    old = tmp_path / "no_bbox.parquet"
+    pq.write_table(pq.read_table(scene / "b.parquet").drop_columns(["bbox"]), old)
+    new_tasks, old_tasks = cell_tasks(scene / "b.parquet", part_size=40), cell_tasks(old, part_size=40)
+    assert [t.shard_id for t in new_tasks] == [t.shard_id for t in old_tasks] and len(new_tasks) > 3
+    for a, b in zip(new_tasks, old_tasks, strict=True):
+        assert a.building_ids == b.building_ids
+        np.testing.assert_array_equal(a.bounds, b.bounds)
