@@ -22,8 +22,9 @@ import hashlib
 import heapq
 import json
 import os
+from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -467,6 +468,31 @@ def cell_tasks(buildings_parquet: Path, part_size: int = 4096, batch_size: int =
 _WORKER: dict = {}
 
 
+class ShardWriter:
+    """Writes shards on one background thread, so a single-process crop overlaps its I/O.
+
+    At most ``depth`` shards wait to be written (bounded memory); ``drain``
+    waits for all of them and re-raises a failed write.
+    """
+
+    def __init__(self, depth: int = 2) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
+        self._pending: deque[Future] = deque()
+        self._depth = depth
+
+    def submit(self, *args) -> None:
+        while len(self._pending) >= self._depth:
+            self._pending.popleft().result()
+        self._pending.append(self._pool.submit(write_shard, *args))
+
+    def drain(self) -> None:
+        try:
+            while self._pending:
+                self._pending.popleft().result()
+        finally:
+            self._pool.shutdown(wait=True)
+
+
 # GDAL's own block cache (5 % of RAM by default) would keep every block we decode:
 # TileSet already holds the ones still needed, so GDAL gets a small one.
 GDAL_CACHE_MB = 64
@@ -485,7 +511,10 @@ def _run_task(task: CellTask) -> CellResult:
     t0 = time.perf_counter()
     w = _WORKER
     chips, index = crop_cell(w["tiles"], w["info"], task, w["spec"])
-    write_shard(w["out"], task.shard_id, chips, index, w["meta"])
+    if w.get("writer") is not None:
+        w["writer"].submit(w["out"], task.shard_id, chips, index, w["meta"])
+    else:
+        write_shard(w["out"], task.shard_id, chips, index, w["meta"])
     status = index.column("status").to_pylist()
     counts = {s: status.count(s) for s in STATUSES}
     return CellResult(task.shard_id, counts, len(chips), time.perf_counter() - t0)
@@ -536,8 +565,10 @@ def crop_partition(
             todo.append(t)
     todo.sort(key=lambda t: -len(t.building_ids))  # big cells first: better load balance
     init_args = (info.to_json(), spec, str(out_dir), meta)
-    if workers <= 1 or len(todo) <= 1:
+    single = workers <= 1 or len(todo) <= 1
+    if single:
         _init_worker(*init_args)
+        _WORKER["writer"] = ShardWriter()  # in-process: overlap shard writes with cropping
         results: Iterator[CellResult] = map(_run_task, todo)
     else:
         pool = ProcessPoolExecutor(
@@ -554,8 +585,11 @@ def crop_partition(
             yield r
     finally:
         env.__exit__(None, None, None)
-        if workers > 1 and len(todo) > 1:
+        if not single:
             pool.shutdown(cancel_futures=True)
         else:
+            writer = _WORKER.pop("writer", None)
+            if writer is not None:
+                writer.drain()  # every shard is on disk (or its error raised) before we return
             if _WORKER.get("tiles") is not None:
                 _WORKER["tiles"].close()
