@@ -49,7 +49,7 @@ def chips(context: AssetExecutionContext, config: ChipsConfig, store: LocalObjec
     spec = ChipSpec(config.size, config.margin_m, config.margin_ratio, config.min_valid_fraction)
     info = load_mosaic_info(store, dep)
     bpath = store.path(buildings_key(dep))
-    out = store.path(chips_prefix(dep) + "/.keep").parent
+    out = store.folder(chips_prefix(dep))
     t0 = time.perf_counter()
     totals = dict.fromkeys(STATUSES, 0)
     done_chips = {"n": 0, "reused": 0}

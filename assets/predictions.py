@@ -68,7 +68,7 @@ def predictions(
     dep = check_departement(context.partition_key)
     device = pick_device(config.device)
     model, card = models.load(MODEL_NAME, config.model_version, device)
-    folder = store.path(chips_prefix(dep) + "/.keep").parent
+    folder = store.folder(chips_prefix(dep))
     cells = list_shards(folder)
     expected = pq.ParquetFile(store.path(buildings_key(dep))).metadata.num_rows
     # Check every shard against the model before any row is written.

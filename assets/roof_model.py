@@ -50,7 +50,7 @@ def read_labels(path: Path) -> pd.Series:
 
 def labelled_chips(store: LocalObjectStore, dep: str, labels: pd.Series) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Chips with status ok that have a label: (chips, label indices, cell ids)."""
-    folder = store.path(chips_prefix(dep) + "/.keep").parent
+    folder = store.folder(chips_prefix(dep))
     xs, ys, gs = [], [], []
     for cell in list_shards(folder):
         idx = read_index(folder, cell).to_pandas()
@@ -98,7 +98,7 @@ def roof_model(
     footprints: FootprintSource,
     models: ModelStore,
 ) -> MaterializeResult:
-    chip_root = store.path("chips/.keep").parent
+    chip_root = store.folder("chips")
     deps = config.departements or sorted(p.name for p in chip_root.iterdir() if p.is_dir())
     xs, ys, gs, used = [], [], [], []
     for dep in deps:
