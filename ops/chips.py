@@ -212,9 +212,12 @@ class TileSet:
             c0, r0 = max(col - tc0, 0), max(row - tr0, 0)
             c1, r1 = min(col + npx - tc0, int(self.width[i])), min(row + npx - tr0, int(self.height[i]))
             bh, bw = self.block[i]
+            cache = self._cache
             for br in range(r0 // bh, (r1 - 1) // bh + 1):
                 for bc in range(c0 // bw, (c1 - 1) // bw + 1):
-                    blk = self._block(i, br, bc)
+                    blk = cache.get((i, br, bc))
+                    if blk is None:
+                        blk = self._block(i, br, bc)
                     # intersection of the block and the window, in tile pixels
                     y0, y1 = max(r0, br * bh), min(r1, br * bh + blk.shape[1])
                     x0, x1 = max(c0, bc * bw), min(c1, bc * bw + blk.shape[2])
