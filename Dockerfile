@@ -13,6 +13,7 @@ COPY assets assets
 COPY ops ops
 COPY resources resources
 COPY dbt dbt
+COPY models models
 COPY workspace.yaml ./
 RUN pip install --no-deps . && python -c "import assets.dbt; assets.dbt.ensure_manifest()"
 EXPOSE 4000

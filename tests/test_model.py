@@ -89,3 +89,20 @@ def test_batched_inference_is_ordered_and_batch_size_independent():
     b = np.concatenate([b.probabilities for b in classify(model, x, CLASSES, batch_size=37)])
     np.testing.assert_allclose(a, b, atol=1e-5)
     assert a.shape == (37, 3) and np.allclose(a.sum(1), 1, atol=1e-5)
+
+
+def test_shipped_model_loads_from_an_empty_store_and_reads_64px_chips(tmp_path):
+    from pathlib import Path
+
+    from resources.model_store import ModelStore
+
+    shipped = Path(__file__).resolve().parent.parent / "models"
+    store = ModelStore(root=str(tmp_path / "store"), shipped=str(shipped))
+    version = (shipped / "roof_type" / "CURRENT").read_text().strip()
+    model, card = store.load("roof_type")
+    assert card.version == version and store.current_version("roof_type") == version
+    assert card.metrics["accuracy"] > card.metrics["chance_accuracy"] + 0.2
+    card.check_chips((1, 3, 64, 64), what="chips")
+    x = np.random.default_rng(0).integers(0, 255, (2, 3, 64, 64), dtype=np.uint8)
+    probs = np.concatenate([b.probabilities for b in classify(model, x, card.classes)])
+    assert probs.shape == (2, 3) and np.allclose(probs.sum(1), 1, atol=1e-5)
