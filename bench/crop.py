@@ -12,8 +12,9 @@ Same files, same run:
 - **ours**: the real `chips` code path (``ops.chips.crop_partition``), writing shards, with 1
   and 2 worker processes.
 - **memory**: peak RSS of the crop (1 worker, in a fresh process) for N and 2N buildings.
-Every timing is the best of ``--repeats`` runs (default 2): on a shared 2-core VM single runs vary
-by 10-30 %, and the best run is the one least disturbed by the neighbours.
+Every contender runs in a fresh process (as the `chips` step does in production: a Dagster step
+subprocess or a pod), so none inherits another's GDAL cache or thread pools; every timing is the best
+of ``--repeats`` runs (default 2): on a shared 2-core VM single runs vary by 10-30 %.
 Ends with one JSON line.
 """
 
@@ -170,6 +171,29 @@ def ours(parquet: Path, info: MosaicInfo, folder: Path, workers: int) -> tuple[f
     return seconds, chips, stored / max(chips, 1)
 
 
+def child(kind: str, work: Path, parquet: Path, n_sample: int) -> dict:
+    """Run one contender in this (fresh) process: the state a production step starts from."""
+    info = MosaicInfo.from_json((work / "mosaic.json").read_text())
+    if kind in ("rio-tiler", "rasterio"):
+        sample = windows_in_source_order(parquet, info)[:n_sample]
+        return {"chips_per_s": baseline(kind, work / "mosaic.vrt", sample, work / f"baseline_{kind}")}
+    if kind == "floor":
+        windows = windows_in_source_order(parquet, info)
+        seconds, blocks, nbytes = decode_floor(info, windows)
+        return {"chips_per_s": len(windows) / seconds, "blocks": blocks, "bytes": nbytes, "seconds": seconds}
+    workers = int(kind.removeprefix("ours"))
+    seconds, chips, bpc = ours(parquet, info, work / f"ours_{workers}", workers)
+    return {"chips_per_s": chips / seconds, "chips": chips, "seconds": seconds, "bytes_per_chip": bpc}
+
+
+def run_child(kind: str, work: Path, parquet: Path, n_sample: int = 0) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.crop", "--child", kind, str(work), str(parquet), str(n_sample)],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def rss_child(parquet: str, info_json: str, folder: str) -> None:
     info = MosaicInfo.from_json(Path(info_json).read_text())
     ours(Path(parquet), info, Path(folder), workers=1)
@@ -201,30 +225,37 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=Path("bench/out"))
     p.add_argument("--repeats", type=int, default=2, help="each contender runs this many times; the best counts")
     p.add_argument("--rss-child", nargs=3, help=argparse.SUPPRESS)
+    p.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.rss_child:
         return rss_child(*args.rss_child)
+    if args.child:
+        kind, work, parquet, n = args.child
+        print(json.dumps(child(kind, Path(work), Path(parquet), int(n))))
+        return None
     full, half, info, facts = prepare(args.out, args.buildings)
     work = args.out / "work"
     print(f"data: {facts}")
     print(f"each figure is the best of {args.repeats} runs (this machine's timings vary by 10-30 % run to run)")
-    windows = windows_in_source_order(full, info)
-    sample = windows[: args.baseline_buildings]
-    vrt = work / "mosaic.vrt"
+    (work / "mosaic.json").write_text(info.to_json())
+    r, nb = args.repeats, args.baseline_buildings
 
-    r = args.repeats
-    base_rt = max(baseline("rio-tiler", vrt, sample, work / "baseline_riotiler") for _ in range(r))
-    print(f"baseline rio-tiler part() per building : {base_rt:8,.0f} chips/s ({len(sample):,} buildings)")
-    base_rio = max(baseline("rasterio", vrt, sample, work / "baseline_rasterio") for _ in range(r))
-    print(f"baseline rasterio read per building    : {base_rio:8,.0f} chips/s ({len(sample):,} buildings)")
-    floor_s, blocks, nbytes = min((decode_floor(info, windows) for _ in range(r)), key=lambda t: t[0])
-    floor = len(windows) / floor_s
-    print(f"decode floor ({blocks:,} blocks, {nbytes / 2**20:,.0f} MiB, {nbytes / 2**20 / floor_s:,.0f} MiB/s) : "
-          f"{floor:8,.0f} chips/s")  # fmt: skip
-    s1, chips1, bpc = min((ours(full, info, work / "ours_1", 1) for _ in range(r)), key=lambda t: t[0])
-    s2, chips2, _ = min((ours(full, info, work / "ours_2", 2) for _ in range(r)), key=lambda t: t[0])
-    one, two = chips1 / s1, chips2 / s2
-    print(f"ours, 1 worker                         : {one:8,.0f} chips/s ({chips1:,} chips in {s1:.1f} s)")
+    def best(kind: str, sample: int = 0) -> dict:
+        return max((run_child(kind, work, full, sample) for _ in range(r)), key=lambda d: d["chips_per_s"])
+
+    base_rt = best("rio-tiler", nb)["chips_per_s"]
+    print(f"baseline rio-tiler part() per building : {base_rt:8,.0f} chips/s ({nb:,} buildings)")
+    base_rio = best("rasterio", nb)["chips_per_s"]
+    print(f"baseline rasterio read per building    : {base_rio:8,.0f} chips/s ({nb:,} buildings)")
+    fl = best("floor")
+    floor = fl["chips_per_s"]
+    print(f"decode floor ({fl['blocks']:,} blocks, {fl['bytes'] / 2**20:,.0f} MiB, "
+          f"{fl['bytes'] / 2**20 / fl['seconds']:,.0f} MiB/s) : {floor:8,.0f} chips/s")  # fmt: skip
+    o1, o2 = best("ours1"), best("ours2")
+    one, two, bpc = o1["chips_per_s"], o2["chips_per_s"], o1["bytes_per_chip"]
+    print(
+        f"ours, 1 worker                         : {one:8,.0f} chips/s ({o1['chips']:,} chips in {o1['seconds']:.1f} s)"
+    )
     print(f"ours, 2 workers                        : {two:8,.0f} chips/s ({two / one:.2f}x one worker)")
     baseline_best = max(base_rt, base_rio)
     rss_n = peak_rss(half, info, work)
