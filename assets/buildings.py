@@ -4,7 +4,6 @@ import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import shapely
 from dagster import AssetExecutionContext, Config, MaterializeResult, MetadataValue, asset
 from pydantic import Field
 
@@ -67,16 +66,18 @@ def buildings(
     if loaded != rows:
         raise RuntimeError(f"partition {dep}: {rows} buildings read but {loaded} loaded into the warehouse")
     seconds = time.perf_counter() - t0
-    preview = pq.read_table(out, columns=["geometry", "geometry_status"])
-    centroids = shapely.centroid(shapely.from_wkb(preview.column("geometry").to_numpy(zero_copy_only=False)))
+    preview = pq.read_table(out, columns=["bbox", "geometry_status"])  # bbox centres: no WKB to parse
+    bbox = preview.column("bbox").combine_chunks()
+    px = (bbox.field("xmin").to_numpy(zero_copy_only=False) + bbox.field("xmax").to_numpy(zero_copy_only=False)) / 2
+    py = (bbox.field("ymin").to_numpy(zero_copy_only=False) + bbox.field("ymax").to_numpy(zero_copy_only=False)) / 2
     context.log.info(f"partition {dep}: {rows:,} buildings, statuses {stats.statuses}, {len(stats.cells)} cells")
     return MaterializeResult(
         metadata={
             "rows": rows,
             "statuses": counts_table(stats.statuses, "geometry_status"),
             "map": points_map(
-                shapely.get_x(centroids),
-                shapely.get_y(centroids),
+                px,
+                py,
                 preview.column("geometry_status").to_numpy(zero_copy_only=False),
                 f"buildings {dep} by geometry_status (EPSG:{epsg})",
             ),
