@@ -7,6 +7,7 @@ import pyarrow.parquet as pq
 from dagster import AssetExecutionContext, Config, MaterializeResult, MetadataValue, asset
 from pydantic import Field
 
+from assets.errors import IO_RETRY, bad_input_fails_fast
 from assets.metadata import counts_table, points_map
 from assets.partitions import departements_partitions
 from ops.departements import check_departement, native_epsg
@@ -42,6 +43,7 @@ def wgs84_batches(path, epsg: int, batch_size: int = 50_000):
     kinds={"duckdb", "parquet"},
     pool=WAREHOUSE_POOL,
     code_version="1",
+    retry_policy=IO_RETRY,
     description="One row per input building: id, cell, geometry (validated/repaired), area, height, usage, status.",
 )
 def buildings(
@@ -51,42 +53,43 @@ def buildings(
     store: LocalObjectStore,
     warehouse: DuckDBWarehouse,
 ) -> MaterializeResult:
-    dep = check_departement(context.partition_key)
-    epsg = native_epsg(dep)
-    src = footprints.footprints(dep)
-    context.log.info(f"partition {dep}: reading {src} into EPSG:{epsg}")
-    t0 = time.perf_counter()
-    stats = FootprintStats()
-    out = store.path(buildings_key(dep))
-    batches = iter_building_batches(
-        src, dep, epsg, layer=config.layer, id_column=config.id_column, cell_size_m=config.cell_size_m, stats=stats
-    )
-    rows = write_buildings_geoparquet(batches, out, epsg)
-    loaded = warehouse.replace_partition("buildings", dep, wgs84_batches(out, epsg))
-    if loaded != rows:
-        raise RuntimeError(f"partition {dep}: {rows} buildings read but {loaded} loaded into the warehouse")
-    seconds = time.perf_counter() - t0
-    preview = pq.read_table(out, columns=["bbox", "geometry_status"])  # bbox centres: no WKB to parse
-    bbox = preview.column("bbox").combine_chunks()
-    px = (bbox.field("xmin").to_numpy(zero_copy_only=False) + bbox.field("xmax").to_numpy(zero_copy_only=False)) / 2
-    py = (bbox.field("ymin").to_numpy(zero_copy_only=False) + bbox.field("ymax").to_numpy(zero_copy_only=False)) / 2
-    context.log.info(f"partition {dep}: {rows:,} buildings, statuses {stats.statuses}, {len(stats.cells)} cells")
-    return MaterializeResult(
-        metadata={
-            "rows": rows,
-            "statuses": counts_table(stats.statuses, "geometry_status"),
-            "map": points_map(
-                px,
-                py,
-                preview.column("geometry_status").to_numpy(zero_copy_only=False),
-                f"buildings {dep} by geometry_status (EPSG:{epsg})",
-            ),
-            "cells": len(stats.cells),
-            "source": MetadataValue.path(str(src)),
-            "source_epsg": stats.source_epsg,
-            "generated_ids": stats.generated_ids,
-            "geoparquet": MetadataValue.path(str(out)),
-            "seconds": round(seconds, 2),
-            "buildings_per_s": round(rows / seconds, 1) if seconds else 0.0,
-        }
-    )
+    with bad_input_fails_fast():
+        dep = check_departement(context.partition_key)
+        epsg = native_epsg(dep)
+        src = footprints.footprints(dep)
+        context.log.info(f"partition {dep}: reading {src} into EPSG:{epsg}")
+        t0 = time.perf_counter()
+        stats = FootprintStats()
+        out = store.path(buildings_key(dep))
+        batches = iter_building_batches(
+            src, dep, epsg, layer=config.layer, id_column=config.id_column, cell_size_m=config.cell_size_m, stats=stats
+        )
+        rows = write_buildings_geoparquet(batches, out, epsg)
+        loaded = warehouse.replace_partition("buildings", dep, wgs84_batches(out, epsg))
+        if loaded != rows:
+            raise RuntimeError(f"partition {dep}: {rows} buildings read but {loaded} loaded into the warehouse")
+        seconds = time.perf_counter() - t0
+        preview = pq.read_table(out, columns=["bbox", "geometry_status"])  # bbox centres: no WKB to parse
+        bbox = preview.column("bbox").combine_chunks()
+        px = (bbox.field("xmin").to_numpy(zero_copy_only=False) + bbox.field("xmax").to_numpy(zero_copy_only=False)) / 2
+        py = (bbox.field("ymin").to_numpy(zero_copy_only=False) + bbox.field("ymax").to_numpy(zero_copy_only=False)) / 2
+        context.log.info(f"partition {dep}: {rows:,} buildings, statuses {stats.statuses}, {len(stats.cells)} cells")
+        return MaterializeResult(
+            metadata={
+                "rows": rows,
+                "statuses": counts_table(stats.statuses, "geometry_status"),
+                "map": points_map(
+                    px,
+                    py,
+                    preview.column("geometry_status").to_numpy(zero_copy_only=False),
+                    f"buildings {dep} by geometry_status (EPSG:{epsg})",
+                ),
+                "cells": len(stats.cells),
+                "source": MetadataValue.path(str(src)),
+                "source_epsg": stats.source_epsg,
+                "generated_ids": stats.generated_ids,
+                "geoparquet": MetadataValue.path(str(out)),
+                "seconds": round(seconds, 2),
+                "buildings_per_s": round(rows / seconds, 1) if seconds else 0.0,
+            }
+        )

@@ -7,6 +7,7 @@ from dagster import AssetExecutionContext, Config, MaterializeResult, MetadataVa
 from pydantic import Field
 
 from assets.buildings import buildings, buildings_key
+from assets.errors import IO_RETRY, bad_input_fails_fast
 from assets.metadata import counts_table
 from assets.mosaic import load_mosaic_info, ortho_mosaic
 from assets.partitions import departements_partitions
@@ -42,57 +43,59 @@ def file_fingerprint(path) -> str:
     group_name="imagery",
     kinds={"numpy"},
     code_version="1",
+    retry_policy=IO_RETRY,
     description="Image chips cut around every building from the mosaic, one shard per grid cell.",
 )
 def chips(context: AssetExecutionContext, config: ChipsConfig, store: LocalObjectStore) -> MaterializeResult:
-    dep = check_departement(context.partition_key)
-    spec = ChipSpec(config.size, config.margin_m, config.margin_ratio, config.min_valid_fraction)
-    info = load_mosaic_info(store, dep)
-    bpath = store.path(buildings_key(dep))
-    out = store.folder(chips_prefix(dep))
-    t0 = time.perf_counter()
-    totals = dict.fromkeys(STATUSES, 0)
-    done_chips = {"n": 0, "reused": 0}
+    with bad_input_fails_fast():
+        dep = check_departement(context.partition_key)
+        spec = ChipSpec(config.size, config.margin_m, config.margin_ratio, config.min_valid_fraction)
+        info = load_mosaic_info(store, dep)
+        bpath = store.path(buildings_key(dep))
+        out = store.folder(chips_prefix(dep))
+        t0 = time.perf_counter()
+        totals = dict.fromkeys(STATUSES, 0)
+        done_chips = {"n": 0, "reused": 0}
 
-    def progress(r: CellResult, done: int, total: int) -> None:
-        for k, v in r.counts.items():
-            totals[k] += v
-        done_chips["n"] += r.chips
-        done_chips["reused"] += int(r.reused)
-        elapsed = time.perf_counter() - t0
-        eta = elapsed / done * (total - done)
-        how = "reused" if r.reused else f"{r.seconds:.1f} s"
-        context.log.info(
-            f"partition {dep}: cell {r.cell_id} ({done}/{total}): {r.chips} chips ({how}); "
-            f"{done_chips['n'] / max(elapsed, 1e-9):,.0f} chips/s, ETA {eta:.0f} s"
+        def progress(r: CellResult, done: int, total: int) -> None:
+            for k, v in r.counts.items():
+                totals[k] += v
+            done_chips["n"] += r.chips
+            done_chips["reused"] += int(r.reused)
+            elapsed = time.perf_counter() - t0
+            eta = elapsed / done * (total - done)
+            how = "reused" if r.reused else f"{r.seconds:.1f} s"
+            context.log.info(
+                f"partition {dep}: cell {r.cell_id} ({done}/{total}): {r.chips} chips ({how}); "
+                f"{done_chips['n'] / max(elapsed, 1e-9):,.0f} chips/s, ETA {eta:.0f} s"
+            )
+
+        for _ in crop_partition(
+            bpath,
+            info,
+            out,
+            spec,
+            buildings_fingerprint=file_fingerprint(bpath),
+            workers=config.workers,
+            resume=config.resume,
+            progress=progress,
+        ):
+            pass
+        n_chips, reused = done_chips["n"], done_chips["reused"]
+        seconds = time.perf_counter() - t0
+        stored = sum(shard_paths(out, c)[0].stat().st_size for c in list_shards(out))
+        return MaterializeResult(
+            metadata={
+                "buildings": sum(totals.values()),
+                "chips": n_chips,
+                "statuses": counts_table(totals),
+                "cells": len(list_shards(out)),
+                "cells_reused": reused,
+                "chip_size_px": spec.size,
+                "imagery_id": info.imagery_id,
+                "seconds": round(seconds, 2),
+                "chips_per_s": round(n_chips / seconds, 1) if seconds else 0.0,
+                "bytes_per_chip": round(stored / n_chips) if n_chips else 0,
+                "folder": MetadataValue.path(str(out)),
+            }
         )
-
-    for _ in crop_partition(
-        bpath,
-        info,
-        out,
-        spec,
-        buildings_fingerprint=file_fingerprint(bpath),
-        workers=config.workers,
-        resume=config.resume,
-        progress=progress,
-    ):
-        pass
-    n_chips, reused = done_chips["n"], done_chips["reused"]
-    seconds = time.perf_counter() - t0
-    stored = sum(shard_paths(out, c)[0].stat().st_size for c in list_shards(out))
-    return MaterializeResult(
-        metadata={
-            "buildings": sum(totals.values()),
-            "chips": n_chips,
-            "statuses": counts_table(totals),
-            "cells": len(list_shards(out)),
-            "cells_reused": reused,
-            "chip_size_px": spec.size,
-            "imagery_id": info.imagery_id,
-            "seconds": round(seconds, 2),
-            "chips_per_s": round(n_chips / seconds, 1) if seconds else 0.0,
-            "bytes_per_chip": round(stored / n_chips) if n_chips else 0,
-            "folder": MetadataValue.path(str(out)),
-        }
-    )

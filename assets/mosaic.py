@@ -2,6 +2,7 @@
 
 from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
 
+from assets.errors import IO_RETRY, bad_input_fails_fast
 from assets.partitions import departements_partitions
 from ops.departements import check_departement, native_epsg
 from ops.mosaic import MosaicInfo, build_mosaic
@@ -22,25 +23,27 @@ def load_mosaic_info(store: LocalObjectStore, dep: str) -> MosaicInfo:
     group_name="ingest",
     kinds={"gdal"},
     code_version="1",
+    retry_policy=IO_RETRY,
     description="Virtual mosaic (VRT) over the département's orthophoto tiles, in its native CRS.",
 )
 def ortho_mosaic(context: AssetExecutionContext, imagery: OrthoImagery, store: LocalObjectStore) -> MaterializeResult:
-    dep = check_departement(context.partition_key)
-    tiles = imagery.tiles(dep)
-    context.log.info(f"partition {dep}: building a mosaic over {len(tiles)} tiles")
-    vrt_key, info_key = mosaic_keys(dep)
-    info = build_mosaic(tiles, store.path(vrt_key), name=f"ortho-{dep}", target_epsg=native_epsg(dep))
-    store.path(info_key).write_text(info.to_json())
-    w, h = info.bounds[2] - info.bounds[0], info.bounds[3] - info.bounds[1]
-    return MaterializeResult(
-        metadata={
-            "imagery_id": info.imagery_id,
-            "tiles": len(tiles),
-            "crs": f"EPSG:{info.epsg}",
-            "resolution_m": info.resolution,
-            "size_px": f"{info.width} x {info.height}",
-            "extent_km": f"{w / 1000:.2f} x {h / 1000:.2f}",
-            "bands": f"{info.count} x {info.dtype} ({info.band_rule})",
-            "vrt": MetadataValue.path(str(store.path(vrt_key))),
-        }
-    )
+    with bad_input_fails_fast():
+        dep = check_departement(context.partition_key)
+        tiles = imagery.tiles(dep)
+        context.log.info(f"partition {dep}: building a mosaic over {len(tiles)} tiles")
+        vrt_key, info_key = mosaic_keys(dep)
+        info = build_mosaic(tiles, store.path(vrt_key), name=f"ortho-{dep}", target_epsg=native_epsg(dep))
+        store.path(info_key).write_text(info.to_json())
+        w, h = info.bounds[2] - info.bounds[0], info.bounds[3] - info.bounds[1]
+        return MaterializeResult(
+            metadata={
+                "imagery_id": info.imagery_id,
+                "tiles": len(tiles),
+                "crs": f"EPSG:{info.epsg}",
+                "resolution_m": info.resolution,
+                "size_px": f"{info.width} x {info.height}",
+                "extent_km": f"{w / 1000:.2f} x {h / 1000:.2f}",
+                "bands": f"{info.count} x {info.dtype} ({info.band_rule})",
+                "vrt": MetadataValue.path(str(store.path(vrt_key))),
+            }
+        )

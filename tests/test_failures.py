@@ -1,0 +1,50 @@
+"""Bad input fails once, with a message naming the culprit; it is not retried like flaky I/O."""
+
+import geopandas as gpd
+from dagster import DagsterInstance, materialize
+from shapely.geometry import box
+
+from orchestration.definitions import all_assets
+
+
+def _run(tmp_path, monkeypatch, selection):
+    monkeypatch.setenv("BATIVISION_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("BATIVISION_SOURCE_DIR", str(tmp_path / "src"))
+    from orchestration.environment import local_resources
+
+    return materialize(
+        all_assets,
+        selection=selection,
+        partition_key="12",
+        resources=local_resources(),
+        instance=DagsterInstance.ephemeral(),
+        raise_on_error=False,
+    )
+
+
+def _failure_messages(result) -> list[str]:
+    return [
+        e.step_failure_data.error.message + "".join(c.message for c in [e.step_failure_data.error.cause] if c)
+        for e in result.all_events
+        if e.event_type_value == "STEP_FAILURE"
+    ]
+
+
+def test_duplicate_ids_fail_once_naming_file_and_ids(tmp_path, monkeypatch):
+    folder = tmp_path / "src" / "12" / "footprints"
+    folder.mkdir(parents=True)
+    gdf = gpd.GeoDataFrame({"cleabs": ["A", "B", "A"]}, geometry=[box(700000, 6600000, 700010, 6600010)] * 3, crs=2154)
+    gdf.to_file(folder / "dups.gpkg", layer="batiment")
+    result = _run(tmp_path, monkeypatch, ["buildings"])
+    assert not result.success
+    assert not [e for e in result.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]
+    (message,) = _failure_messages(result)
+    assert "dups.gpkg" in message and "'A'" in message
+
+
+def test_missing_imagery_names_the_partition_and_the_folder(tmp_path, monkeypatch):
+    result = _run(tmp_path, monkeypatch, ["ortho_mosaic"])
+    assert not result.success
+    assert not [e for e in result.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]
+    (message,) = _failure_messages(result)
+    assert "partition 12" in message and str(tmp_path / "src" / "12" / "ortho") in message
