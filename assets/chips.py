@@ -66,7 +66,7 @@ def chips(context: AssetExecutionContext, config: ChipsConfig, store: LocalObjec
             eta = elapsed / done * (total - done)
             how = "reused" if r.reused else f"{r.seconds:.1f} s"
             context.log.info(
-                f"partition {dep}: cell {r.cell_id} ({done}/{total}): {r.chips} chips ({how}); "
+                f"partition {dep}: shard {r.shard_id} ({done}/{total}): {r.chips} chips ({how}); "
                 f"{done_chips['n'] / max(elapsed, 1e-9):,.0f} chips/s, ETA {eta:.0f} s"
             )
 

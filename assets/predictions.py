@@ -92,6 +92,9 @@ def predictions(
         labels: dict[str, int] = {}
         t0 = time.perf_counter()
         n_pred = 0
+        map_x: list[np.ndarray] = []  # chip-window centres and label-or-status, for the preview map
+        map_y: list[np.ndarray] = []
+        map_cat: list[str] = []
 
         def rows() -> Iterator[pa.RecordBatch]:
             nonlocal n_pred
@@ -132,6 +135,9 @@ def predictions(
                     f"partition {dep}: cell {cell} ({k}/{len(cells)}): {len(ok)} chips predicted; "
                     f"{n_pred / max(elapsed, 1e-9):,.0f} chips/s, ETA {elapsed / k * (len(cells) - k):.0f} s"
                 )
+                map_x.append((idx.column("minx").to_numpy(False) + idx.column("maxx").to_numpy(False)) / 2)
+                map_y.append((idx.column("miny").to_numpy(False) + idx.column("maxy").to_numpy(False)) / 2)
+                map_cat.extend(lab if lab is not None else st for lab, st in zip(label, status, strict=True))
                 yield pa.RecordBatch.from_arrays(
                     [
                         idx.column("building_id").combine_chunks(),
@@ -171,10 +177,6 @@ def predictions(
             pq.ParquetFile(staged).iter_batches(batch_size=50_000),
             where={"model_name": MODEL_NAME, "model_version": card.version},
         )
-        shown = pq.read_table(staged, columns=["label", "status"]).to_pandas()
-        where = pa.concat_tables(
-            [read_index(folder, c).select(["minx", "miny", "maxx", "maxy"]) for c in cells]
-        ).to_pandas()
         if totals["error"]:
             context.log.warning(
                 f"partition {dep}: {totals['error']} buildings with status error (see chips index messages)"
@@ -186,9 +188,9 @@ def predictions(
                 "statuses": counts_table(totals),
                 "labels": counts_table(dict(sorted(labels.items())), "label"),
                 "map": points_map(
-                    (where.minx + where.maxx) / 2,
-                    (where.miny + where.maxy) / 2,
-                    shown.label.fillna(shown.status),
+                    np.concatenate(map_x) if map_x else np.zeros(0),
+                    np.concatenate(map_y) if map_y else np.zeros(0),
+                    map_cat,
                     f"{MODEL_NAME}@{card.version} in {dep}: label, or status when not predicted",
                 ),
                 "model_version": card.version,

@@ -90,7 +90,7 @@ class CellTask:
 
 @dataclass
 class CellResult:
-    cell_id: str
+    shard_id: str  # the cell, or "<cell>.pNNN" for a part of a big cell
     counts: dict[str, int]
     chips: int
     seconds: float
@@ -161,8 +161,6 @@ class TileSet:
         self._ds: dict[int, rasterio.io.DatasetReader] = {}
         self._cache: dict[tuple[int, int, int], np.ndarray] = {}
         self._bottoms: list[tuple[int, tuple[int, int, int]]] = []  # heap of (last row + 1, block key)
-        self.blocks_decoded = 0
-        self.bytes_decoded = 0
 
     def _dataset(self, i: int) -> rasterio.io.DatasetReader:
         ds = self._ds.get(i)
@@ -180,8 +178,6 @@ class TileSet:
             blk = self._dataset(i).read(window=Window(bc * bw, br * bh, w, h))
             self._cache[key] = blk
             heapq.heappush(self._bottoms, (int(self.row0[i]) + br * bh + h, key))
-            self.blocks_decoded += 1
-            self.bytes_decoded += blk.nbytes
         return blk
 
     def evict_above(self, row: int) -> None:
@@ -578,16 +574,14 @@ def crop_partition(
             max_workers=min(workers, len(todo), os.cpu_count() or 1), initializer=_init_worker, initargs=init_args
         )
         results = pool.map(_run_task, todo)
-    env = rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB)
-    env.__enter__()
     try:
-        for r in results:
-            done += 1
-            if progress:
-                progress(r, done, len(tasks))
-            yield r
+        with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
+            for r in results:
+                done += 1
+                if progress:
+                    progress(r, done, len(tasks))
+                yield r
     finally:
-        env.__exit__(None, None, None)
         if not single:
             pool.shutdown(cancel_futures=True)
         else:

@@ -103,13 +103,14 @@ def find_tiles(folder: str | Path) -> list[str]:
     return tiles
 
 
-def _imagery_id(name: str, tiles: list[str]) -> str:
+def tiles_digest(tiles: list[str]) -> str:
+    """A digest of the tiles' names, sizes and modification times: changes when the imagery does."""
     h = hashlib.sha256()
     for t in tiles:
         p = Path(t)
         stat = p.stat() if p.exists() else None
-        h.update(f"{p.name}:{stat.st_size if stat else ''}:{int(stat.st_mtime) if stat else ''}\n".encode())
-    return f"{name}-{h.hexdigest()[:10]}"
+        h.update(f"{p.name}:{stat.st_size if stat else ''}:{stat.st_mtime_ns if stat else ''}\n".encode())
+    return h.hexdigest()[:16]
 
 
 def band_scale(path: str, nodata: float | None, max_pixels: int = 1_000_000) -> tuple[float, float]:
@@ -216,7 +217,7 @@ def build_mosaic(tiles: list[str], vrt_path: Path, *, name: str, target_epsg: in
     tmp.write_text(xml)
     tmp.replace(vrt_path)
     return MosaicInfo(
-        imagery_id=_imagery_id(name, tiles),
+        imagery_id=f"{name}-{tiles_digest(tiles)[:10]}",
         epsg=ref["epsg"],
         resolution=res,
         bounds=(float(minx), float(miny), float(maxx), float(maxy)),

@@ -72,19 +72,16 @@ def run(
 
 
 def summary(dep: str, crop: dict, pred: dict, model: dict, seconds: float) -> str:
-    import duckdb
+    from resources.warehouse import DuckDBWarehouse
 
-    from resources.warehouse import spatial_extension_path
-
-    con = duckdb.connect(str(data_dir() / "warehouse.duckdb"), read_only=True)
-    con.load_extension(spatial_extension_path())
-    b = con.execute("select count(*) from buildings where departement = ?", [dep]).fetchone()[0]
-    row = con.execute(
+    warehouse = DuckDBWarehouse(path=str(data_dir() / "warehouse.duckdb"))
+    b = int(warehouse.query("select count(*) n from buildings where departement = ?", [dep]).n[0])
+    row = warehouse.query(
         """select model_name, model_version, buildings, predicted, n_ok, n_no_imagery, n_nodata, n_invalid_geometry,
                   n_error, coverage, label_distribution, mean_score
            from departement_summary where departement = ? order by model_version""",
         [dep],
-    ).df()
+    )
     cur = row[row["model_version"] == pred["predictions"]["model_version"]].iloc[0]
     lines = [
         f"département {dep}",

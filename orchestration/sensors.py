@@ -6,14 +6,13 @@ date. The sensor fingerprints each département's tile list (names, sizes,
 modification times) and requests one enrichment run per changed département.
 """
 
-import hashlib
 import json
 from pathlib import Path
 
 from dagster import RunRequest, SensorEvaluationContext, SkipReason, sensor
 
 from ops.departements import DEPARTEMENTS
-from ops.mosaic import TILE_SUFFIXES
+from ops.mosaic import TILE_SUFFIXES, tiles_digest
 from orchestration.jobs import enrich_job
 from resources.imagery import OrthoImagery
 
@@ -21,12 +20,7 @@ from resources.imagery import OrthoImagery
 def tiles_fingerprint(folder: Path) -> str | None:
     if not folder.is_dir():
         return None
-    h = hashlib.sha256()
-    for p in sorted(folder.iterdir()):
-        if p.suffix.lower() in TILE_SUFFIXES:
-            st = p.stat()
-            h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:16]
+    return tiles_digest(sorted(str(p) for p in folder.iterdir() if p.suffix.lower() in TILE_SUFFIXES))
 
 
 @sensor(job=enrich_job, minimum_interval_seconds=300)
