@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 
-.PHONY: install demo test ui lint sample clean bench-crop
+.PHONY: install demo test ui lint sample clean bench-crop bench-infer
 
 $(BIN)/python:
 	@command -v $(PY) >/dev/null || { echo "$(PY) not found: install Python 3.11"; exit 1; }
@@ -45,6 +45,9 @@ $(VENV)/.bench-installed: $(STAMP) requirements-bench.lock
 
 bench-crop: $(VENV)/.bench-installed
 	$(BIN)/python -m bench.crop
+
+bench-infer: install
+	$(BIN)/python -m bench.infer
 
 clean:
 	rm -rf data .dagster_home dbt/target dbt/logs

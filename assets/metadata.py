@@ -48,3 +48,30 @@ def points_map(x, y, categories, title: str, max_points: int = 20_000) -> Metada
     ax.tick_params(labelsize=6)
     ax.legend(fontsize=6, markerscale=4, loc="best")
     return png_markdown(fig)
+
+
+def confusion_figure(cm, classes: list[str], title: str = "held-out confusion matrix"):
+    """A confusion matrix as a matplotlib figure (rows: truth, columns: prediction)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(3.6, 3.2))
+    ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(len(classes)), classes)
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for (i, j), v in np.ndenumerate(cm):
+        ax.text(j, i, f"{v:,}", ha="center", va="center", color="black", fontsize=8)
+    ax.set_title(title, fontsize=9)
+    return fig
+
+
+def confusion_markdown(cm, classes: list[str]) -> MetadataValue:
+    rows = "\n".join(f"| {c} | " + " | ".join(f"{v:,}" for v in row) + " |" for c, row in zip(classes, cm, strict=True))
+    return MetadataValue.md(
+        "| true \\ predicted | " + " | ".join(classes) + " |\n|---|" + "---:|" * len(classes) + "\n" + rows
+    )

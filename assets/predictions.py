@@ -1,13 +1,24 @@
-"""`predictions`: the current roof model run over a partition's chips, one row per building."""
+"""`predictions`: every model of the store run over a partition's chips, one row per building and model.
+
+The chips are read once: each batch goes through the roof classifier and the
+solar-panel segmenter in turn. Rows are staged to one parquet file per model,
+then each model's rows replace that partition's rows in the warehouse in one
+transaction, so a re-run never duplicates and readers never see half a
+partition.
+"""
 
 import json
+import os
+import tempfile
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import shapely
+import torch
 from dagster import AssetExecutionContext, Config, MaterializeResult, MetadataValue, asset
 from pydantic import Field
 
@@ -17,10 +28,13 @@ from assets.errors import IO_RETRY, bad_input_fails_fast
 from assets.metadata import counts_table, points_map
 from assets.partitions import departements_partitions
 from assets.roof_model import MODEL_NAME, roof_model
-from ops.chips import STATUSES, list_shards, open_chips, read_index, shard_meta, shard_paths
+from assets.solar_model import SOLAR_MODEL_NAME, solar_model
+from ops.chips import STATUSES, list_shards, open_chips, shard_paths
 from ops.departements import check_departement
-from ops.inference import classify, pick_device
-from ops.model import ModelMismatchError
+from ops.footprints import split_by_cell
+from ops.geo import to_wgs84_wkb
+from ops.inference import BatchRunner, ModelRun, forward_fn, pick_device, predict_shards, tune_batch_size
+from ops.model import ModelMismatchError, check_outputs
 from resources.model_store import ModelStore
 from resources.object_store import LocalObjectStore
 from resources.warehouse import WAREHOUSE_POOL, DuckDBWarehouse
@@ -42,23 +56,83 @@ PREDICTIONS_SCHEMA = pa.schema(
         ("predicted_at", pa.timestamp("us")),
     ]
 )
+#: Below this many chips a partition runs at a fixed batch size: measuring would cost more than it saves.
+TUNE_MIN_CHIPS = 2048
+CPU_DEFAULT_BATCH = 32
+CUDA_DEFAULT_BATCH = 512
 
 
 class PredictionsConfig(Config):
-    batch_size: int = Field(default=64, description="Chips per forward pass")
+    models: list[str] = Field(
+        default_factory=lambda: [MODEL_NAME, SOLAR_MODEL_NAME], description="Models to run, by name (model store)"
+    )
+    model_versions: dict[str, str] = Field(
+        default_factory=dict, description="Model name → version to use (default: each model's current version)"
+    )
+    batch_size: int = Field(
+        default=0,
+        description=f"Chips per forward pass; 0 = measured on the partition's own chips on CPU "
+        f"({CPU_DEFAULT_BATCH} for small partitions), {CUDA_DEFAULT_BATCH} on CUDA (halved on out-of-memory)",
+    )
     device: str = Field(default="auto", description="torch device: auto (CUDA if present), cpu, cuda")
-    model_version: str | None = Field(default=None, description="Model version to use (default: the current one)")
+    prefetch_batches: int = Field(default=3, description="Batches read ahead by the background loader")
+
+
+def machine_key(device) -> str:
+    """What the best batch size depends on: the device model, or the CPU count and torch threads."""
+    if device.type == "cuda":
+        return "cuda-" + "".join(c if c.isalnum() else "_" for c in torch.cuda.get_device_name(device))
+    return f"cpu{os.cpu_count()}-threads{torch.get_num_threads()}"
+
+
+def choose_batch_size(
+    config: PredictionsConfig, device, runs: list[ModelRun], folder: Path, shards: list[str], store, log
+) -> tuple[int, dict]:
+    """The configured batch size; else on CPU the one measured for these models on this kind of machine.
+
+    A measurement is kept in the object store, keyed by machine kind and model
+    versions, so the next partitions start straight away.
+    """
+    if config.batch_size > 0:
+        return config.batch_size, {}
+    if device.type == "cuda":
+        return CUDA_DEFAULT_BATCH, {}
+    total = sum(open_chips(folder, s).shape[0] for s in shards)
+    if total < TUNE_MIN_CHIPS:
+        return CPU_DEFAULT_BATCH, {}
+    models_key = "+".join(f"{r.card.name}@{r.card.version}" for r in runs)
+    cache = store.path(f"inference/batch_size/{machine_key(device)}/{models_key}.json")
+    if cache.exists():
+        known = json.loads(cache.read_text())
+        log(f"batch size {known['best']} (measured before for {models_key} on {machine_key(device)})")
+        return int(known["best"]), {int(k): v for k, v in known["rates"].items()}
+    sample, n = [], 0
+    for shard in shards:
+        arr = open_chips(folder, shard)
+        sample.append(np.array(arr[: 512 - n]))
+        n += len(sample[-1])
+        if n >= 512:
+            break
+    best, rates = tune_batch_size([r.runner.forward for r in runs], np.concatenate(sample))
+    log(
+        "batch size measured on this partition's chips: "
+        + ", ".join(f"{b}: {r:,.0f} chips/s" for b, r in rates.items())
+        + f" → {best}"
+    )
+    cache.write_text(json.dumps({"best": best, "rates": {str(b): round(r, 1) for b, r in rates.items()}}))
+    return best, rates
 
 
 @asset(
     partitions_def=departements_partitions,
-    deps=[chips, roof_model],
+    deps=[chips, roof_model, solar_model],
     group_name="inference",
     kinds={"pytorch", "duckdb"},
     pool=WAREHOUSE_POOL,
-    code_version="1",
+    code_version="2",
     retry_policy=IO_RETRY,
-    description="Roof type of every building (label, score, probabilities, status) from the current model.",
+    description="Roof type (classification) and solar panels (segmentation, polygons) of every building, "
+    "one row per building and model version.",
 )
 def predictions(
     context: AssetExecutionContext,
@@ -67,139 +141,177 @@ def predictions(
     models: ModelStore,
     warehouse: DuckDBWarehouse,
 ) -> MaterializeResult:
+    t_start = time.perf_counter()
     with bad_input_fails_fast():
         dep = check_departement(context.partition_key)
         device = pick_device(config.device)
-        model, card = models.load(MODEL_NAME, config.model_version, device)
+        unknown = sorted(set(config.model_versions) - set(config.models))
+        if unknown:
+            raise ValueError(f"model_versions names {unknown}, which are not in models {config.models}")
+        runs = []
+        for name in config.models:
+            model, card = models.load(name, config.model_versions.get(name), device)
+            check_outputs(model, card, device)
+            runs.append(ModelRun(card, BatchRunner(forward_fn(model, device), 1 << 30, context.log.warning)))
         folder = store.folder(chips_prefix(dep))
-        cells = list_shards(folder)
-        expected = pq.ParquetFile(store.path(buildings_key(dep))).metadata.num_rows
-        # Check every shard against the model before any row is written.
-        for cell in cells:
-            arr = open_chips(folder, cell)
+        shards = list_shards(folder)
+        buildings_path = store.path(buildings_key(dep))
+        expected = pq.ParquetFile(buildings_path).metadata.num_rows
+        # Check every shard against every model before any row is written.
+        for shard in shards:
+            arr = open_chips(folder, shard)
             if len(arr):
-                card.check_chips(arr.shape, what=f"partition {dep}, shard {shard_paths(folder, cell)[0].name}")
-        n_index = sum(pq.ParquetFile(shard_paths(folder, c)[1]).metadata.num_rows for c in cells)
+                for r in runs:
+                    r.card.check_chips(arr.shape, what=f"partition {dep}, shard {shard_paths(folder, shard)[0].name}")
+        n_index = sum(pq.ParquetFile(shard_paths(folder, c)[1]).metadata.num_rows for c in shards)
         if n_index != expected:
             raise RuntimeError(
                 f"partition {dep}: chips index has {n_index} buildings, buildings has {expected}: re-run chips"
             )
+        batch, rates = choose_batch_size(config, device, runs, folder, shards, store, context.log.info)
+        for r in runs:
+            r.runner.max_batch = batch
+        names = ", ".join(f"{r.card.name}@{r.card.version} ({r.card.task})" for r in runs)
         context.log.info(
-            f"partition {dep}: {expected:,} buildings in {len(cells)} cells, model {MODEL_NAME}@{card.version} on {device}"
+            f"partition {dep}: {expected:,} buildings in {len(shards)} shards; {names} on {device}, batch {batch}"
         )
         now = datetime.now(UTC).replace(tzinfo=None)
         totals = dict.fromkeys(STATUSES, 0)
-        labels: dict[str, int] = {}
+        labels: dict[str, dict[str, int]] = {r.card.name: {} for r in runs}
+        panel_area = 0.0
+        map_x: list[np.ndarray] = []  # chip-window centres, and each model's label-or-status, for the preview maps
+        map_y: list[np.ndarray] = []
+        map_cat: dict[str, list[str]] = {r.card.name: [] for r in runs}
+        staged = {r.card.name: store.path(f"predictions/{dep}/{r.card.name}-{r.card.version}.parquet") for r in runs}
+        writers = {
+            n: pq.ParquetWriter(p.with_suffix(".tmp"), PREDICTIONS_SCHEMA, compression="zstd")
+            for n, p in staged.items()
+        }
+        written = dict.fromkeys(staged, 0)
         t0 = time.perf_counter()
         n_pred = 0
-        map_x: list[np.ndarray] = []  # chip-window centres and label-or-status, for the preview map
-        map_y: list[np.ndarray] = []
-        map_cat: list[str] = []
-
-        def rows() -> Iterator[pa.RecordBatch]:
-            nonlocal n_pred
-            for k, cell in enumerate(cells, 1):
-                idx = read_index(folder, cell)
-                imagery = shard_meta(shard_paths(folder, cell)[1]).get("imagery_id")
-                n = idx.num_rows
-                status = idx.column("status").to_pylist()
-                label: list[str | None] = [None] * n
-                score = np.full(n, np.nan)
-                probs: list[str | None] = [None] * n
-                ok = np.flatnonzero(np.array(status) == "ok")
-                if len(ok):
-                    arr = open_chips(folder, cell)
-                    # walk the shard's chips in storage order; `row` says which building each one is
-                    chip_rows = idx.column("row").to_numpy()[ok]
-                    ok = ok[np.argsort(chip_rows)]
-                    if not np.array_equal(np.sort(chip_rows), np.arange(len(arr))):
-                        raise RuntimeError(f"partition {dep}, cell {cell}: chips index does not match its array")
-                    pos = 0
-                    for bp in classify(model, arr, card.classes, batch_size=config.batch_size, device=device):
-                        for j in range(len(bp.labels)):
-                            i = ok[pos + j]
-                            label[i] = bp.labels[j]
-                            score[i] = float(bp.scores[j])
-                            probs[i] = json.dumps(
-                                {c: round(float(p), 5) for c, p in zip(card.classes, bp.probabilities[j], strict=True)}
-                            )
-                        pos += len(bp.labels)
-                    n_pred += len(ok)
-                for s in status:
-                    totals[s] += 1
-                for lab in label:
-                    if lab is not None:
-                        labels[lab] = labels.get(lab, 0) + 1
-                elapsed = time.perf_counter() - t0
-                context.log.info(
-                    f"partition {dep}: cell {cell} ({k}/{len(cells)}): {len(ok)} chips predicted; "
-                    f"{n_pred / max(elapsed, 1e-9):,.0f} chips/s, ETA {elapsed / k * (len(cells) - k):.0f} s"
-                )
-                map_x.append((idx.column("minx").to_numpy(False) + idx.column("maxx").to_numpy(False)) / 2)
-                map_y.append((idx.column("miny").to_numpy(False) + idx.column("maxy").to_numpy(False)) / 2)
-                map_cat.extend(lab if lab is not None else st for lab, st in zip(label, status, strict=True))
-                yield pa.RecordBatch.from_arrays(
-                    [
-                        idx.column("building_id").combine_chunks(),
-                        pa.array([dep] * n),
-                        pa.array([MODEL_NAME] * n),
-                        pa.array([card.version] * n),
-                        pa.array([card.task] * n),
-                        pa.array(label, pa.string()),
-                        pa.array(score, pa.float64(), from_pandas=True),
-                        pa.array(probs, pa.string()),
-                        pa.nulls(n, pa.binary()),
-                        pa.array(status, pa.string()),
-                        pa.array([imagery] * n, pa.string()),
-                        pa.array([context.run_id] * n, pa.string()),
-                        pa.array([now] * n, pa.timestamp("us")),
-                    ],
-                    schema=PREDICTIONS_SCHEMA,
-                )
-
-        # Stage to a file first: inference never runs while the warehouse is locked.
-        staged = store.path(f"predictions/{dep}/{MODEL_NAME}-{card.version}.parquet")
-        tmp = staged.with_suffix(".tmp")
-        written = 0
-        with pq.ParquetWriter(tmp, PREDICTIONS_SCHEMA, compression="zstd") as w:
-            for b in rows():
-                w.write_batch(b)
-                written += b.num_rows
-        tmp.replace(staged)
-        seconds = time.perf_counter() - t0
-        if written != expected:
-            raise RuntimeError(
-                f"partition {dep}: {written} predictions for {expected} buildings (accounting invariant)"
+        with tempfile.TemporaryDirectory(prefix=f"footprints-{dep}-", dir=store.folder("tmp")) as tmp:
+            cell_files = (
+                split_by_cell(buildings_path, Path(tmp)) if any(r.card.task == "segmentation" for r in runs) else {}
             )
-        loaded = warehouse.replace_partition(
-            "predictions",
-            dep,
-            pq.ParquetFile(staged).iter_batches(batch_size=50_000),
-            where={"model_name": MODEL_NAME, "model_version": card.version},
-        )
+
+            def footprints(cell: str) -> dict[str, bytes]:
+                if cell not in cell_files:
+                    return {}
+                t = pq.read_table(cell_files[cell])
+                return dict(zip(t.column("building_id").to_pylist(), t.column("geometry").to_pylist(), strict=True))
+
+            try:
+                results = predict_shards(
+                    folder,
+                    shards,
+                    runs,
+                    batch,
+                    footprints=footprints,
+                    pin_memory=device.type == "cuda",
+                    depth=config.prefetch_batches,
+                )
+                for k, res in enumerate(results, 1):
+                    idx, n = res.index, res.index.num_rows
+                    status = idx.column("status").to_pylist()
+                    epsg = int(res.meta.get("epsg", "0") or 0)
+                    for s in status:
+                        totals[s] += 1
+                    n_pred += res.n_chips
+                    map_x.append((idx.column("minx").to_numpy(False) + idx.column("maxx").to_numpy(False)) / 2)
+                    map_y.append((idx.column("miny").to_numpy(False) + idx.column("maxy").to_numpy(False)) / 2)
+                    for r in runs:
+                        name, card = r.card.name, r.card
+                        cols = res.columns[name]
+                        geometry = pa.nulls(n, pa.binary())
+                        if cols.geometries is not None:
+                            present = [g for g in cols.geometries if g is not None]
+                            if present:
+                                panel_area += float(shapely.area(np.array(present, dtype=object)).sum())
+                                wkb = to_wgs84_wkb(shapely.to_wkb(np.array(cols.geometries, dtype=object)), epsg)
+                                geometry = pa.array(wkb, pa.binary())
+                        for lab in cols.labels:
+                            if lab is not None:
+                                labels[name][lab] = labels[name].get(lab, 0) + 1
+                        map_cat[name].extend(
+                            lab if lab is not None else st for lab, st in zip(cols.labels, status, strict=True)
+                        )
+                        writers[name].write_batch(
+                            pa.RecordBatch.from_arrays(
+                                [
+                                    idx.column("building_id").combine_chunks(),
+                                    pa.array([dep] * n),
+                                    pa.array([name] * n),
+                                    pa.array([card.version] * n),
+                                    pa.array([card.task] * n),
+                                    pa.array(cols.labels, pa.string()),
+                                    pa.array(cols.scores, pa.float64(), from_pandas=True),
+                                    pa.array(cols.probabilities, pa.string()),
+                                    geometry,
+                                    pa.array(status, pa.string()),
+                                    pa.array([res.meta.get("imagery_id")] * n, pa.string()),
+                                    pa.array([context.run_id] * n, pa.string()),
+                                    pa.array([now] * n, pa.timestamp("us")),
+                                ],
+                                schema=PREDICTIONS_SCHEMA,
+                            )
+                        )
+                        written[name] += n
+                    elapsed = time.perf_counter() - t0
+                    context.log.info(
+                        f"partition {dep}: shard {res.shard} ({k}/{len(shards)}): {res.n_chips} chips; "
+                        f"{n_pred / max(elapsed, 1e-9):,.0f} chips/s, ETA {elapsed / k * (len(shards) - k):.0f} s"
+                    )
+            finally:
+                for w in writers.values():
+                    w.close()
+        seconds = time.perf_counter() - t0
+        for name, n in written.items():
+            if n != expected:
+                raise RuntimeError(
+                    f"partition {dep}: {n} {name} predictions for {expected} buildings (accounting invariant)"
+                )
+            staged[name].with_suffix(".tmp").replace(staged[name])
+        loaded = {}
+        for r in runs:
+            loaded[r.card.name] = warehouse.replace_partition(
+                "predictions",
+                dep,
+                pq.ParquetFile(staged[r.card.name]).iter_batches(batch_size=50_000),
+                where={"model_name": r.card.name, "model_version": r.card.version},
+            )
         if totals["error"]:
             context.log.warning(
                 f"partition {dep}: {totals['error']} buildings with status error (see chips index messages)"
             )
-        return MaterializeResult(
-            metadata={
-                "rows": loaded,
-                "predicted": n_pred,
-                "statuses": counts_table(totals),
-                "labels": counts_table(dict(sorted(labels.items())), "label"),
-                "map": points_map(
-                    np.concatenate(map_x) if map_x else np.zeros(0),
-                    np.concatenate(map_y) if map_y else np.zeros(0),
-                    map_cat,
-                    f"{MODEL_NAME}@{card.version} in {dep}: label, or status when not predicted",
-                ),
-                "model_version": card.version,
-                "device": str(device),
-                "seconds": round(seconds, 2),
-                "chips_per_s": round(n_pred / seconds, 1) if seconds else 0.0,
-                "staged": MetadataValue.path(str(staged)),
-            }
-        )
+        xs = np.concatenate(map_x) if map_x else np.zeros(0)
+        ys = np.concatenate(map_y) if map_y else np.zeros(0)
+        metadata = {
+            "rows": sum(loaded.values()),
+            "predicted": n_pred,
+            "statuses": counts_table(totals),
+            "models": ", ".join(f"{r.card.name}@{r.card.version}" for r in runs),
+            "device": str(device),
+            "batch_size": batch,
+            "oom_halvings": sum(r.runner.halvings for r in runs),
+            "seconds": round(seconds, 2),
+            "chips_per_s": round(n_pred / seconds, 1) if seconds else 0.0,
+            # from the step's start: model loading, checks, batch-size measurement and the warehouse load included
+            "total_seconds": round(time.perf_counter() - t_start, 2),
+        }
+        if rates:
+            metadata["batch_size_rates"] = MetadataValue.json({str(b): round(v, 1) for b, v in rates.items()})
+        for r in runs:
+            name = r.card.name
+            metadata[f"{name}_model_version"] = r.card.version
+            metadata[f"{name}_labels"] = counts_table(dict(sorted(labels[name].items())), "label")
+            metadata[f"{name}_map"] = points_map(
+                xs, ys, map_cat[name], f"{name}@{r.card.version} in {dep}: label, or status when not predicted"
+            )
+            metadata[f"{name}_staged"] = MetadataValue.path(str(staged[name]))
+            if r.card.task == "segmentation":
+                metadata[f"{name}_area_m2"] = round(panel_area, 1)
+        return MaterializeResult(metadata=metadata)
 
 
 __all__ = ["predictions", "ModelMismatchError"]

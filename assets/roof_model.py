@@ -5,15 +5,16 @@ model version (a hash of the weights), so a new model marks every
 `predictions` partition stale in the UI.
 """
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from dagster import AssetExecutionContext, Config, DataVersion, MaterializeResult, MetadataValue, asset
+from dagster import AssetExecutionContext, Config, DataVersion, MaterializeResult, asset
 from pydantic import Field
 
 from assets.chips import chips, chips_prefix
-from assets.metadata import png_markdown
+from assets.metadata import confusion_figure, confusion_markdown, png_markdown
 from ops.chips import list_shards, open_chips, read_index
 from ops.training import TrainConfig, train_classifier
 from resources.imagery import FootprintSource
@@ -48,40 +49,29 @@ def read_labels(path: Path) -> pd.Series:
     return df.set_index(id_col)["roof_type"]
 
 
-def labelled_chips(store: LocalObjectStore, dep: str, labels: pd.Series) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Chips with status ok that have a label: (chips, label indices, cell ids)."""
+def ok_chips(store: LocalObjectStore, dep: str) -> Iterator[tuple[str, pd.DataFrame, np.ndarray]]:
+    """Per shard of a partition: (shard id, index rows of the chips with status ok, the chip array)."""
     folder = store.folder(chips_prefix(dep))
-    xs, ys, gs = [], [], []
     for cell in list_shards(folder):
         idx = read_index(folder, cell).to_pandas()
-        idx = idx[(idx["status"] == "ok") & idx["building_id"].isin(labels.index)]
+        idx = idx[idx["status"] == "ok"]
+        if not idx.empty:
+            yield cell, idx, open_chips(folder, cell)
+
+
+def labelled_chips(store: LocalObjectStore, dep: str, labels: pd.Series) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Chips with status ok that have a label: (chips, label indices, cell ids)."""
+    xs, ys, gs = [], [], []
+    for cell, idx, arr in ok_chips(store, dep):
+        idx = idx[idx["building_id"].isin(labels.index)]
         if idx.empty:
             continue
-        arr = open_chips(folder, cell)
         xs.append(np.asarray(arr[idx["row"].to_numpy()]))
         ys.append(labels.loc[idx["building_id"]].map(CLASSES.index).to_numpy())
         gs.append(np.array([f"{dep}/{cell}"] * len(idx), dtype=object))
     if not xs:
         return np.zeros((0, 3, 1, 1), "uint8"), np.zeros(0, "int64"), np.zeros(0, object)
     return np.concatenate(xs), np.concatenate(ys).astype("int64"), np.concatenate(gs)
-
-
-def confusion_figure(cm: np.ndarray, classes: list[str]):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(3.6, 3.2))
-    ax.imshow(cm, cmap="Blues")
-    ax.set_xticks(range(len(classes)), classes)
-    ax.set_yticks(range(len(classes)), classes)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    for (i, j), v in np.ndenumerate(cm):
-        ax.text(j, i, str(v), ha="center", va="center", color="black")
-    ax.set_title("held-out confusion matrix")
-    return fig
 
 
 @asset(
@@ -137,9 +127,6 @@ def roof_model(
         f"{MODEL_NAME}@{version}: held-out accuracy {m['accuracy']:.3f} (chance {m['chance_accuracy']:.3f}), "
         f"macro-F1 {m['macro_f1']:.3f}"
     )
-    cm_rows = "\n".join(
-        f"| {c} | " + " | ".join(str(v) for v in row) + " |" for c, row in zip(CLASSES, result.confusion, strict=True)
-    )
     return MaterializeResult(
         data_version=DataVersion(version),
         metadata={
@@ -150,9 +137,7 @@ def roof_model(
             "n_train": m["n_train"],
             "n_val": m["n_val"],
             "train_seconds": m["train_seconds"],
-            "confusion_matrix": MetadataValue.md(
-                "| true \\ predicted | " + " | ".join(CLASSES) + " |\n|---|" + "---:|" * len(CLASSES) + "\n" + cm_rows
-            ),
+            "confusion_matrix": confusion_markdown(result.confusion, CLASSES),
             "confusion_matrix_plot": png_markdown(confusion_figure(result.confusion, CLASSES)),
             "departements": ", ".join(used),
         },

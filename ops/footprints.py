@@ -324,3 +324,34 @@ def write_buildings_geoparquet(batches: Iterator[pa.RecordBatch], out: Path, eps
             rows += b.num_rows
     tmp.replace(out)  # readers never see a half-written file
     return rows
+
+
+def split_by_cell(buildings_parquet: Path, out_dir: Path, batch_size: int = 65_536) -> dict[str, Path]:
+    """Copy (building_id, geometry) of a buildings GeoParquet into one small file per cell.
+
+    One streaming pass, one open writer per cell: steps that need the
+    footprints of one cell at a time (clipping segmentation polygons) then read
+    a few kilobytes instead of the whole partition, and memory does not grow
+    with the partition.
+    """
+    import pyarrow.compute as pc
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    writers: dict[str, pq.ParquetWriter] = {}
+    paths: dict[str, Path] = {}
+    schema = pa.schema([("building_id", pa.string()), ("geometry", pa.binary())])
+    try:
+        for batch in pq.ParquetFile(buildings_parquet).iter_batches(
+            batch_size=batch_size, columns=["building_id", "cell_id", "geometry"]
+        ):
+            table = pa.Table.from_batches([batch])
+            for cell in pc.unique(table.column("cell_id")).to_pylist():
+                part = table.filter(pc.equal(table.column("cell_id"), cell)).select(["building_id", "geometry"])
+                if cell not in writers:
+                    paths[cell] = out_dir / f"{cell}.parquet"
+                    writers[cell] = pq.ParquetWriter(paths[cell], schema)
+                writers[cell].write_table(part.cast(schema))
+    finally:
+        for w in writers.values():
+            w.close()
+    return paths

@@ -1,25 +1,36 @@
-"""Batched inference over stored chip shards.
+"""Batched inference over stored chip shards: a prefetching loader and an OOM-proof runner.
 
-Chips are memory-mapped and fed to the model in fixed-size batches in shard
-order, so the output order is deterministic and memory is bounded by one
-batch, whatever the size of the partition.
+Chips are memory-mapped and read into batches by a background thread while
+the device works on the previous batch (a bounded queue: memory is a few
+batches, whatever the size of the partition). Batches come out in storage
+order, so the output order is deterministic. On CUDA the forward runs under
+autocast from pinned memory; when it runs out of memory the batch is halved
+and the run carries on. On CPU the best batch size is small and depends on the
+machine, so :func:`tune_batch_size` measures it instead of assuming it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
+import pyarrow as pa
 import torch
 from torch import nn
 
+from ops.chips import open_chips, read_index, shard_meta, shard_paths
+from ops.model import ModelCard
+from ops.postprocess import Columns, classification_columns, segmentation_columns
 
-@dataclass
-class BatchPrediction:
-    labels: list[str]
-    scores: np.ndarray  # probability of the label
-    probabilities: np.ndarray  # (n, n_classes)
+T = TypeVar("T")
+U = TypeVar("U")
+Forward = Callable[[torch.Tensor], np.ndarray]
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -28,20 +39,239 @@ def pick_device(requested: str = "auto") -> torch.device:
     return torch.device(requested)
 
 
-@torch.inference_mode()
-def classify(
-    model: nn.Module, chips: np.ndarray, classes: list[str], *, batch_size: int = 64, device: torch.device | None = None
-) -> Iterator[BatchPrediction]:
-    """Yield predictions for ``chips`` (uint8, N×3×S×S, may be a memory map), batch by batch."""
-    device = device or torch.device("cpu")
-    for i in range(0, len(chips), batch_size):
-        # np.array copies the (read-only, memory-mapped) slice into a writable, contiguous batch
-        xb = torch.from_numpy(np.array(chips[i : i + batch_size])).to(device, non_blocking=True)
-        if device.type == "cuda":
+def prefetch(items: Iterable[T], load: Callable[[T], U], depth: int = 3) -> Iterator[U]:
+    """``load(item)`` for each item, computed ahead on a background thread, yielded in order.
+
+    At most ``depth`` loaded items wait in the queue. An exception in ``load``
+    is re-raised in the consumer; a consumer that stops early stops the thread.
+    """
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def put(x: object) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(x, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for it in items:
+                if not put(("ok", load(it))):
+                    return
+            put(("end", done))
+        except BaseException as exc:  # handed to the consumer
+            put(("err", exc))
+
+    th = threading.Thread(target=work, name="chip-prefetch", daemon=True)
+    th.start()
+    try:
+        while True:
+            kind, value = q.get()
+            if kind == "end":
+                return
+            if kind == "err":
+                raise value
+            yield value
+    finally:
+        stop.set()
+        th.join(timeout=5)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    )
+
+
+class BatchRunner:
+    """Runs ``forward`` over a batch in chunks of at most ``max_batch``; halves it on out-of-memory.
+
+    The halved size sticks for the rest of the run (memory pressure rarely
+    goes away by itself); a chip that does not fit alone is a real error.
+    """
+
+    def __init__(self, forward: Forward, max_batch: int, log: Callable[[str], None] | None = None) -> None:
+        self.forward = forward
+        self.max_batch = max(1, int(max_batch))
+        self.log = log or (lambda _msg: None)
+        self.halvings = 0
+
+    def __call__(self, xb: torch.Tensor) -> np.ndarray:
+        outs = []
+        i = 0
+        while i < len(xb):
+            chunk = xb[i : i + self.max_batch]
+            try:
+                outs.append(self.forward(chunk))
+            except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
+                if not is_out_of_memory(exc) or len(chunk) == 1:
+                    raise
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                self.max_batch = max(1, len(chunk) // 2)
+                self.halvings += 1
+                self.log(f"out of memory at batch {len(chunk)}: carrying on at batch {self.max_batch}")
+                continue
+            i += len(chunk)
+        return np.concatenate(outs) if len(outs) > 1 else outs[0]
+
+
+def forward_fn(model: nn.Module, device: torch.device) -> Forward:
+    """uint8 batch (CPU) → class probabilities as float32 numpy (N×C or N×C×S×S)."""
+    cuda = device.type == "cuda"
+
+    @torch.inference_mode()
+    def run(xb: torch.Tensor) -> np.ndarray:
+        xb = xb.to(device, non_blocking=True)
+        if cuda:
             with torch.autocast("cuda", dtype=torch.float16):
                 logits = model(xb)
         else:
             logits = model(xb)
-        probs = torch.softmax(logits.float(), dim=1).cpu().numpy()
-        top = probs.argmax(1)
-        yield BatchPrediction([classes[k] for k in top], probs[np.arange(len(top)), top], probs)
+        return torch.softmax(logits.float(), dim=1).cpu().numpy()
+
+    return run
+
+
+def tune_batch_size(
+    forwards: Sequence[Forward],
+    sample: np.ndarray,
+    candidates: Sequence[int] = (8, 16, 32, 64, 128, 256),
+    min_images: int = 256,
+) -> tuple[int, dict[int, float]]:
+    """The batch size that gives the most images/s for ``forwards`` together, measured on ``sample``.
+
+    Each candidate gets one warm-up batch, then runs at least ``min_images``
+    images; returns (best, {batch: images/s}).
+    """
+    rates: dict[int, float] = {}
+    x = torch.from_numpy(np.array(sample))
+    for bs in candidates:
+        if bs > len(x):
+            break
+        for f in forwards:
+            f(x[:bs])
+        n, t0 = 0, time.perf_counter()
+        while n < max(min_images, bs * 2):
+            for i in range(0, len(x) - bs + 1, bs):
+                for f in forwards:
+                    f(x[i : i + bs])
+                n += bs
+                if n >= max(min_images, bs * 2):
+                    break
+        rates[bs] = n / (time.perf_counter() - t0)
+    if not rates:
+        return max(1, len(x)), {}
+    return max(rates, key=rates.get), rates
+
+
+# --- a partition's shards through every model ----------------------------------------
+
+
+@dataclass
+class ModelRun:
+    """One model in a partition run: its card and its (OOM-proof) forward."""
+
+    card: ModelCard
+    runner: BatchRunner
+
+
+@dataclass
+class ShardPredictions:
+    """Every index row of one shard, with each model's columns (None / NaN where no chip)."""
+
+    shard: str
+    index: pa.Table
+    meta: dict[str, str]
+    columns: dict[str, Columns]
+    n_chips: int
+
+
+def _empty_columns(n: int, segmentation: bool) -> Columns:
+    return Columns([None] * n, np.full(n, np.nan), [None] * n, [None] * n if segmentation else None)
+
+
+def predict_shards(
+    folder: Path,
+    shards: Sequence[str],
+    models: Sequence[ModelRun],
+    batch_size: int,
+    *,
+    footprints: Callable[[str], dict[str, bytes]] | None = None,
+    pin_memory: bool = False,
+    depth: int = 3,
+) -> Iterator[ShardPredictions]:
+    """Run ``models`` over the chips of ``shards`` in storage order, one result per shard.
+
+    A background thread reads each shard's index and its chips batch by
+    batch (memory-mapped, copied into pinned memory on CUDA), so the device
+    never waits on the disk. ``footprints(cell)`` gives building id → WKB
+    (native CRS) for a cell; segmentation needs it to keep each building's
+    own polygons.
+    """
+
+    def items() -> Iterator[tuple]:
+        for k, shard in enumerate(shards):
+            idx = read_index(folder, shard)
+            yield ("shard", k, idx, shard_meta(shard_paths(folder, shard)[1]))
+            arr = open_chips(folder, shard)
+            for i in range(0, len(arr), batch_size):
+                t = torch.from_numpy(np.array(arr[i : i + batch_size]))
+                yield ("batch", k, i, t.pin_memory() if pin_memory else t)
+            del arr
+
+    seg = [m.card.task == "segmentation" for m in models]
+    current: dict | None = None
+
+    def finish(state: dict) -> ShardPredictions:
+        return ShardPredictions(state["shard"], state["index"], state["meta"], state["cols"], state["n_chips"])
+
+    for item in prefetch(items(), lambda x: x, depth):
+        if item[0] == "shard":
+            if current is not None:
+                yield finish(current)
+            _, k, idx, meta = item
+            shard = shards[k]
+            status = np.array(idx.column("status").to_pylist(), dtype=object)
+            ok = np.flatnonzero(status == "ok")
+            rows = idx.column("row").to_numpy()[ok]
+            if not np.array_equal(np.sort(rows), np.arange(len(ok))):
+                raise RuntimeError(f"{folder.name}/{shard}: chips index does not match its array")
+            at_row = ok[np.argsort(rows)]  # index position of the chip stored at each row
+            fp = footprints(shard.split(".")[0]) if footprints is not None and any(seg) else {}
+            ids = idx.column("building_id").to_pylist()
+            current = {
+                "shard": shard,
+                "index": idx,
+                "meta": meta,
+                "at_row": at_row,
+                "windows": np.column_stack([idx.column(c).to_numpy(False) for c in ("minx", "miny", "maxx", "maxy")]),
+                "footprints": [fp.get(ids[i]) for i in at_row] if fp else [None] * len(at_row),
+                "cols": {m.card.name: _empty_columns(idx.num_rows, s) for m, s in zip(models, seg, strict=True)},
+                "n_chips": len(at_row),
+            }
+            continue
+        _, k, start, xb = item
+        pos = current["at_row"][start : start + len(xb)]
+        for m, is_seg in zip(models, seg, strict=True):
+            probs = m.runner(xb)
+            if is_seg:
+                got = segmentation_columns(
+                    probs, current["windows"][pos], current["footprints"][start : start + len(xb)], m.card
+                )
+            else:
+                got = classification_columns(probs, m.card)
+            col = current["cols"][m.card.name]
+            for j, p in enumerate(pos.tolist()):
+                col.labels[p] = got.labels[j]
+                col.probabilities[p] = got.probabilities[j]
+                if is_seg:
+                    col.geometries[p] = got.geometries[j]
+            col.scores[pos] = got.scores
+    if current is not None:
+        yield finish(current)

@@ -1,6 +1,6 @@
-"""The roof classifier: a small CNN in plain torch, and its on-disk form.
+"""The models: a small classifier and a small segmenter in plain torch, and their on-disk form.
 
-Plain torch (no torchvision) so it runs wherever torch does. The model takes
+Plain torch (no torchvision) so it runs wherever torch does. A model takes
 the chips exactly as stored (uint8, N×3×S×S) and normalises inside
 ``forward``: the normalisation travels with the weights and cannot drift from
 what training used.
@@ -44,6 +44,8 @@ class ModelCard:
     metrics: dict = field(default_factory=dict)
     training_data: dict = field(default_factory=dict)
     created_at: str = ""
+    #: segmentation: probability above which a pixel belongs to a class, smallest polygon kept (in chip pixels)
+    postprocess: dict = field(default_factory=dict)
 
     def check_chips(self, chip_shape: tuple[int, ...], *, what: str) -> None:
         """Raise :class:`ModelMismatchError` if chips of ``chip_shape`` (…, C, H, W) don't fit."""
@@ -86,10 +88,84 @@ class RoofNet(nn.Module):
         return self.head(x.mean(dim=(2, 3)))
 
 
+def _conv(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+
+
+class PanelNet(nn.Module):
+    """A small U-Net: per-pixel class logits at the chip's own resolution.
+
+    Three encoder levels (one conv each, pooled), a bottleneck, and a decoder
+    that upsamples and concatenates the encoder's features: small objects
+    (a 2 m panel array is 6-10 chip pixels) need the full-resolution skip.
+    """
+
+    def __init__(self, n_classes: int, mean: list[float], std: list[float], widths: list[int] | None = None) -> None:
+        super().__init__()
+        w = widths or [16, 32, 64]
+        self.down = nn.ModuleList()
+        c_in = 3
+        for c in w:
+            self.down.append(_conv(c_in, c))
+            c_in = c
+        self.bottleneck = _conv(w[-1], w[-1])
+        self.up = nn.ModuleList(
+            _conv(w[i] + (w[i + 1] if i + 1 < len(w) else w[-1]), w[i]) for i in reversed(range(len(w)))
+        )
+        self.head = nn.Conv2d(w[0], n_classes, 1)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: uint8 or float chips in 0..255, N×3×S×S (S divisible by 2**levels) → N×classes×S×S logits."""
+        x = (x.float() / 255.0 - self.mean) / self.std
+        skips = []
+        for conv in self.down:
+            x = conv(x)
+            skips.append(x)
+            x = nn.functional.max_pool2d(x, 2)
+        x = self.bottleneck(x)
+        for conv, skip in zip(self.up, reversed(skips), strict=True):
+            x = nn.functional.interpolate(x, scale_factor=2, mode="nearest")
+            x = conv(torch.cat([x, skip], dim=1))
+        return self.head(x)
+
+
+ARCHITECTURES: dict[str, type[nn.Module]] = {"RoofNet": RoofNet, "PanelNet": PanelNet}
+TASK_OF_ARCHITECTURE = {"RoofNet": "classification", "PanelNet": "segmentation"}
+
+
 def build_model(card: ModelCard) -> nn.Module:
-    if card.architecture != "RoofNet":
+    cls = ARCHITECTURES.get(card.architecture)
+    if cls is None:
         raise ModelMismatchError(f"model {card.name}: unknown architecture {card.architecture!r}")
-    return RoofNet(len(card.classes), card.mean, card.std, card.widths)
+    if TASK_OF_ARCHITECTURE[card.architecture] != card.task:
+        raise ModelMismatchError(
+            f"model {card.name}: architecture {card.architecture} does {TASK_OF_ARCHITECTURE[card.architecture]}, "
+            f"the card says {card.task!r}"
+        )
+    return cls(len(card.classes), card.mean, card.std, card.widths)
+
+
+@torch.inference_mode()
+def check_outputs(model: nn.Module, card: ModelCard, device: str | torch.device = "cpu") -> None:
+    """Run one blank chip through ``model``: its outputs must match the card's task and classes.
+
+    Catches a card whose class list was edited, or weights of another model,
+    before any prediction row is written.
+    """
+    x = torch.zeros((1, card.bands, card.input_size, card.input_size), dtype=torch.uint8, device=device)
+    out = model(x)
+    want = (
+        (1, len(card.classes))
+        if card.task == "classification"
+        else (1, len(card.classes), card.input_size, card.input_size)
+    )
+    if tuple(out.shape) != want:
+        raise ModelMismatchError(
+            f"model {card.name}@{card.version}: outputs {tuple(out.shape)} for one chip, but its card "
+            f"({card.task}, classes {card.classes}) means {want}"
+        )
 
 
 def save_model(model: nn.Module, card: ModelCard, root: Path) -> tuple[str, Path]:
@@ -114,6 +190,12 @@ def load_model(folder: Path, device: str | torch.device = "cpu") -> tuple[nn.Mod
     if card.version and digest != card.version:
         raise ModelMismatchError(f"{folder}: weights hash {digest} does not match the card's version {card.version}")
     model = build_model(card)
-    model.load_state_dict(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True))
+    try:
+        model.load_state_dict(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True))
+    except RuntimeError as exc:  # shapes differ: the card's classes or widths are not the weights'
+        raise ModelMismatchError(
+            f"{folder}: weights do not fit the card ({card.architecture}, {len(card.classes)} classes "
+            f"{card.classes}, widths {card.widths}): {str(exc).splitlines()[0]}"
+        ) from exc
     model.eval().to(device)
     return model, card

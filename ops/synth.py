@@ -17,6 +17,10 @@ What is generated under ``DIR/<dep>/``:
 * ``ortho/*.tif`` -- BD ORTHO-like RGB GeoTIFF tiles (tiled 256x256, DEFLATE +
   predictor 2, nodata 0), one of which has a rectangular nodata hole; a band of
   villages lies beyond the imagery on purpose;
+* ``solar_panels.gpkg`` -- layer ``solar_panels``: one Polygon per solar-panel array
+  drawn on a roof (``cleabs`` of the building it sits on), in the native CRS: the
+  ground truth of the segmentation model (about a third of the imaged rectangular
+  roofs carry one, on one plane of a pitched roof or anywhere on a flat one);
 * ``labels.csv`` -- one row per footprint: ``cleabs,roof_type`` plus
   ``orientation_deg``, ``roof_colour``, ``in_nodata_hole`` and ``category`` (which
   of the manifest ``counts`` the building falls in); buildings that are not drawn
@@ -94,11 +98,14 @@ COUNT_KEYS: tuple[str, ...] = (
     "normal",
 )
 #: Bumped whenever the output for given parameters changes, so stale samples are regenerated.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 #: Margin around a footprint's bounding box that defines its image chip (used for ``nodata_area``).
 CHIP_MARGIN_M = 2.0
 ORTHO_YEAR = 2024
 MANIFEST_NAME = "manifest.json"
+#: Share of the eligible roofs (imaged, rectangular, room for a 2 × 1.6 m array) that carry solar panels.
+PANEL_SHARE = 0.33
+PANEL_LAYER = "solar_panels"
 
 _FLAT, _GABLE, _HIP = 0, 1, 2
 # category codes, in COUNT_KEYS order
@@ -135,6 +142,8 @@ class SampleManifest:
     imagery_bounds: list[float] = field(default_factory=list)
     nodata_hole: dict[str, Any] | None = None
     class_counts: dict[str, int] = field(default_factory=dict)
+    panels: Path | None = None
+    panel_count: int = 0
     generator_version: int = GENERATOR_VERSION
 
     def to_json(self) -> dict[str, Any]:
@@ -158,6 +167,8 @@ class SampleManifest:
             "imagery_bounds": list(self.imagery_bounds),
             "nodata_hole": self.nodata_hole,
             "class_counts": dict(self.class_counts),
+            "panels": self.panels.relative_to(self.root).as_posix() if self.panels else None,
+            "panel_count": self.panel_count,
             "generator_version": self.generator_version,
         }
 
@@ -185,6 +196,8 @@ def load_manifest(dep_root: Path) -> SampleManifest:
         imagery_bounds=list(data.get("imagery_bounds", [])),
         nodata_hole=data.get("nodata_hole"),
         class_counts={k: int(v) for k, v in data.get("class_counts", {}).items()},
+        panels=root / data["panels"] if data.get("panels") else None,
+        panel_count=int(data.get("panel_count", 0)),
         generator_version=int(data.get("generator_version", 0)),
     )
 
@@ -803,6 +816,7 @@ def _plan(dep: str, n: int, seed: int, tile_px: int, res: float) -> _Plan:
     _shading(plan)
     _choose_hole(plan)
     _choose_defects(plan, rng)
+    _choose_panels(plan)
     _choose_tiles(plan)
     return plan
 
@@ -1040,6 +1054,62 @@ def _choose_defects(plan: _Plan, rng: np.random.Generator) -> None:
     b["null_geom"][empties[1::2]] = True
 
 
+def _choose_panels(plan: _Plan) -> None:
+    """Put a solar-panel array on about a third of the imaged rectangular roofs.
+
+    An array is a rectangle aligned with the building: on one plane of a pitched
+    roof (kept clear of the ridge, the eaves and, for hips, the hip lines) or
+    anywhere on a flat one. Its own random stream, so adding panels moved no
+    building, label or tree.
+    """
+    b = plan.b
+    n = plan.n
+    rng = _rng(plan.seed, plan.departement, plan.n, "panels")
+    a, w2, roof = b["length"] / 2, b["width"] / 2, b["roof"]
+    flat = roof == _FLAT
+    u_half = np.where(flat, 0.75 * a, np.where(roof == _HIP, a - 0.95 * w2, 0.85 * a))
+    v_lo = np.where(flat, -0.75 * w2, 0.2 * w2)
+    v_hi = np.where(flat, 0.75 * w2, 0.85 * w2)
+    avail_u, avail_v = 2 * u_half, v_hi - v_lo
+    pick, f_len, f_dep, f_u, f_v, f_side = (rng.random(n) for _ in range(6))
+    tone = rng.uniform(0.85, 1.15, n)
+    eligible = (b["category"] == _CAT_NORMAL) & (b["shape"] == 0) & (avail_u >= 2.4) & (avail_v >= 1.6)
+    has = eligible & (pick < PANEL_SHARE)
+    length = np.minimum(np.maximum(avail_u * (0.35 + 0.55 * f_len), 2.0), avail_u)
+    depth = np.minimum(np.maximum(avail_v * (0.65 + 0.35 * f_dep), 1.6), avail_v)
+    uc = (2 * f_u - 1) * np.maximum(avail_u - length, 0) / 2
+    vc = (v_lo + v_hi) / 2 + (2 * f_v - 1) * np.maximum(avail_v - depth, 0) / 2
+    vc = np.where(flat | (f_side < 0.5), vc, -vc)  # pitched: either plane
+    lu = np.stack([uc - length / 2, uc + length / 2, uc + length / 2, uc - length / 2], 1)
+    lv = np.stack([vc - depth / 2, vc - depth / 2, vc + depth / 2, vc + depth / 2], 1)
+    ct, st = np.cos(b["theta"])[:, None], np.sin(b["theta"])[:, None]
+    panel = np.stack([b["x"][:, None] + lu * ct - lv * st, b["y"][:, None] + lu * st + lv * ct], axis=2)
+    b["panel"] = np.round(panel, 2)
+    b["has_panel"] = has
+    b["panel_rgb"] = np.clip(np.array([34.0, 44.0, 72.0])[None, :] * tone[:, None], 0, 255).astype(np.uint8)
+
+
+def _solar_panel(
+    draw: ImageDraw.ImageDraw, tdraw: ImageDraw.ImageDraw, quad: np.ndarray, rgb: tuple[int, int, int], res: float
+) -> None:
+    """A dark blue array with a light frame and the grid of its modules (about 1.0 × 1.7 m)."""
+    pts = _flat(quad)
+    draw.polygon(pts, fill=rgb)
+    tdraw.polygon(pts, fill=_TEX_SMOOTH)
+    grid = tuple(min(255, int(c * 1.6) + 12) for c in rgb)
+    p0, p1, _, p3 = quad
+    u, v = p1 - p0, p3 - p0
+    nu = max(1, int(round(np.linalg.norm(u) * res / 1.0)))
+    nv = max(1, int(round(np.linalg.norm(v) * res / 1.7)))
+    for k in range(1, nu):
+        q = p0 + u * k / nu
+        draw.line(_flat(np.array([q, q + v])), fill=grid, width=1)
+    for k in range(1, nv):
+        q = p0 + v * k / nv
+        draw.line(_flat(np.array([q, q + u])), fill=grid, width=1)
+    draw.line(pts + pts[:2], fill=(150, 152, 160), width=1)
+
+
 def _drawn(plan: _Plan) -> np.ndarray:
     """Buildings that exist on the imagery (broken-beyond-repair and empty ones do not)."""
     c = plan.b["category"]
@@ -1156,6 +1226,25 @@ def _write_footprints(plan: _Plan, path: Path) -> None:
     tmp.unlink(missing_ok=True)
     pyogrio.write_dataframe(gdf, tmp, layer="batiment", driver="GPKG", geometry_type="MultiPolygon")
     os.replace(tmp, path)
+
+
+def _write_panels(plan: _Plan, path: Path) -> int:
+    """The drawn solar-panel arrays as Polygons (native CRS) with their building's ``cleabs``."""
+    import geopandas as gpd
+    import pyogrio
+    import shapely
+
+    b = plan.b
+    idx = np.flatnonzero(b["has_panel"])
+    gdf = gpd.GeoDataFrame(
+        {"cleabs": b["cleabs"][idx]}, geometry=shapely.polygons(b["panel"][idx]), crs=f"EPSG:{plan.epsg}"
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.gpkg")
+    tmp.unlink(missing_ok=True)
+    pyogrio.write_dataframe(gdf, tmp, layer=PANEL_LAYER, driver="GPKG", geometry_type="Polygon")
+    os.replace(tmp, path)
+    return int(idx.size)
 
 
 def _write_labels(plan: _Plan, path: Path) -> None:
@@ -1449,6 +1538,9 @@ def _render_tile(plan: _Plan, job: _TileJob) -> np.ndarray:
     chim = chim.reshape(m_b, 8).tolist()
     has_chim = (det[:, 9] < 0.35).tolist()
     has_parapet = (det[:, 0] < 0.6).tolist()
+    has_panel = b["has_panel"][bi].tolist()
+    panel_px = px(b["panel"][bi])
+    panel_rgb = b["panel_rgb"][bi].tolist()
     for j in range(m_b):
         k = nv[j]
         ring_j = outline[j][: 2 * k]
@@ -1461,6 +1553,8 @@ def _render_tile(plan: _Plan, job: _TileJob) -> np.ndarray:
                 draw.line(outline[j][: 2 * k] + outline[j][:2], fill=tuple(pl[4]), width=line_w, joint="curve")
             if k == 4:
                 _rooftop_boxes(draw, rings[j, :4], det[j], res, sdir)
+            if has_panel[j]:
+                _solar_panel(draw, tdraw, panel_px[j], tuple(panel_rgb[j]), res)
             continue
         draw.polygon(plane_a[j], fill=tuple(pl[0]))
         draw.polygon(plane_b[j], fill=tuple(pl[1]))
@@ -1474,6 +1568,8 @@ def _render_tile(plan: _Plan, job: _TileJob) -> np.ndarray:
         if has_chim[j]:
             draw.polygon(chim_sh[j], fill=(30, 30, 34))
             draw.polygon(chim[j], fill=(60, 52, 48))
+        if has_panel[j]:
+            _solar_panel(draw, tdraw, panel_px[j], tuple(panel_rgb[j]), res)
 
     # --- trees, over everything: a few lobes and a sunlit highlight
     for j in range(len(t_all)):
@@ -1674,6 +1770,8 @@ def _matches(m: SampleManifest, dep: str, n: int, seed: int, tile_px: int, res: 
         and m.generator_version == GENERATOR_VERSION
         and m.footprints.exists()
         and m.labels.exists()
+        and m.panels is not None
+        and m.panels.exists()
         and m.ortho_dir.is_dir()
     )
 
@@ -1681,7 +1779,7 @@ def _matches(m: SampleManifest, dep: str, n: int, seed: int, tile_px: int, res: 
 def _clear(root: Path) -> None:
     """Remove what a previous generation wrote (only our own files), manifest first."""
     (root / MANIFEST_NAME).unlink(missing_ok=True)
-    for p in (root / "footprints" / "batiment.gpkg", root / "labels.csv"):
+    for p in (root / "footprints" / "batiment.gpkg", root / "labels.csv", root / "solar_panels.gpkg"):
         p.unlink(missing_ok=True)
     ortho = root / "ortho"
     if ortho.is_dir():
@@ -1746,7 +1844,9 @@ def generate_departement(
     _write_footprints(plan, footprints)
     labels = root / "labels.csv"
     _write_labels(plan, labels)
-    log(f"footprints and labels written ({time.perf_counter() - t0:.1f}s)")
+    panels = root / "solar_panels.gpkg"
+    panel_count = _write_panels(plan, panels)
+    log(f"footprints, labels and {panel_count} solar-panel arrays written ({time.perf_counter() - t0:.1f}s)")
 
     cat = plan.b["category"]
     counts = {k: int(np.sum(cat == i)) for i, k in enumerate(COUNT_KEYS)}
@@ -1785,6 +1885,8 @@ def generate_departement(
         ],
         nodata_hole=hole,
         class_counts={c: int(np.sum(plan.b["roof"] == i)) for i, c in enumerate(ROOF_CLASSES)},
+        panels=panels,
+        panel_count=panel_count,
     )
     tmp = root / (MANIFEST_NAME + ".tmp")
     tmp.write_text(json.dumps(manifest.to_json(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

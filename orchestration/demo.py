@@ -33,7 +33,7 @@ def enrich_job():
 def train_job():
     from orchestration.definitions import defs
 
-    return defs.resolve_job_def("train_roof_model")
+    return defs.resolve_job_def("train_models")
 
 
 def instance() -> DagsterInstance:
@@ -71,31 +71,54 @@ def run(
         }
 
 
-def summary(dep: str, crop: dict, pred: dict, model: dict, seconds: float) -> str:
+def summary(dep: str, crop: dict, pred: dict, seconds: float) -> str:
     from resources.warehouse import DuckDBWarehouse
 
     warehouse = DuckDBWarehouse(path=str(data_dir() / "warehouse.duckdb"))
     b = int(warehouse.query("select count(*) n from buildings where departement = ?", [dep]).n[0])
-    row = warehouse.query(
-        """select model_name, model_version, buildings, predicted, n_ok, n_no_imagery, n_nodata, n_invalid_geometry,
-                  n_error, coverage, label_distribution, mean_score
-           from departement_summary where departement = ? order by model_version""",
+    rows = warehouse.query(
+        """select model_name, model_version, task, buildings, predicted, n_ok, n_no_imagery, n_nodata,
+                  n_invalid_geometry, n_error, coverage, label_distribution, mean_score
+           from departement_summary where departement = ? order by model_name, model_version""",
         [dep],
     )
-    cur = row[row["model_version"] == pred["predictions"]["model_version"]].iloc[0]
-    lines = [
-        f"département {dep}",
-        f"  buildings      {b:,}",
-        f"  predictions    {int(cur.predicted):,} rows for {cur.model_name}@{cur.model_version}",
-        "  statuses       "
-        + ", ".join(f"{s} {int(cur['n_' + s]):,}" for s in ("ok", "no_imagery", "nodata", "invalid_geometry", "error")),
-        f"  labels         {cur.label_distribution}   (mean score {cur.mean_score:.3f}, coverage {cur.coverage:.1%})",
-        f"  model          held-out accuracy {model['accuracy']:.3f} vs chance {model['chance_accuracy']:.3f}, "
-        f"macro-F1 {model['macro_f1']:.3f}",
+    meta = pred["predictions"]
+    lines = [f"département {dep}", f"  buildings      {b:,}"]
+    for name in ("roof_type", "solar_panels"):
+        version = meta.get(f"{name}_model_version")
+        cur = rows[(rows.model_name == name) & (rows.model_version == version)]
+        if cur.empty:
+            continue
+        cur = cur.iloc[0]
+        lines += [
+            f"  {name:<14} {int(cur.predicted):,} rows from {name}@{version} ({cur.task})",
+            "    statuses     "
+            + ", ".join(
+                f"{s} {int(cur['n_' + s]):,}" for s in ("ok", "no_imagery", "nodata", "invalid_geometry", "error")
+            ),
+            f"    labels       {cur.label_distribution}   (mean score {cur.mean_score:.3f}, coverage {cur.coverage:.1%})",
+        ]
+        if f"{name}_area_m2" in meta:
+            lines.append(f"    panel area   {meta[f'{name}_area_m2']:,.0f} m² of polygons in predictions.geometry")
+    lines.append(
         f"  wall time      {seconds:.1f} s; chips {crop['chips']['chips_per_s']:,.0f}/s, "
-        f"inference {pred['predictions']['chips_per_s']:,.0f} chips/s",
-    ]
+        f"inference {meta['chips_per_s']:,.0f} chips/s (both models, batch {meta['batch_size']})"
+    )
     return "\n".join(lines)
+
+
+def model_lines(models) -> list[str]:
+    """Each current model's version and held-out metrics, from its model card."""
+    out = []
+    for name in ("roof_type", "solar_panels"):
+        card = models.card(name)
+        m = card.metrics
+        if card.task == "segmentation":
+            detail = f"panel IoU {m['iou']:.3f}, pixel macro-F1 {m['macro_f1']:.3f}"
+        else:
+            detail = f"accuracy {m['accuracy']:.3f} vs chance {m['chance_accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}"
+        out.append(f"{name}@{card.version} ({card.task}): held-out {detail}")
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -103,7 +126,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--buildings", type=int, default=3000, help="buildings per sample département")
     parser.add_argument("--departements", nargs="+", default=list(DEMO_DEPARTEMENTS))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--train-seconds", type=float, default=300, help="training time budget of roof_model")
+    parser.add_argument(
+        "--train", action="store_true", help="train new model versions on the samples (default: the shipped models)"
+    )
+    parser.add_argument("--train-seconds", type=float, default=600, help="training time budget of each model")
     args = parser.parse_args(argv)
     inst = instance()
     t_start = time.perf_counter()
@@ -116,9 +142,13 @@ def main(argv: list[str] | None = None) -> None:
         crop[dep] = run(enrich_job, inst, partition=dep, assets=STAGE_CROP)
         timing[dep] = time.perf_counter() - t0
         print(f"{dep}: buildings, mosaic and chips materialized ({timing[dep]:.1f} s)")
-    training = {"ops": {"roof_model": {"config": {"max_train_seconds": args.train_seconds}}}}
-    model = run(train_job, inst, run_config=training)["roof_model"]
-    print(f"roof_model@{model['model_version']}: held-out accuracy {model['accuracy']:.3f}")
+    if args.train:
+        budget = {"config": {"max_train_seconds": args.train_seconds}}
+        run(train_job, inst, run_config={"ops": {"roof_model": budget, "solar_model": budget}})
+    from orchestration.environment import local_resources
+
+    for line in model_lines(local_resources()["models"]):
+        print(line)
     pred = {}
     for dep in args.departements:
         t0 = time.perf_counter()
@@ -126,11 +156,14 @@ def main(argv: list[str] | None = None) -> None:
         timing[dep] += time.perf_counter() - t0
     print()
     for dep in args.departements:
-        print(summary(dep, crop[dep], pred[dep], model, timing[dep]))
+        print(summary(dep, crop[dep], pred[dep], timing[dep]))
         print()
     print(f"done in {time.perf_counter() - t_start:.0f} s. Tables in {data_dir() / 'warehouse.duckdb'}.")
     print("Open the Dagster UI with `make ui` (then http://127.0.0.1:3000) to browse assets, runs and lineage.")
-    print(json.dumps({"demo": "ok", "departements": args.departements, "model_version": model["model_version"]}))
+    versions = {
+        n: pred[args.departements[0]]["predictions"].get(f"{n}_model_version") for n in ("roof_type", "solar_panels")
+    }
+    print(json.dumps({"demo": "ok", "departements": args.departements, "models": versions}))
 
 
 if __name__ == "__main__":

@@ -41,6 +41,9 @@ class FootprintSource(ConfigurableResource):
     root: str = Field(default="data/sample", description="Folder with one sub-folder per département")
     subdir: str = Field(default="footprints", description="Sub-folder holding the footprint file")
     labels_file: str = Field(default="labels.csv", description="Ground-truth labels (building id, roof_type)")
+    panels_file: str = Field(
+        default="solar_panels.gpkg", description="Ground-truth solar-panel polygons (any OGR format, native CRS)"
+    )
 
     def footprints(self, departement: str) -> Path:
         folder = Path(self.root) / departement / self.subdir
@@ -57,4 +60,9 @@ class FootprintSource(ConfigurableResource):
 
     def labels(self, departement: str) -> Path | None:
         p = Path(self.root) / departement / self.labels_file
+        return p.resolve() if p.exists() else None
+
+    def panels(self, departement: str) -> Path | None:
+        """Ground-truth solar-panel polygons of a département, if it has any (training only)."""
+        p = Path(self.root) / departement / self.panels_file
         return p.resolve() if p.exists() else None

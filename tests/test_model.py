@@ -9,7 +9,7 @@ import torch
 
 from ops.chips import ChipSpec, crop_partition, list_shards, open_chips, read_index
 from ops.footprints import iter_building_batches, write_buildings_geoparquet
-from ops.inference import classify
+from ops.inference import BatchRunner, forward_fn
 from ops.model import ModelCard, ModelMismatchError, RoofNet, load_model, save_model
 from ops.mosaic import build_mosaic, find_tiles
 from ops.training import TrainConfig, train_classifier
@@ -85,8 +85,9 @@ def test_chips_of_the_wrong_size_or_bands_are_refused():
 def test_batched_inference_is_ordered_and_batch_size_independent():
     model, _ = _tiny_model()
     x = np.random.default_rng(0).integers(0, 255, (37, 3, 64, 64), dtype=np.uint8)
-    a = np.concatenate([b.probabilities for b in classify(model, x, CLASSES, batch_size=5)])
-    b = np.concatenate([b.probabilities for b in classify(model, x, CLASSES, batch_size=37)])
+    run = forward_fn(model, torch.device("cpu"))
+    a = BatchRunner(run, 5)(torch.from_numpy(x))
+    b = BatchRunner(run, 37)(torch.from_numpy(x))
     np.testing.assert_allclose(a, b, atol=1e-5)
     assert a.shape == (37, 3) and np.allclose(a.sum(1), 1, atol=1e-5)
 
@@ -104,5 +105,5 @@ def test_shipped_model_loads_from_an_empty_store_and_reads_64px_chips(tmp_path):
     assert card.metrics["accuracy"] > card.metrics["chance_accuracy"] + 0.2
     card.check_chips((1, 3, 64, 64), what="chips")
     x = np.random.default_rng(0).integers(0, 255, (2, 3, 64, 64), dtype=np.uint8)
-    probs = np.concatenate([b.probabilities for b in classify(model, x, card.classes)])
+    probs = forward_fn(model, torch.device("cpu"))(torch.from_numpy(x))
     assert probs.shape == (2, 3) and np.allclose(probs.sum(1), 1, atol=1e-5)

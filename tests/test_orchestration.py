@@ -19,10 +19,12 @@ def test_asset_graph_runs_from_footprints_to_dbt_marts():
     assert AssetKey("stg_buildings") in graph.get(AssetKey("building_attributes")).parent_keys
     assert AssetKey("buildings") in graph.get(AssetKey("stg_buildings")).parent_keys
     assert AssetKey("predictions") in graph.get(AssetKey("stg_predictions")).parent_keys
-    assert {AssetKey("chips"), AssetKey("roof_model")} <= graph.get(AssetKey("predictions")).parent_keys
-    for key in keys - {"roof_model"}:
+    parents = graph.get(AssetKey("predictions")).parent_keys
+    assert {AssetKey("chips"), AssetKey("roof_model"), AssetKey("solar_model")} <= parents
+    for key in keys - {"roof_model", "solar_model"}:
         assert graph.get(AssetKey(key)).partitions_def is not None, key
     assert graph.get(AssetKey("roof_model")).partitions_def is None
+    assert graph.get(AssetKey("solar_model")).partitions_def is None
 
 
 def test_monthly_schedule_requests_every_departement_once():

@@ -1,0 +1,192 @@
+"""Benchmark of the `predictions` step against the model alone and against a per-chip loop.
+
+    make bench-infer           # or: .venv/bin/python -m bench.infer [--buildings 20000] [--model roof_type]
+
+Same chips (a synthetic département cropped by the real `chips` step), same model (the
+shipped one), same run:
+- **forward-only**: the model alone on uint8 tensors already in memory, at its best batch size
+  for this device (measured here over candidate sizes: on CPU the best batch is small);
+- **naive**: what a user would write first: per chip, read it from its shard, forward at batch
+  1, append a row; then the rows go to the warehouse;
+- **ours**: the real `predictions` asset through Dagster's `materialize`, from the stored chip
+  shards to rows in the DuckDB warehouse, timed from the step's start (model loading, checks,
+  batch-size choice, staging and the warehouse transaction included).
+The timings are the best of ``--repeats`` runs (a shared 2-core VM varies 10-30 % run to
+run). Ends with one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+DEP = "33"
+
+
+def prepare(out: Path, n: int, tile_px: int) -> tuple[dict, Path]:
+    """Generate the département and crop it with the real assets (reused when already there)."""
+    os.environ["BATIVISION_DATA_DIR"] = str(out / "data")
+    os.environ["BATIVISION_SOURCE_DIR"] = str(out / "src")
+    from dagster import DagsterInstance, materialize
+
+    from ops.synth import generate_departement
+    from orchestration.definitions import all_assets
+    from orchestration.environment import local_resources
+
+    generate_departement(out / "src", DEP, n, seed=0, tile_px=tile_px, verbose=True)
+    res = local_resources()
+    materialize(
+        all_assets,
+        selection=["buildings", "ortho_mosaic", "chips"],
+        partition_key=DEP,
+        resources=res,
+        instance=DagsterInstance.ephemeral(),
+    )
+    return res, Path(res["store"].folder(f"chips/{DEP}"))
+
+
+def all_chips(folder: Path) -> np.ndarray:
+    from ops.chips import list_shards, open_chips
+
+    return np.concatenate([np.asarray(open_chips(folder, s)) for s in list_shards(folder)])
+
+
+def forward_only(
+    model, chips: np.ndarray, candidates: list[int], repeats: int, device: torch.device
+) -> tuple[float, int, dict]:
+    """Images/s of the model alone at its best batch size, chips already in (device) memory as tensors."""
+    from ops.inference import forward_fn, tune_batch_size
+
+    fwd = forward_fn(model, device)
+    best, rates = tune_batch_size([fwd], chips[:4096], candidates=candidates, min_images=512)
+    x = torch.from_numpy(chips).to(device)
+    rate = 0.0
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for i in range(0, len(x), best):
+            fwd(x[i : i + best])
+        rate = max(rate, len(x) / (time.perf_counter() - t0))
+    return rate, best, rates
+
+
+def naive(model, card, folder: Path, out_db: Path, limit: int, device: torch.device) -> float:
+    """Per chip: read, forward at batch 1, append a row; rows written to the warehouse at the end."""
+    from ops.chips import list_shards, open_chips, read_index
+
+    rows, n, t0 = [], 0, time.perf_counter()
+    for shard in list_shards(folder):
+        idx = read_index(folder, shard).to_pylist()
+        arr = open_chips(folder, shard)
+        for r in idx:
+            if r["status"] != "ok" or n >= limit:
+                continue
+            x = torch.from_numpy(np.array(arr[r["row"]]))[None].to(device)
+            with torch.no_grad():
+                p = torch.softmax(model(x).float(), 1)[0].cpu().numpy()
+            k = int(p.argmax())
+            rows.append(
+                {
+                    "building_id": r["building_id"],
+                    "label": card.classes[k],
+                    "score": float(p[k]),
+                    "probabilities": json.dumps({c: float(v) for c, v in zip(card.classes, p, strict=True)}),
+                }
+            )
+            n += 1
+    table = pa.Table.from_pylist(rows)  # noqa: F841 (read by DuckDB's replacement scan below)
+    import duckdb
+
+    con = duckdb.connect(str(out_db))
+    con.execute("create or replace table naive as select * from table")
+    con.close()
+    return n / (time.perf_counter() - t0)
+
+
+def ours(res: dict, model_name: str, repeats: int) -> tuple[float, dict]:
+    from dagster import DagsterInstance, materialize
+
+    from orchestration.definitions import all_assets
+
+    best, meta = 0.0, {}
+    for _ in range(repeats):
+        result = materialize(
+            all_assets,
+            selection=["predictions"],
+            partition_key=DEP,
+            resources=res,
+            instance=DagsterInstance.ephemeral(),
+            run_config={"ops": {"predictions": {"config": {"models": [model_name]}}}},
+        )
+        (ev,) = result.get_asset_materialization_events()
+        md = {k: v.value for k, v in ev.step_materialization_data.materialization.metadata.items()}
+        rate = md["predicted"] / md["total_seconds"]
+        if rate > best:
+            best, meta = rate, md
+    return best, meta
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=Path("bench/out/infer"))
+    ap.add_argument("--buildings", type=int, default=20_000)
+    ap.add_argument("--tile-px", type=int, default=5000)
+    ap.add_argument("--model", default="roof_type", help="model of the store to benchmark (roof_type, solar_panels)")
+    ap.add_argument("--naive-chips", type=int, default=5000, help="chips the per-chip loop runs on")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--candidates", default="8,16,32,64,128,256,512,1024", help="batch sizes tried for forward-only")
+    args = ap.parse_args(argv)
+    res, folder = prepare(args.out.resolve(), args.buildings, args.tile_px)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, card = res["models"].load(args.model, device=device)
+    chips = all_chips(folder)
+    print(
+        f"{len(chips):,} chips of {chips.shape[1:]} from {args.buildings:,} buildings; model {card.name}@{card.version}"
+    )
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}")
+
+    candidates = [int(c) for c in args.candidates.split(",")]
+    fo, fo_batch, rates = forward_only(model, chips, candidates, args.repeats, device)
+    print(
+        f"forward-only: {fo:,.0f} images/s at batch {fo_batch} "
+        f"({', '.join(f'{b}: {r:,.0f}' for b, r in rates.items())})"
+    )
+    naive_db = args.out.resolve() / "data" / "naive.duckdb"
+    nv = max(naive(model, card, folder, naive_db, args.naive_chips, device) for _ in range(args.repeats))
+    print(f"naive (batch 1, per chip, rows appended): {nv:,.0f} images/s on {args.naive_chips:,} chips")
+    us, meta = ours(res, args.model, args.repeats)
+    print(
+        f"ours (predictions step, shards → warehouse): {us:,.0f} images/s "
+        f"({meta['predicted']:,} chips, {meta['rows']:,} rows, batch {meta['batch_size']}, "
+        f"{meta['total_seconds']:.2f} s from step start; inference loop alone {meta['chips_per_s']:,.0f}/s)"
+    )
+    print(f"ours / forward-only = {us / fo:.2f}   ours / naive = {us / nv:.2f}")
+    print(
+        json.dumps(
+            {
+                "bench": "infer",
+                "device": str(device),
+                "model": f"{card.name}@{card.version}",
+                "chips": int(len(chips)),
+                "images_per_s": round(us, 1),
+                "naive_images_per_s": round(nv, 1),
+                "forward_only_images_per_s": round(fo, 1),
+                "forward_only_batch": fo_batch,
+                "batch_size": meta["batch_size"],
+                "fraction_of_forward_only": round(us / fo, 3),
+                "ratio_vs_naive": round(us / nv, 2),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
