@@ -296,8 +296,6 @@ def predictions(
             "oom_halvings": sum(r.runner.halvings for r in runs),
             "seconds": round(seconds, 2),
             "chips_per_s": round(n_pred / seconds, 1) if seconds else 0.0,
-            # from the step's start: model loading, checks, batch-size measurement and the warehouse load included
-            "total_seconds": round(time.perf_counter() - t_start, 2),
         }
         if rates:
             metadata["batch_size_rates"] = MetadataValue.json({str(b): round(v, 1) for b, v in rates.items()})
@@ -311,6 +309,8 @@ def predictions(
             metadata[f"{name}_staged"] = MetadataValue.path(str(staged[name]))
             if r.card.task == "segmentation":
                 metadata[f"{name}_area_m2"] = round(panel_area, 1)
+        # from the step's start: model loading, checks, batch-size choice, warehouse load and these previews included
+        metadata["total_seconds"] = round(time.perf_counter() - t_start, 2)
         return MaterializeResult(metadata=metadata)
 
 
