@@ -76,6 +76,7 @@ class PredictionsConfig(Config):
     )
     device: str = Field(default="auto", description="torch device: auto (CUDA if present), cpu, cuda")
     prefetch_batches: int = Field(default=3, description="Batches read ahead by the background loader")
+    threads: int = Field(default=0, description="torch CPU threads; 0 = every core this process may use")
 
 
 def machine_key(device) -> str:
@@ -145,6 +146,7 @@ def predictions(
     with bad_input_fails_fast():
         dep = check_departement(context.partition_key)
         device = pick_device(config.device)
+        torch.set_num_threads(config.threads or len(os.sched_getaffinity(0)))
         unknown = sorted(set(config.model_versions) - set(config.models))
         if unknown:
             raise ValueError(f"model_versions names {unknown}, which are not in models {config.models}")
@@ -293,6 +295,7 @@ def predictions(
             "models": ", ".join(f"{r.card.name}@{r.card.version}" for r in runs),
             "device": str(device),
             "batch_size": batch,
+            "threads": torch.get_num_threads(),
             "oom_halvings": sum(r.runner.halvings for r in runs),
             "seconds": round(seconds, 2),
             "chips_per_s": round(n_pred / seconds, 1) if seconds else 0.0,

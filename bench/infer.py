@@ -102,11 +102,11 @@ def naive(model, card, folder: Path, out_db: Path, limit: int, device: torch.dev
                 }
             )
             n += 1
-    table = pa.Table.from_pylist(rows)  # noqa: F841 (read by DuckDB's replacement scan below)
     import duckdb
 
     con = duckdb.connect(str(out_db))
-    con.execute("create or replace table naive as select * from table")
+    con.register("rows", pa.Table.from_pylist(rows))
+    con.execute("create or replace table naive as select * from rows")
     con.close()
     return n / (time.perf_counter() - t0)
 

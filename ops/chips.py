@@ -498,6 +498,7 @@ GDAL_CACHE_MB = 64
 
 
 def _init_worker(info_json: str, spec: ChipSpec, out_dir: str, meta: dict[str, str]) -> None:
+    """Set up a crop worker: one torch thread (the workers are the parallelism) and a small GDAL cache."""
     torch.set_num_threads(1)
     os.environ["GDAL_CACHEMAX"] = str(GDAL_CACHE_MB)
     info = MosaicInfo.from_json(info_json)
@@ -565,6 +566,9 @@ def crop_partition(
     todo.sort(key=lambda t: -len(t.building_ids))  # big cells first: better load balance
     init_args = (info.to_json(), spec, str(out_dir), meta)
     single = workers <= 1 or len(todo) <= 1
+    # in-process, the worker set-up must not outlive the crop (a later step in the same process, or a
+    # caller, would run torch on one thread)
+    saved = (torch.get_num_threads(), os.environ.get("GDAL_CACHEMAX"))
     if single:
         _init_worker(*init_args)
         _WORKER["writer"] = ShardWriter()  # in-process: overlap shard writes with cropping
@@ -590,3 +594,8 @@ def crop_partition(
                 writer.drain()  # every shard is on disk (or its error raised) before we return
             if _WORKER.get("tiles") is not None:
                 _WORKER["tiles"].close()
+            torch.set_num_threads(saved[0])
+            if saved[1] is None:
+                os.environ.pop("GDAL_CACHEMAX", None)
+            else:
+                os.environ["GDAL_CACHEMAX"] = saved[1]

@@ -142,31 +142,35 @@ def tune_batch_size(
     forwards: Sequence[Forward],
     sample: np.ndarray,
     candidates: Sequence[int] = (8, 16, 32, 64, 128, 256),
-    min_images: int = 256,
+    min_images: int = 384,
+    rounds: int = 2,
 ) -> tuple[int, dict[int, float]]:
     """The batch size that gives the most images/s for ``forwards`` together, measured on ``sample``.
 
-    Each candidate gets one warm-up batch, then runs at least ``min_images``
-    images; returns (best, {batch: images/s}).
+    Every candidate runs at least ``min_images`` images after a warm-up batch, in
+    ``rounds`` interleaved rounds (so a burst of load elsewhere on the machine
+    does not decide alone); a candidate's rate is its best round. Returns
+    (best, {batch: images/s}).
     """
-    rates: dict[int, float] = {}
     x = torch.from_numpy(np.array(sample))
-    for bs in candidates:
-        if bs > len(x):
-            break
-        for f in forwards:
-            f(x[:bs])
-        n, t0 = 0, time.perf_counter()
-        while n < max(min_images, bs * 2):
-            for i in range(0, len(x) - bs + 1, bs):
-                for f in forwards:
-                    f(x[i : i + bs])
-                n += bs
-                if n >= max(min_images, bs * 2):
-                    break
-        rates[bs] = n / (time.perf_counter() - t0)
-    if not rates:
+    sizes = [bs for bs in candidates if bs <= len(x)]
+    if not sizes:
         return max(1, len(x)), {}
+    rates: dict[int, float] = dict.fromkeys(sizes, 0.0)
+    for _ in range(rounds):
+        for bs in sizes:
+            for f in forwards:
+                f(x[:bs])
+            need = max(min_images, bs * 2)
+            n, t0 = 0, time.perf_counter()
+            while n < need:
+                for i in range(0, len(x) - bs + 1, bs):
+                    for f in forwards:
+                        f(x[i : i + bs])
+                    n += bs
+                    if n >= need:
+                        break
+            rates[bs] = max(rates[bs], n / (time.perf_counter() - t0))
     return max(rates, key=rates.get), rates
 
 
