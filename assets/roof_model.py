@@ -5,18 +5,15 @@ model version (a hash of the weights), so a new model marks every
 `predictions` partition stale in the UI.
 """
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from dagster import AssetExecutionContext, Config, DataVersion, MaterializeResult, asset
-from pydantic import Field
+from dagster import AssetExecutionContext, MaterializeResult, asset
 
-from assets.chips import chips, chips_prefix
-from assets.metadata import confusion_figure, confusion_markdown, png_markdown
-from ops.chips import list_shards, open_chips, read_index
-from ops.training import TrainConfig, train_classifier
+from assets.chips import chips
+from assets.training_sets import ModelTrainingConfig, describe, gather, ok_chips, save_and_report
+from ops.training import train_classifier
 from resources.imagery import FootprintSource
 from resources.model_store import ModelStore
 from resources.object_store import LocalObjectStore
@@ -25,16 +22,8 @@ MODEL_NAME = "roof_type"
 CLASSES = ["flat", "gable", "hip"]
 
 
-class RoofModelConfig(Config):
-    departements: list[str] = Field(
-        default_factory=list, description="Départements whose labelled chips train the model (default: all with labels)"
-    )
-    epochs: int = Field(default=24, description="Training epochs")
-    batch_size: int = Field(default=128)
-    learning_rate: float = Field(default=3e-3)
-    max_samples: int = Field(default=30_000, description="Cap on training chips (a deterministic sample)")
-    max_train_seconds: float = Field(default=900.0, description="Stop training after this long")
-    seed: int = Field(default=0)
+class RoofModelConfig(ModelTrainingConfig):
+    """Training settings of the roof classifier (defaults in ModelTrainingConfig)."""
 
 
 def read_labels(path: Path) -> pd.Series:
@@ -47,16 +36,6 @@ def read_labels(path: Path) -> pd.Series:
     if unknown:
         raise ValueError(f"{path}: unknown roof_type value(s) {unknown[:5]}; classes are {CLASSES}")
     return df.set_index(id_col)["roof_type"]
-
-
-def ok_chips(store: LocalObjectStore, dep: str) -> Iterator[tuple[str, pd.DataFrame, np.ndarray]]:
-    """Per shard of a partition: (shard id, index rows of the chips with status ok, the chip array)."""
-    folder = store.folder(chips_prefix(dep))
-    for cell in list_shards(folder):
-        idx = read_index(folder, cell).to_pandas()
-        idx = idx[idx["status"] == "ok"]
-        if not idx.empty:
-            yield cell, idx, open_chips(folder, cell)
 
 
 def labelled_chips(store: LocalObjectStore, dep: str, labels: pd.Series) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -88,57 +67,9 @@ def roof_model(
     footprints: FootprintSource,
     models: ModelStore,
 ) -> MaterializeResult:
-    chip_root = store.folder("chips")
-    deps = config.departements or sorted(p.name for p in chip_root.iterdir() if p.is_dir())
-    xs, ys, gs, used = [], [], [], []
-    for dep in deps:
-        lpath = footprints.labels(dep)
-        if lpath is None:
-            if config.departements:
-                raise FileNotFoundError(f"partition {dep}: no labels file for training")
-            continue
-        x, y, g = labelled_chips(store, dep, read_labels(lpath))
-        context.log.info(f"partition {dep}: {len(x):,} labelled chips")
-        if len(x):
-            xs.append(x), ys.append(y), gs.append(g), used.append(dep)
-    if not xs:
-        raise RuntimeError(
-            f"no labelled chips found under {chip_root} for {deps or 'any département'}: materialize chips first"
-        )
-    x, y, g = np.concatenate(xs), np.concatenate(ys), np.concatenate(gs)
-    if len(x) > config.max_samples:
-        keep = np.sort(np.random.default_rng(config.seed).choice(len(x), config.max_samples, replace=False))
-        x, y, g = x[keep], y[keep], g[keep]
-    cfg = TrainConfig(
-        epochs=config.epochs,
-        batch_size=config.batch_size,
-        lr=config.learning_rate,
-        seed=config.seed,
-        max_train_seconds=config.max_train_seconds,
+    (x, y, g), used = gather(
+        context, config, store, footprints.labels, lambda dep, p: labelled_chips(store, dep, read_labels(p)), "labels"
     )
-    result = train_classifier(x, y, CLASSES, g, name=MODEL_NAME, config=cfg, log=context.log.info)
-    result.card.training_data = {"departements": used, "chips": int(len(x)), "labels": "labels.csv per département"}
-    from datetime import UTC, datetime
-
-    result.card.created_at = datetime.now(UTC).isoformat(timespec="seconds")
-    version = models.save(result.model, result.card)
-    m = result.card.metrics
-    context.log.info(
-        f"{MODEL_NAME}@{version}: held-out accuracy {m['accuracy']:.3f} (chance {m['chance_accuracy']:.3f}), "
-        f"macro-F1 {m['macro_f1']:.3f}"
-    )
-    return MaterializeResult(
-        data_version=DataVersion(version),
-        metadata={
-            "model_version": version,
-            "accuracy": round(m["accuracy"], 4),
-            "macro_f1": round(m["macro_f1"], 4),
-            "chance_accuracy": round(m["chance_accuracy"], 4),
-            "n_train": m["n_train"],
-            "n_val": m["n_val"],
-            "train_seconds": m["train_seconds"],
-            "confusion_matrix": confusion_markdown(result.confusion, CLASSES),
-            "confusion_matrix_plot": png_markdown(confusion_figure(result.confusion, CLASSES)),
-            "departements": ", ".join(used),
-        },
-    )
+    result = train_classifier(x, y, CLASSES, g, name=MODEL_NAME, config=config.train_config(), log=context.log.info)
+    describe(result, used, "labels.csv per département")
+    return save_and_report(context, models, result, used, ["accuracy", "macro_f1", "chance_accuracy"])

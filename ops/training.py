@@ -97,6 +97,54 @@ def predict_logits(model: nn.Module, x: np.ndarray, batch_size: int = 256) -> np
     return torch.cat(out).numpy() if out else np.zeros((0, 0), dtype="float32")
 
 
+def _fit(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    x: np.ndarray,
+    y: np.ndarray,
+    cfg: TrainConfig,
+    augment: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    held_out: Callable[[], tuple[str, float]],
+    log: Callable[[str], None],
+) -> tuple[list[dict], float]:
+    """AdamW with a one-cycle schedule over shuffled mini-batches, within the time budget.
+
+    Returns the per-epoch history and the start time; the model is left in eval mode.
+    """
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps = max(1, cfg.epochs * int(np.ceil(len(x) / cfg.batch_size)))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps)
+    x_t = torch.from_numpy(np.ascontiguousarray(x))
+    y_t = torch.from_numpy(y.astype("int64"))
+    history = []
+    t0 = time.perf_counter()
+    gen = torch.Generator().manual_seed(cfg.seed)
+    for epoch in range(cfg.epochs):
+        model.train()
+        perm = torch.randperm(len(x_t), generator=gen)
+        total = 0.0
+        for i in range(0, len(perm), cfg.batch_size):
+            idx = perm[i : i + cfg.batch_size]
+            if len(idx) < 2:
+                continue
+            xb, yb = augment(x_t[idx], y_t[idx])
+            loss = loss_fn(model(xb), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.item() * len(idx)
+        name, value = held_out()
+        train_loss = total / max(len(x), 1)
+        history.append({"epoch": epoch + 1, "train_loss": train_loss, f"val_{name.lower()}": value})
+        log(f"epoch {epoch + 1}/{cfg.epochs}: train loss {train_loss:.3f}, held-out {name} {value:.3f}")
+        if time.perf_counter() - t0 > cfg.max_train_seconds:
+            log(f"stopping early: {cfg.max_train_seconds:.0f} s training budget spent")
+            break
+    model.eval()
+    return history, t0
+
+
 def train_classifier(
     chips: np.ndarray,
     labels: np.ndarray,
@@ -120,37 +168,13 @@ def train_classifier(
     mean, std = channel_stats(chips)
     widths = list(cfg.widths or (16, 32, 64, 128))
     model = RoofNet(len(classes), mean, std, widths)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps = max(1, cfg.epochs * int(np.ceil(len(xtr) / cfg.batch_size)))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=0.05)
-    xtr_t = torch.from_numpy(np.ascontiguousarray(xtr))
-    ytr_t = torch.from_numpy(ytr.astype("int64"))
-    history = []
-    t0 = time.perf_counter()
-    gen = torch.Generator().manual_seed(cfg.seed)
-    for epoch in range(cfg.epochs):
-        model.train()
-        perm = torch.randperm(len(xtr_t), generator=gen)
-        total = 0.0
-        for i in range(0, len(perm), cfg.batch_size):
-            idx = perm[i : i + cfg.batch_size]
-            if len(idx) < 2:
-                continue
-            xb = _augment(xtr_t[idx])
-            loss = loss_fn(model(xb), ytr_t[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += loss.item() * len(idx)
+
+    def held_out() -> tuple[str, float]:
         pred = predict_logits(model, xva).argmax(1) if len(xva) else np.array([])
-        acc = float((pred == yva).mean()) if len(xva) else float("nan")
-        history.append({"epoch": epoch + 1, "train_loss": total / max(len(xtr), 1), "val_accuracy": acc})
-        log(f"epoch {epoch + 1}/{cfg.epochs}: train loss {total / max(len(xtr), 1):.3f}, held-out accuracy {acc:.3f}")
-        if time.perf_counter() - t0 > cfg.max_train_seconds:
-            log(f"stopping early: {cfg.max_train_seconds:.0f} s training budget spent")
-            break
+        return "accuracy", float((pred == yva).mean()) if len(xva) else float("nan")
+
+    history, t0 = _fit(model, loss_fn, xtr, ytr, cfg, lambda x, y: (_augment(x), y), held_out, log)
     model.eval()
     pred = predict_logits(model, xva).argmax(1)
     cm = np.zeros((len(classes), len(classes)), dtype="int64")
@@ -242,38 +266,14 @@ def train_segmenter(
     counts = np.bincount(ytr.reshape(-1), minlength=len(classes)).astype("float64")
     weight = np.clip(np.sqrt(counts.max() / np.maximum(counts, 1)), 1.0, 10.0)
     loss_fn = nn.CrossEntropyLoss(weight=torch.tensor(weight, dtype=torch.float32))
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps = max(1, cfg.epochs * int(np.ceil(len(xtr) / cfg.batch_size)))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps)
-    xtr_t = torch.from_numpy(np.ascontiguousarray(xtr))
-    ytr_t = torch.from_numpy(ytr.astype("int64"))
-    history = []
-    t0 = time.perf_counter()
-    gen = torch.Generator().manual_seed(cfg.seed)
-    for epoch in range(cfg.epochs):
-        model.train()
-        perm = torch.randperm(len(xtr_t), generator=gen)
-        total = 0.0
-        for i in range(0, len(perm), cfg.batch_size):
-            idx = perm[i : i + cfg.batch_size]
-            if len(idx) < 2:
-                continue
-            xb, yb = _augment_pair(xtr_t[idx], ytr_t[idx])
-            loss = loss_fn(model(xb), yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += loss.item() * len(idx)
-        iou_val = float("nan")
-        if len(xva):
-            pred = predict_masks(model, xva)
-            iou_val = float(np.logical_and(pred > 0, yva > 0).sum() / max(np.logical_or(pred > 0, yva > 0).sum(), 1))
-        history.append({"epoch": epoch + 1, "train_loss": total / max(len(xtr), 1), "val_iou": iou_val})
-        log(f"epoch {epoch + 1}/{cfg.epochs}: train loss {total / max(len(xtr), 1):.3f}, held-out IoU {iou_val:.3f}")
-        if time.perf_counter() - t0 > cfg.max_train_seconds:
-            log(f"stopping early: {cfg.max_train_seconds:.0f} s training budget spent")
-            break
+
+    def held_out() -> tuple[str, float]:
+        if not len(xva):
+            return "IoU", float("nan")
+        pred = predict_masks(model, xva)
+        return "IoU", float(np.logical_and(pred > 0, yva > 0).sum() / max(np.logical_or(pred > 0, yva > 0).sum(), 1))
+
+    history, t0 = _fit(model, loss_fn, xtr, ytr, cfg, _augment_pair, held_out, log)
     pred = predict_masks(model, xva)
     cm = np.zeros((len(classes), len(classes)), dtype="int64")
     np.add.at(cm, (yva.reshape(-1).astype("int64"), pred.reshape(-1).astype("int64")), 1)
