@@ -88,25 +88,26 @@ def machine_key(device) -> str:
 
 def choose_batch_size(
     config: PredictionsConfig, device, runs: list[ModelRun], folder: Path, shards: list[str], store, log
-) -> tuple[int, dict]:
+) -> tuple[int, dict, Path | None]:
     """The configured batch size; else on CPU the one measured for these models on this kind of machine.
 
     A measurement is kept in the object store, keyed by machine kind and model
-    versions, so the next partitions start straight away.
+    versions, so the next partitions start straight away; returns (batch size,
+    measured chips/s per batch size, where the measurement is kept).
     """
     if config.batch_size > 0:
-        return config.batch_size, {}
+        return config.batch_size, {}, None
     if device.type == "cuda":
-        return CUDA_DEFAULT_BATCH, {}
+        return CUDA_DEFAULT_BATCH, {}, None
     total = sum(open_chips(folder, s).shape[0] for s in shards)
     if total < TUNE_MIN_CHIPS:
-        return CPU_DEFAULT_BATCH, {}
+        return CPU_DEFAULT_BATCH, {}, None
     models_key = "+".join(f"{r.card.name}@{r.card.version}" for r in runs)
     cache = store.path(f"inference/batch_size/{machine_key(device)}/{models_key}.json")
     if cache.exists():
         known = json.loads(cache.read_text())
         log(f"batch size {known['best']} (measured before for {models_key} on {machine_key(device)})")
-        return int(known["best"]), {int(k): v for k, v in known["rates"].items()}
+        return int(known["best"]), {int(k): v for k, v in known["rates"].items()}, cache
     sample, n = [], 0
     for shard in shards:
         arr = open_chips(folder, shard)
@@ -121,7 +122,7 @@ def choose_batch_size(
         + f" → {best}"
     )
     cache.write_text(json.dumps({"best": best, "rates": {str(b): round(r, 1) for b, r in rates.items()}}))
-    return best, rates
+    return best, rates, cache
 
 
 @asset(
@@ -170,7 +171,7 @@ def predictions(
             raise RuntimeError(
                 f"partition {dep}: chips index has {n_index} buildings, buildings has {expected}: re-run chips"
             )
-        batch, rates = choose_batch_size(config, device, runs, folder, shards, store, context.log.info)
+        batch, rates, tuned = choose_batch_size(config, device, runs, folder, shards, store, context.log.info)
         for r in runs:
             r.runner.max_batch = batch
         names = ", ".join(f"{r.card.name}@{r.card.version} ({r.card.task})" for r in runs)
@@ -268,6 +269,13 @@ def predictions(
                 for w in writers.values():
                     w.close()
         seconds = time.perf_counter() - t0
+        if tuned is not None and n_pred >= TUNE_MIN_CHIPS and n_pred / seconds < 0.5 * rates.get(batch, 0):
+            # far below what was measured: the machine was busy then or is now; measure again next time
+            tuned.unlink(missing_ok=True)
+            context.log.warning(
+                f"partition {dep}: {n_pred / seconds:,.0f} chips/s against {rates[batch]:,.0f} measured for batch "
+                f"{batch}: the batch size will be measured again on the next partition"
+            )
         for name, n in written.items():
             if n != expected:
                 raise RuntimeError(
