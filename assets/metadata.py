@@ -22,7 +22,7 @@ def png_markdown(fig) -> MetadataValue:
     return MetadataValue.md(f"![preview](data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()})")
 
 
-def points_map(x, y, categories, title: str, max_points: int = 20_000) -> MetadataValue:
+def points_map(x, y, categories, title: str, max_points: int = 5_000) -> MetadataValue:
     """A scatter map of buildings coloured by category (status, label), for the asset's metadata.
 
     Subsampled deterministically to ``max_points`` so large partitions stay cheap.

@@ -33,7 +33,15 @@ from ops.chips import STATUSES, list_shards, open_chips, shard_paths
 from ops.departements import check_departement
 from ops.footprints import split_by_cell
 from ops.geo import to_wgs84_wkb
-from ops.inference import BatchRunner, ModelRun, forward_fn, pick_device, predict_shards, tune_batch_size
+from ops.inference import (
+    BatchRunner,
+    ModelRun,
+    forward_fn,
+    pick_device,
+    predict_shards,
+    reuse_freed_memory,
+    tune_batch_size,
+)
 from ops.model import ModelMismatchError, check_outputs
 from resources.model_store import ModelStore
 from resources.object_store import LocalObjectStore
@@ -148,6 +156,7 @@ def predictions(
         dep = check_departement(context.partition_key)
         device = pick_device(config.device)
         torch.set_num_threads(config.threads or len(os.sched_getaffinity(0)))
+        reuse_freed_memory()
         unknown = sorted(set(config.model_versions) - set(config.models))
         if unknown:
             raise ValueError(f"model_versions names {unknown}, which are not in models {config.models}")

@@ -68,9 +68,13 @@ def all_chips(folder: Path) -> np.ndarray:
 def forward_only(
     model, chips: np.ndarray, candidates: list[int], repeats: int, device: torch.device
 ) -> tuple[float, int, dict]:
-    """Images/s of the model alone at its best batch size, chips already in (device) memory as tensors."""
-    from ops.inference import forward_fn, tune_batch_size
+    """Images/s of the model alone at its best batch size, chips already in (device) memory as tensors.
 
+    With the same allocator setting as the step (freed blocks kept for reuse): the model at its best.
+    """
+    from ops.inference import forward_fn, reuse_freed_memory, tune_batch_size
+
+    reuse_freed_memory()
     fwd = forward_fn(model, device)
     best, rates = tune_batch_size([fwd], chips[:4096], candidates=candidates, min_images=512)
     x = torch.from_numpy(chips).to(device)

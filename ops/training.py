@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ops.inference import reuse_freed_memory
 from ops.model import ModelCard, PanelNet, RoofNet
 
 
@@ -111,6 +112,7 @@ def _fit(
 
     Returns the per-epoch history and the start time; the model is left in eval mode.
     """
+    reuse_freed_memory()  # activations and gradients are re-allocated every step: keep them off mmap
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = max(1, cfg.epochs * int(np.ceil(len(x) / cfg.batch_size)))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps)
