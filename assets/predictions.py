@@ -23,7 +23,7 @@ from ops.inference import classify, pick_device
 from ops.model import ModelMismatchError
 from resources.model_store import ModelStore
 from resources.object_store import LocalObjectStore
-from resources.warehouse import WAREHOUSE_POOL, DuckDBWarehouse
+from resources.warehouse import WAREHOUSE_POOL, Warehouse
 
 PREDICTIONS_SCHEMA = pa.schema(
     [
@@ -65,7 +65,7 @@ def predictions(
     config: PredictionsConfig,
     store: LocalObjectStore,
     models: ModelStore,
-    warehouse: DuckDBWarehouse,
+    warehouse: Warehouse,
 ) -> MaterializeResult:
     with bad_input_fails_fast():
         dep = check_departement(context.partition_key)
