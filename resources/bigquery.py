@@ -151,7 +151,9 @@ class BigQueryWarehouse(Warehouse):
                     missing = set(names) - set(batch.schema.names)
                     if missing:
                         raise ValueError(f"{table}[{departement}]: batch lacks columns {sorted(missing)}")
-                    t = pa.Table.from_batches([batch]).select(names)
+                    # No schema metadata: a GeoParquet `geo` key (the buildings file has one, naming
+                    # the native CRS) would make BigQuery read the WKB column as a geography itself.
+                    t = pa.Table.from_batches([batch]).select(names).replace_schema_metadata(None)
                     if writer is None:
                         writer = pq.ParquetWriter(path, t.schema, compression="zstd")
                     writer.write_table(t)
@@ -231,7 +233,7 @@ END;"""
             default_dataset=f"{self.project}.{self.dataset}",
             query_parameters=[query_parameter(None, v) for v in params or []],
         )
-        return self.client().query_and_wait(sql, job_config=config).to_dataframe()
+        return self.client().query_and_wait(sql, job_config=config).to_arrow().to_pandas()
 
     def dbt_env(self) -> dict[str, str]:
         env = {
