@@ -48,6 +48,7 @@ PROD_ENV = {
     "BATIVISION_CACHE_DIR": "local scratch folder of a step's pod (default: the temp dir)",
     "BATIVISION_BQ_API_ENDPOINT": "BigQuery endpoint override (unset in production; tests: the emulator)",
     "BATIVISION_GCS_API_ENDPOINT": "Cloud Storage endpoint override (unset in production; tests: the emulator)",
+    "BATIVISION_EXECUTOR": "k8s (default) or multiprocess (prod resources without a cluster)",
 }
 
 # Per-step pod resources under the k8s executor (op names): cropping is CPU/memory-heavy,
@@ -161,8 +162,9 @@ def executor_for(env: str | None = None):
 
     The pods take the image, namespace and environment of the run launcher
     (``k8s/values.yaml``); GPU and memory requests go to the steps that need them.
+    ``BATIVISION_EXECUTOR=multiprocess`` keeps prod's resources on one machine (a VM, no cluster).
     """
-    if (env or current_env()) == "prod":
+    if (env or current_env()) == "prod" and os.environ.get("BATIVISION_EXECUTOR", "k8s") != "multiprocess":
         return k8s_job_executor.configured(
             {"max_concurrent": 8, "per_step_k8s_config": PROD_STEP_K8S_CONFIG}, name="bativision_k8s"
         )

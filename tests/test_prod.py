@@ -240,3 +240,36 @@ def test_gdal_reads_tiles_through_vsigs(materialized):
         assert remote.crs == local.crs and remote.transform == local.transform
         window = ((0, 64), (0, 64))
         assert (remote.read(window=window) == local.read(window=window)).all()
+
+
+def test_store_uploads_what_a_step_wrote_and_nothing_else(cloud, tmp_path):
+    """Each execution starts from the bucket and sends back only new or changed files."""
+    from resources.gcs import GcsObjectStore
+
+    resources, gcs, _ = cloud
+    endpoint = resources["store"].api_endpoint
+
+    def execution() -> GcsObjectStore:
+        store = GcsObjectStore(root=str(tmp_path), bucket=BUCKET, prefix="unit", api_endpoint=endpoint)
+        store.setup_for_execution(None)
+        return store
+
+    first = execution()
+    first.path("a/one.txt").write_text("1")
+    first.path("a/two.txt.tmp").write_text("half-written")
+    first.teardown_after_execution(None)
+    blob = gcs.bucket(BUCKET).get_blob("unit/a/one.txt")
+    assert blob is not None and gcs.bucket(BUCKET).get_blob("unit/a/two.txt.tmp") is None
+
+    second = execution()
+    assert (second.folder("a") / "one.txt").read_text() == "1"  # fetched from the bucket
+    second.path("a/three.txt").write_text("3")
+    second.teardown_after_execution(None)
+    assert gcs.bucket(BUCKET).get_blob("unit/a/one.txt").generation == blob.generation  # not re-uploaded
+    assert gcs.bucket(BUCKET).get_blob("unit/a/three.txt").download_as_text() == "3"
+
+    third = execution()
+    assert third.exists("a") and third.uri("a/one.txt") == f"gs://{BUCKET}/unit/a/one.txt"
+    third.delete("a")
+    third.teardown_after_execution(None)
+    assert not [b.name for b in gcs.list_blobs(BUCKET, prefix="unit/")]
