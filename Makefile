@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 
-.PHONY: install demo test ui lint sample clean bench-crop bench-infer
+.PHONY: install install-emulators demo test ui lint sample clean bench-crop bench-infer
 
 $(BIN)/python:
 	@command -v $(PY) >/dev/null || { echo "$(PY) not found: install Python 3.11"; exit 1; }
@@ -22,10 +22,27 @@ $(STAMP): $(BIN)/python requirements.lock pyproject.toml
 
 install: $(STAMP)
 
+# The BigQuery emulator (tests only) needs Python >= 3.13: its own virtualenv, exact pins, no
+# resolution (its metadata asks for duckdb>=2; it runs offline on 1.5.5 with the wheels' extensions).
+BQ_PY ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.1[3-5]*/bin/python) $(shell command -v python3.13 2>/dev/null))
+BQ_VENV := .venv-bq
+BQ_STAMP := $(BQ_VENV)/.installed
+
+$(BQ_STAMP): requirements-bigquery-emulator.lock tests/standins/install_duckdb_extensions.py
+	@test -n "$(BQ_PY)" && test -x "$(BQ_PY)" || { echo "$(BQ_PY) not found: the BigQuery emulator needs Python >= 3.13 (set BQ_PY)"; exit 1; }
+	rm -rf $(BQ_VENV)
+	$(BQ_PY) -m venv $(BQ_VENV)
+	$(BQ_VENV)/bin/pip install --quiet --upgrade pip
+	$(BQ_VENV)/bin/pip install --quiet --no-deps -r requirements-bigquery-emulator.lock
+	$(BQ_VENV)/bin/python tests/standins/install_duckdb_extensions.py
+	@touch $(BQ_STAMP)
+
+install-emulators: $(BQ_STAMP)
+
 demo: install
 	$(BIN)/python -m orchestration.demo
 
-test: install
+test: install install-emulators
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -n 2 --dist loadgroup
 
@@ -50,4 +67,4 @@ bench-infer: install
 	$(BIN)/python -m bench.infer
 
 clean:
-	rm -rf data .dagster_home dbt/target dbt/logs
+	rm -rf data .dagster_home dbt/target dbt/logs $(BQ_VENV)

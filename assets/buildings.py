@@ -16,7 +16,7 @@ from ops.geo import to_wgs84_wkb
 from ops.grid import DEFAULT_CELL_SIZE_M
 from resources.imagery import FootprintSource
 from resources.object_store import LocalObjectStore
-from resources.warehouse import WAREHOUSE_POOL, DuckDBWarehouse
+from resources.warehouse import WAREHOUSE_POOL, Warehouse
 
 
 class BuildingsConfig(Config):
@@ -51,7 +51,7 @@ def buildings(
     config: BuildingsConfig,
     footprints: FootprintSource,
     store: LocalObjectStore,
-    warehouse: DuckDBWarehouse,
+    warehouse: Warehouse,
 ) -> MaterializeResult:
     with bad_input_fails_fast():
         dep = check_departement(context.partition_key)

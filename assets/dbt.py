@@ -18,18 +18,15 @@ from dagster import AssetExecutionContext, AssetKey
 from dagster_dbt import DagsterDbtTranslator, DbtCliResource, DbtProject, dbt_assets
 
 from assets.partitions import departements_partitions
-from resources.warehouse import WAREHOUSE_POOL, DuckDBWarehouse, spatial_extension_path
+from resources.warehouse import WAREHOUSE_POOL, DuckDBWarehouse, Warehouse
 
 DBT_DIR = Path(__file__).resolve().parent.parent / "dbt"
 dbt_project = DbtProject(project_dir=DBT_DIR, profiles_dir=DBT_DIR)
 
 
 def dbt_env(warehouse_path: str) -> dict[str, str]:
-    """Environment dbt needs: where the warehouse is, and the spatial extension file."""
-    return {
-        "BATIVISION_DUCKDB_PATH": str(Path(warehouse_path).resolve()),
-        "BATIVISION_SPATIAL_EXTENSION": spatial_extension_path(),
-    }
+    """Environment dbt's `local` target needs: where the DuckDB file is, and the spatial extension file."""
+    return DuckDBWarehouse(path=warehouse_path).dbt_env()
 
 
 def ensure_manifest() -> Path:
@@ -72,7 +69,7 @@ class BativisionDbtTranslator(DagsterDbtTranslator):
     partitions_def=departements_partitions,
     pool=WAREHOUSE_POOL,
 )
-def bativision_dbt_models(context: AssetExecutionContext, dbt: DbtCliResource, warehouse: DuckDBWarehouse):
-    os.environ.update(dbt_env(warehouse.path))
+def bativision_dbt_models(context: AssetExecutionContext, dbt: DbtCliResource, warehouse: Warehouse):
+    os.environ.update(warehouse.dbt_env())
     args = ["build", "--vars", json.dumps({"departement": context.partition_key})]
     yield from dbt.cli(args, context=context).stream()

@@ -45,7 +45,7 @@ from ops.inference import (
 from ops.model import ModelMismatchError, check_outputs
 from resources.model_store import ModelStore
 from resources.object_store import LocalObjectStore
-from resources.warehouse import WAREHOUSE_POOL, DuckDBWarehouse
+from resources.warehouse import WAREHOUSE_POOL, Warehouse
 
 PREDICTIONS_SCHEMA = pa.schema(
     [
@@ -149,7 +149,7 @@ def predictions(
     config: PredictionsConfig,
     store: LocalObjectStore,
     models: ModelStore,
-    warehouse: DuckDBWarehouse,
+    warehouse: Warehouse,
 ) -> MaterializeResult:
     t_start = time.perf_counter()
     with bad_input_fails_fast():

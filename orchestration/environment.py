@@ -5,18 +5,30 @@ as object store, SQLite Dagster storage (``dagster.yaml`` under
 ``DAGSTER_HOME``) and the multiprocess executor. Paths can be moved with
 ``BATIVISION_DATA_DIR`` (default ``./data``) and ``BATIVISION_SOURCE_DIR``
 (default ``<data>/sample``).
+
+``prod`` runs the same assets on Google Cloud: BigQuery as warehouse, a
+Cloud Storage bucket as object store, model store and imagery source, dbt's
+``bigquery`` target, and one Kubernetes pod per step (Postgres-backed Dagster
+storage comes from ``orchestration/instance/prod.yaml``). Everything it needs
+is read from environment variables (:data:`PROD_ENV`), none of it from the
+repository; credentials are application default credentials (workload
+identity on GKE).
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 from dagster import multiprocess_executor
 from dagster_dbt import DbtCliResource
+from dagster_k8s import k8s_job_executor
 
 from assets.dbt import DBT_DIR
+from resources.bigquery import BigQueryWarehouse
+from resources.gcs import GcsObjectStore
 from resources.imagery import FootprintSource, OrthoImagery
 from resources.model_store import ModelStore
 from resources.object_store import LocalObjectStore
@@ -24,6 +36,48 @@ from resources.warehouse import DuckDBWarehouse
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ENVIRONMENTS = ("local", "prod")
+
+# BATIVISION_ENV=prod: variable → what it sets (required ones have no default).
+PROD_ENV = {
+    "BATIVISION_BQ_PROJECT": "GCP project of the BigQuery dataset (required)",
+    "BATIVISION_BQ_DATASET": "BigQuery dataset of `buildings`, `predictions` and the dbt models (required)",
+    "BATIVISION_BQ_LOCATION": "BigQuery location (default EU)",
+    "BATIVISION_GCS_BUCKET": "bucket of the object store and the model store (required)",
+    "BATIVISION_GCS_PREFIX": "key prefix of the artefacts in the bucket (default bativision)",
+    "BATIVISION_SOURCE_URI": "gs:// folder with one sub-folder per département (default gs://<bucket>/sources)",
+    "BATIVISION_CACHE_DIR": "local scratch folder of a step's pod (default: the temp dir)",
+    "BATIVISION_BQ_API_ENDPOINT": "BigQuery endpoint override (unset in production; tests: the emulator)",
+    "BATIVISION_GCS_API_ENDPOINT": "Cloud Storage endpoint override (unset in production; tests: the emulator)",
+    "BATIVISION_EXECUTOR": "k8s (default) or multiprocess (prod resources without a cluster)",
+}
+
+# Per-step pod resources under the k8s executor (op names): cropping is CPU/memory-heavy,
+# inference wants a GPU (a node pool with the NVIDIA device plugin, tainted for GPU work).
+PROD_STEP_K8S_CONFIG = {
+    "chips": {"container_config": {"resources": {"requests": {"cpu": "4", "memory": "16Gi"}, "limits": {"memory": "16Gi"}}}},
+    "predictions": {
+        "container_config": {
+            "resources": {
+                "requests": {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": "1"},
+                "limits": {"memory": "16Gi", "nvidia.com/gpu": "1"},
+            }
+        },
+        "pod_spec_config": {
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        },
+    },
+    "roof_model": {
+        "container_config": {
+            "resources": {
+                "requests": {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": "1"},
+                "limits": {"memory": "16Gi", "nvidia.com/gpu": "1"},
+            }
+        },
+        "pod_spec_config": {
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        },
+    },
+}
 
 
 def current_env() -> str:
@@ -59,15 +113,59 @@ def local_resources() -> dict:
     }
 
 
+def _required(name: str) -> str:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        raise ValueError(f"BATIVISION_ENV=prod needs {name}: {PROD_ENV[name]}")
+    return value
+
+
+def prod_resources() -> dict:
+    """BigQuery, Cloud Storage and dbt's `bigquery` target, configured from the environment."""
+    bucket = _required("BATIVISION_GCS_BUCKET")
+    prefix = os.environ.get("BATIVISION_GCS_PREFIX", "bativision").strip("/")
+    gcs_endpoint = os.environ.get("BATIVISION_GCS_API_ENDPOINT") or None
+    sources = os.environ.get("BATIVISION_SOURCE_URI") or f"gs://{bucket}/sources"
+    cache = Path(os.environ.get("BATIVISION_CACHE_DIR") or tempfile.gettempdir()) / "bativision"
+
+    def store() -> GcsObjectStore:
+        return GcsObjectStore(root=str(cache / "store"), bucket=bucket, prefix=prefix, api_endpoint=gcs_endpoint)
+
+    return {
+        "warehouse": BigQueryWarehouse(
+            project=_required("BATIVISION_BQ_PROJECT"),
+            dataset=_required("BATIVISION_BQ_DATASET"),
+            location=os.environ.get("BATIVISION_BQ_LOCATION", "EU"),
+            api_endpoint=os.environ.get("BATIVISION_BQ_API_ENDPOINT") or None,
+            staging_dir=str(cache),
+        ),
+        "store": store(),
+        "imagery": OrthoImagery(root=sources, api_endpoint=gcs_endpoint),
+        "footprints": FootprintSource(root=sources, api_endpoint=gcs_endpoint, cache_dir=str(cache / "sources")),
+        "models": ModelStore(store=store(), shipped=str(REPO_ROOT / "models")),
+        "dbt": DbtCliResource(
+            project_dir=str(DBT_DIR),
+            profiles_dir=str(DBT_DIR),
+            target="bigquery",
+            dbt_executable=str(Path(sys.executable).parent / "dbt"),
+        ),
+    }
+
+
 def resources_for(env: str | None = None) -> dict:
     env = env or current_env()
-    if env == "local":
-        return local_resources()
-    raise NotImplementedError(
-        "BATIVISION_ENV=prod (BigQuery, GCS, Postgres, k8s) is not available in this version; use BATIVISION_ENV=local"
-    )
+    return local_resources() if env == "local" else prod_resources()
 
 
 def executor_for(env: str | None = None):
-    """Multiprocess locally: each step in its own process, like a pod per step in prod."""
+    """Locally, multiprocess: each step in its own process. In prod, one Kubernetes pod per step.
+
+    The pods take the image, namespace and environment of the run launcher
+    (``k8s/values.yaml``); GPU and memory requests go to the steps that need them.
+    ``BATIVISION_EXECUTOR=multiprocess`` keeps prod's resources on one machine (a VM, no cluster).
+    """
+    if (env or current_env()) == "prod" and os.environ.get("BATIVISION_EXECUTOR", "k8s") != "multiprocess":
+        return k8s_job_executor.configured(
+            {"max_concurrent": 8, "per_step_k8s_config": PROD_STEP_K8S_CONFIG}, name="bativision_k8s"
+        )
     return multiprocess_executor.configured({"max_concurrent": 2})

@@ -7,20 +7,12 @@ modification times) and requests one enrichment run per changed département.
 """
 
 import json
-from pathlib import Path
 
 from dagster import RunRequest, SensorEvaluationContext, SkipReason, sensor
 
 from ops.departements import DEPARTEMENTS
-from ops.mosaic import TILE_SUFFIXES, tiles_digest
 from orchestration.jobs import enrich_job
 from resources.imagery import OrthoImagery
-
-
-def tiles_fingerprint(folder: Path) -> str | None:
-    if not folder.is_dir():
-        return None
-    return tiles_digest(sorted(str(p) for p in folder.iterdir() if p.suffix.lower() in TILE_SUFFIXES))
 
 
 @sensor(job=enrich_job, minimum_interval_seconds=300)
@@ -29,7 +21,7 @@ def new_imagery_sensor(context: SensorEvaluationContext, imagery: OrthoImagery):
     seen = json.loads(context.cursor) if context.cursor else {}
     now = {}
     for dep in DEPARTEMENTS:
-        fp = tiles_fingerprint(Path(imagery.root) / dep / imagery.subdir)
+        fp = imagery.fingerprint(dep)
         if fp is not None:
             now[dep] = fp
     changed = [d for d, fp in now.items() if seen.get(d) != fp]

@@ -4,16 +4,31 @@ The default layout is the one the sample generator writes, one folder per
 département: ``<root>/<dep>/ortho/*.tif``, ``<root>/<dep>/footprints/<file>``
 (any OGR format) and ``<root>/<dep>/labels.csv``. A missing input is an error
 naming the partition and the path that was looked at.
+
+``root`` may be a bucket, ``gs://<bucket>/<prefix>`` (production). Tiles are
+then read in place by GDAL through ``/vsigs/<bucket>/<key>`` (the mosaic VRT
+points at them; GDAL authenticates with the same application default
+credentials); footprints and labels, which are read whole, are copied to a
+local folder first.
 """
 
 from __future__ import annotations
 
+import hashlib
+import tempfile
 from pathlib import Path
 
 from dagster import ConfigurableResource
 from pydantic import Field
 
-from ops.mosaic import find_tiles
+from ops.mosaic import TILE_SUFFIXES, find_tiles, tiles_digest
+from resources.gcs import download_prefix, gcs_client, split_gs_uri
+
+ENDPOINT_HELP = "Cloud Storage API endpoint for gs:// roots; None = Google's. http:// = an emulator (tests)"
+
+
+def is_gs(root: str) -> bool:
+    return root.startswith("gs://")
 
 FOOTPRINT_SUFFIXES = (".gpkg", ".shp", ".geojson", ".json", ".parquet", ".fgb")
 
@@ -27,12 +42,45 @@ class OrthoImagery(ConfigurableResource):
 
     root: str = Field(default="data/sample", description="Folder with one sub-folder per département")
     subdir: str = Field(default="ortho", description="Sub-folder of a département holding its tiles")
+    api_endpoint: str | None = Field(default=None, description=ENDPOINT_HELP)
+
+    def _gs_tiles(self, departement: str) -> list[tuple[str, int, int]]:
+        """(GDAL path, size, generation) of the tiles under a gs:// root, sorted by name."""
+        bucket, prefix = split_gs_uri(self.root)
+        key = "/".join(p for p in (prefix, departement, self.subdir) if p) + "/"
+        blobs = gcs_client(self.api_endpoint).list_blobs(bucket, prefix=key)
+        found = [
+            (f"/vsigs/{bucket}/{b.name}", b.size or 0, b.generation or 0)
+            for b in blobs
+            if Path(b.name).suffix.lower() in TILE_SUFFIXES and "/" not in b.name[len(key) :]
+        ]
+        return sorted(found)
 
     def tiles(self, departement: str) -> list[str]:
+        if is_gs(self.root):
+            found = [t[0] for t in self._gs_tiles(departement)]
+            if not found:
+                raise MissingInputError(
+                    f"partition {departement}: no orthophoto tiles ({', '.join(TILE_SUFFIXES)}) under "
+                    f"{self.root.rstrip('/')}/{departement}/{self.subdir}/"
+                )
+            return found
         folder = Path(self.root) / departement / self.subdir
         if not folder.is_dir():
             raise MissingInputError(f"partition {departement}: no imagery folder at {folder.resolve()}")
         return find_tiles(folder)
+
+    def fingerprint(self, departement: str) -> str | None:
+        """Changes when the département's tiles do (None: it has no imagery). Used by the sensor."""
+        if is_gs(self.root):
+            found = self._gs_tiles(departement)
+            if not found:
+                return None
+            return hashlib.sha256("\n".join(f"{p}:{size}:{gen}" for p, size, gen in found).encode()).hexdigest()[:16]
+        folder = Path(self.root) / departement / self.subdir
+        if not folder.is_dir():
+            return None
+        return tiles_digest(sorted(str(p) for p in folder.iterdir() if p.suffix.lower() in TILE_SUFFIXES))
 
 
 class FootprintSource(ConfigurableResource):
@@ -44,9 +92,31 @@ class FootprintSource(ConfigurableResource):
     panels_file: str = Field(
         default="solar_panels.gpkg", description="Ground-truth solar-panel polygons (any OGR format, native CRS)"
     )
+    api_endpoint: str | None = Field(default=None, description=ENDPOINT_HELP)
+    cache_dir: str = Field(
+        default=str(Path(tempfile.gettempdir()) / "bativision-sources"), description="Local copy of gs:// sources"
+    )
+
+    def _local_dep(self, departement: str, *, footprints: bool = True, file: str | None = None) -> Path:
+        """The département's folder: ``root/<dep>``, or a fresh local copy of it (footprints, or ``file``) for gs://."""
+        if not is_gs(self.root):
+            return Path(self.root) / departement
+        bucket, prefix = split_gs_uri(self.root)
+        Path(self.cache_dir).mkdir(parents=True, exist_ok=True)
+        dest = Path(tempfile.mkdtemp(prefix=f"{departement}-", dir=self.cache_dir))
+        key = "/".join(p for p in (prefix, departement) if p)
+        client = gcs_client(self.api_endpoint)
+        if footprints:
+            download_prefix(client, bucket, f"{key}/{self.subdir}", dest / self.subdir)
+            return dest
+        name = file or self.labels_file
+        blob = client.bucket(bucket).blob(f"{key}/{name}")
+        if blob.exists():
+            blob.download_to_filename(str(dest / name))
+        return dest
 
     def footprints(self, departement: str) -> Path:
-        folder = Path(self.root) / departement / self.subdir
+        folder = self._local_dep(departement) / self.subdir
         files = sorted(p for p in folder.glob("*") if p.suffix.lower() in FOOTPRINT_SUFFIXES) if folder.is_dir() else []
         if not files:
             raise MissingInputError(
@@ -59,10 +129,10 @@ class FootprintSource(ConfigurableResource):
         return files[0].resolve()
 
     def labels(self, departement: str) -> Path | None:
-        p = Path(self.root) / departement / self.labels_file
+        p = self._local_dep(departement, footprints=False) / self.labels_file
         return p.resolve() if p.exists() else None
 
     def panels(self, departement: str) -> Path | None:
         """Ground-truth solar-panel polygons of a département, if it has any (training only)."""
-        p = Path(self.root) / departement / self.panels_file
+        p = self._local_dep(departement, footprints=False, file=self.panels_file) / self.panels_file
         return p.resolve() if p.exists() else None

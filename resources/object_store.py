@@ -25,6 +25,12 @@ class LocalObjectStore(ConfigurableResource):
         p.parent.mkdir(parents=True, exist_ok=True)
         return p
 
+    def local(self, key: str) -> Path:
+        """Local path of ``key`` to write new content to (nothing is fetched; the folder is created)."""
+        p = Path(self.root).resolve() / key
+        p.mkdir(parents=True, exist_ok=True)
+        return p
+
     def folder(self, key: str) -> Path:
         """Local folder of the prefix ``key`` (created)."""
         p = Path(self.root).resolve() / key

@@ -1,6 +1,8 @@
 """The analytical warehouse: one table per contract (DESIGN.md), written by partition.
 
-The embedded default is a DuckDB file. Writing a partition is one transaction
+:class:`Warehouse` is what assets depend on; :class:`DuckDBWarehouse` (here, the
+embedded default) and ``resources.bigquery.BigQueryWarehouse`` (production)
+implement it. For DuckDB: Writing a partition is one transaction
 (delete the partition's rows, insert the new ones), so readers never see a
 half-written partition and a re-run replaces rows instead of duplicating them.
 DuckDB allows one writer process at a time: connections are short-lived and
@@ -11,6 +13,7 @@ share a Dagster concurrency pool.
 from __future__ import annotations
 
 import time
+from abc import abstractmethod
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -71,7 +74,39 @@ def spatial_extension_path() -> str:
     return str(found[0])
 
 
-class DuckDBWarehouse(ConfigurableResource):
+class Warehouse(ConfigurableResource):
+    """What assets need from a warehouse, whichever engine is behind it.
+
+    Assets annotate their resource with this base so that the environment
+    switch can hand them DuckDB locally or BigQuery in production.
+    """
+
+    @property
+    @abstractmethod
+    def kind(self) -> str:
+        """The dbt adapter type of the engine (``duckdb``, ``bigquery``)."""
+
+    @abstractmethod
+    def replace_partition(
+        self,
+        table: str,
+        departement: str,
+        batches: Iterable[pa.RecordBatch],
+        *,
+        where: dict[str, str] | None = None,
+    ) -> int:
+        """Atomically replace the rows of ``table`` for ``departement`` (and ``where``); returns rows written."""
+
+    @abstractmethod
+    def query(self, sql: str, params: list | None = None) -> pd.DataFrame:
+        """Run a read-only query (``?`` positional parameters) and return its rows."""
+
+    @abstractmethod
+    def dbt_env(self) -> dict[str, str]:
+        """Environment variables dbt's profile reads to reach this warehouse."""
+
+
+class DuckDBWarehouse(Warehouse):
     """A DuckDB file as the warehouse (the embedded default)."""
 
     path: str = Field(default="data/warehouse.duckdb", description="DuckDB database file")
@@ -150,3 +185,9 @@ class DuckDBWarehouse(ConfigurableResource):
     def query(self, sql: str, params: list | None = None) -> pd.DataFrame:
         with self.connect(read_only=Path(self.path).exists()) as con:
             return con.execute(sql, params or []).df()
+
+    def dbt_env(self) -> dict[str, str]:
+        return {
+            "BATIVISION_DUCKDB_PATH": str(Path(self.path).resolve()),
+            "BATIVISION_SPATIAL_EXTENSION": spatial_extension_path(),
+        }

@@ -1,0 +1,246 @@
+"""BigQuery as the production warehouse (same interface as :class:`DuckDBWarehouse`).
+
+Writing a partition never leaves it half-written for readers and a re-run
+never duplicates rows:
+
+1. the batches are written to a local Parquet file (geometry as WGS84 WKB);
+2. one load job puts that file into a fresh staging table (it expires by itself
+   if this process dies before dropping it);
+3. one multi-statement transaction deletes the partition's rows, inserts the
+   staged ones (``ST_GEOGFROMWKB`` → GEOGRAPHY), asserts the partition now
+   holds exactly the staged count and commits; any error rolls it back;
+4. the staging table is dropped.
+
+Tables are created on first use, clustered by ``departement``, so reading a
+partition scans only its blocks. Concurrent writers to one table would abort
+each other's transactions: the assets that write here share the ``warehouse``
+Dagster pool, limited to one in ``orchestration/instance/prod.yaml``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import tempfile
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from dagster import get_dagster_logger
+from google.cloud import bigquery
+from pydantic import Field, PrivateAttr
+
+from resources.gcp import client_options, credentials_for
+from resources.warehouse import Warehouse
+
+# Column name → (BigQuery type, required). Order is the table's column order (DESIGN.md).
+TABLE_SCHEMAS: dict[str, list[tuple[str, str, bool]]] = {
+    "buildings": [
+        ("building_id", "STRING", True),
+        ("departement", "STRING", True),
+        ("cell_id", "STRING", True),
+        ("geometry", "GEOGRAPHY", False),
+        ("area_m2", "FLOAT64", False),
+        ("height_m", "FLOAT64", False),
+        ("usage", "STRING", False),
+        ("geometry_status", "STRING", True),
+        ("source", "STRING", True),
+    ],
+    "predictions": [
+        ("building_id", "STRING", True),
+        ("departement", "STRING", True),
+        ("model_name", "STRING", True),
+        ("model_version", "STRING", True),
+        ("task", "STRING", True),
+        ("label", "STRING", False),
+        ("score", "FLOAT64", False),
+        ("probabilities", "STRING", False),
+        ("geometry", "GEOGRAPHY", False),
+        ("status", "STRING", True),
+        ("imagery_id", "STRING", False),
+        ("run_id", "STRING", False),
+        ("predicted_at", "TIMESTAMP", False),
+    ],
+}
+
+# How staged WKB becomes GEOGRAPHY. BigQuery cannot hold an invalid geography: a building
+# whose geometry_status is `invalid` (could not be repaired) gets a NULL geography (its
+# source shape stays in the GeoParquet); any other unparsable geometry fails the write.
+GEOGRAPHY_EXPR = {
+    "buildings": "IF(geometry_status = 'invalid', SAFE.ST_GEOGFROMWKB(geometry), ST_GEOGFROMWKB(geometry))",
+    "predictions": "ST_GEOGFROMWKB(geometry)",
+}
+
+STAGING_TTL = dt.timedelta(hours=24)
+
+_PARAM_TYPES = {bool: "BOOL", int: "INT64", float: "FLOAT64", str: "STRING"}
+
+
+def table_ddl(table_id: str, table: str) -> str:
+    cols = ",\n  ".join(f"{name} {typ}{' NOT NULL' if req else ''}" for name, typ, req in TABLE_SCHEMAS[table])
+    return f"CREATE TABLE IF NOT EXISTS `{table_id}` (\n  {cols}\n)\nCLUSTER BY departement"
+
+
+def staging_schema(table: str) -> list[bigquery.SchemaField]:
+    """The staging table's columns: the target's, nullable, with geometry as WKB bytes."""
+    return [
+        bigquery.SchemaField(name, "BYTES" if typ == "GEOGRAPHY" else typ, mode="NULLABLE")
+        for name, typ, _ in TABLE_SCHEMAS[table]
+    ]
+
+
+def query_parameter(name: str | None, value) -> bigquery.ScalarQueryParameter:
+    typ = _PARAM_TYPES.get(type(value))
+    if typ is None:
+        raise TypeError(f"query parameter {name or ''} = {value!r}: unsupported type {type(value).__name__}")
+    return bigquery.ScalarQueryParameter(name, typ, value)
+
+
+class BigQueryWarehouse(Warehouse):
+    """A BigQuery dataset as the warehouse (production)."""
+
+    project: str = Field(description="GCP project of the dataset (and of the query jobs)")
+    dataset: str = Field(description="Dataset holding `buildings` and `predictions`")
+    location: str = Field(default="EU", description="Dataset location (jobs run there)")
+    api_endpoint: str | None = Field(
+        default=None, description="BigQuery API endpoint; None = Google's. An http:// endpoint is an emulator (tests)"
+    )
+    staging_dir: str | None = Field(default=None, description="Where the Parquet file to load is written (temp dir)")
+
+    _client: bigquery.Client | None = PrivateAttr(default=None)
+    _ready: set[str] = PrivateAttr(default_factory=set)
+
+    @property
+    def kind(self) -> str:
+        return "bigquery"
+
+    def client(self) -> bigquery.Client:
+        if self._client is None:
+            self._client = bigquery.Client(
+                project=self.project,
+                credentials=credentials_for(self.api_endpoint, ["https://www.googleapis.com/auth/bigquery"]),
+                location=self.location,
+                client_options=client_options(self.api_endpoint),
+            )
+        return self._client
+
+    def table_id(self, table: str) -> str:
+        return f"{self.project}.{self.dataset}.{table}"
+
+    def ensure_table(self, table: str) -> None:
+        if table in self._ready:
+            return
+        client = self.client()
+        ds = bigquery.Dataset(f"{self.project}.{self.dataset}")
+        ds.location = self.location
+        client.create_dataset(ds, exists_ok=True)
+        client.query_and_wait(table_ddl(self.table_id(table), table))
+        self._ready.add(table)
+
+    def _stage(self, table: str, departement: str, batches: Iterable[pa.RecordBatch]) -> tuple[str | None, int]:
+        """Load the batches into a new staging table; returns its id (None when there are no rows) and the count."""
+        names = [name for name, _, _ in TABLE_SCHEMAS[table]]
+        with tempfile.TemporaryDirectory(dir=self.staging_dir, prefix="bq-stage-") as tmp:
+            path = Path(tmp) / f"{table}.parquet"
+            n = 0
+            writer: pq.ParquetWriter | None = None
+            try:
+                for batch in batches:
+                    missing = set(names) - set(batch.schema.names)
+                    if missing:
+                        raise ValueError(f"{table}[{departement}]: batch lacks columns {sorted(missing)}")
+                    # No schema metadata: a GeoParquet `geo` key (the buildings file has one, naming
+                    # the native CRS) would make BigQuery read the WKB column as a geography itself.
+                    t = pa.Table.from_batches([batch]).select(names).replace_schema_metadata(None)
+                    if writer is None:
+                        writer = pq.ParquetWriter(path, t.schema, compression="zstd")
+                    writer.write_table(t)
+                    n += t.num_rows
+            finally:
+                if writer is not None:
+                    writer.close()
+            if n == 0:
+                return None, 0
+            client = self.client()
+            stage_id = self.table_id(f"_staging_{table}_{departement}_{uuid.uuid4().hex[:12]}")
+            stage = bigquery.Table(stage_id, schema=staging_schema(table))
+            stage.expires = dt.datetime.now(dt.UTC) + STAGING_TTL
+            client.create_table(stage)
+            config = bigquery.LoadJobConfig(
+                source_format=bigquery.SourceFormat.PARQUET,
+                schema=staging_schema(table),
+                write_disposition=bigquery.WriteDisposition.WRITE_APPEND,
+            )
+            try:
+                with path.open("rb") as fh:
+                    client.load_table_from_file(fh, stage_id, job_config=config).result()
+            except BaseException:
+                client.delete_table(stage_id, not_found_ok=True)
+                raise
+        return stage_id, n
+
+    def replace_partition(
+        self,
+        table: str,
+        departement: str,
+        batches: Iterable[pa.RecordBatch],
+        *,
+        where: dict[str, str] | None = None,
+    ) -> int:
+        """Replace the rows of ``table`` for ``departement`` (and ``where`` equalities) in one transaction.
+
+        Batches carry geometry as WGS84 WKB. Returns the number of rows written.
+        """
+        if table not in TABLE_SCHEMAS:
+            raise ValueError(f"unknown warehouse table {table!r}")
+        filters = {"departement": departement, **(where or {})}
+        for key in filters:
+            if key not in {name for name, _, _ in TABLE_SCHEMAS[table]}:
+                raise ValueError(f"{table}: no column {key!r} to filter on")
+        self.ensure_table(table)
+        stage_id, n = self._stage(table, departement, batches)
+        target = self.table_id(table)
+        cond = " AND ".join(f"{k} = @w_{k}" for k in filters)
+        names = [name for name, _, _ in TABLE_SCHEMAS[table]]
+        select = ", ".join(GEOGRAPHY_EXPR[table] if c == "geometry" else c for c in names)
+        insert = f"INSERT INTO `{target}` ({', '.join(names)})\n  SELECT {select} FROM `{stage_id}`;" if stage_id else ""
+        script = f"""BEGIN
+  BEGIN TRANSACTION;
+  DELETE FROM `{target}` WHERE {cond};
+  {insert}
+  ASSERT (SELECT COUNT(*) FROM `{target}` WHERE {cond}) = @expected
+    AS '{table}[{departement}]: the partition does not hold the {n} staged rows; rolled back';
+  COMMIT TRANSACTION;
+EXCEPTION WHEN ERROR THEN
+  ROLLBACK TRANSACTION;
+  RAISE USING MESSAGE = @@error.message;
+END;"""
+        params = [query_parameter(f"w_{k}", v) for k, v in filters.items()] + [query_parameter("expected", n)]
+        client = self.client()
+        try:
+            client.query_and_wait(script, job_config=bigquery.QueryJobConfig(query_parameters=params))
+        finally:
+            if stage_id:
+                client.delete_table(stage_id, not_found_ok=True)
+        get_dagster_logger().info(f"{target}[{departement}{', ' + str(where) if where else ''}]: {n} rows replaced")
+        return n
+
+    def query(self, sql: str, params: list | None = None) -> pd.DataFrame:
+        """Run ``sql`` with the dataset as default (unqualified table names work) and ``?`` parameters."""
+        config = bigquery.QueryJobConfig(
+            default_dataset=f"{self.project}.{self.dataset}",
+            query_parameters=[query_parameter(None, v) for v in params or []],
+        )
+        return self.client().query_and_wait(sql, job_config=config).to_arrow().to_pandas()
+
+    def dbt_env(self) -> dict[str, str]:
+        env = {
+            "BATIVISION_BQ_PROJECT": self.project,
+            "BATIVISION_BQ_DATASET": self.dataset,
+            "BATIVISION_BQ_LOCATION": self.location,
+        }
+        if self.api_endpoint:
+            env["BATIVISION_BQ_API_ENDPOINT"] = self.api_endpoint
+        return env

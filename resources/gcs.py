@@ -1,0 +1,215 @@
+"""Cloud Storage as the production object store, behind the local-folder interface assets use.
+
+Assets only ever see local paths (``store.path(key)``, ``store.folder(prefix)``):
+GDAL, Parquet and numpy memory maps all want files. :class:`GcsObjectStore` is
+therefore a local folder mirrored to ``gs://<bucket>/<prefix>/``:
+
+- each execution (one step, one pod under the k8s executor) works in a fresh
+  sub-folder of ``root``, so nothing stale from another run can be uploaded;
+- ``path(key)`` / ``folder(prefix)`` download what the bucket has there, the
+  first time they are asked for it;
+- when the execution ends, every file created or changed since is uploaded
+  (Dagster calls ``teardown_after_execution`` after the step, failed or not, so
+  finished chip shards of a failed step are kept for resumption).
+
+Imagery is not copied: tiles under ``gs://`` are read in place through GDAL's
+``/vsigs/`` (see ``resources.imagery``).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from dagster import InitResourceContext, get_dagster_logger
+from google.cloud import storage
+from pydantic import Field, PrivateAttr
+
+from resources.gcp import client_options, credentials_for
+from resources.object_store import LocalObjectStore
+
+TRANSIENT_SUFFIXES = (".tmp",)
+
+
+def split_gs_uri(uri: str) -> tuple[str, str]:
+    """``gs://bucket/a/b`` → ``("bucket", "a/b")``."""
+    if not uri.startswith("gs://"):
+        raise ValueError(f"{uri!r} is not a gs:// URI")
+    bucket, _, key = uri[len("gs://") :].partition("/")
+    if not bucket:
+        raise ValueError(f"{uri!r}: no bucket")
+    return bucket, key.strip("/")
+
+
+def gcs_client(api_endpoint: str | None = None, project: str | None = None) -> storage.Client:
+    """A Cloud Storage client: application default credentials, or anonymous for an http:// emulator."""
+    return storage.Client(
+        project=project,
+        credentials=credentials_for(api_endpoint, ["https://www.googleapis.com/auth/devstorage.read_write"]),
+        client_options=client_options(api_endpoint),
+    )
+
+
+def download_prefix(client: storage.Client, bucket: str, prefix: str, dest: Path) -> list[Path]:
+    """Copy every object under ``gs://bucket/prefix/`` into ``dest`` (keys relative to the prefix)."""
+    prefix = prefix.strip("/")
+    out = []
+    for blob in client.list_blobs(bucket, prefix=f"{prefix}/" if prefix else None):
+        if blob.name.endswith("/"):
+            continue
+        local = dest / blob.name[len(prefix) :].lstrip("/")
+        local.parent.mkdir(parents=True, exist_ok=True)
+        blob.download_to_filename(str(local))
+        out.append(local)
+    return out
+
+
+class GcsObjectStore(LocalObjectStore):
+    """``gs://<bucket>/<prefix>/`` as object store, through a per-execution local cache under ``root``."""
+
+    root: str = Field(
+        default=str(Path(tempfile.gettempdir()) / "bativision-store"),
+        description="Local cache folder; each execution works in a fresh sub-folder of it",
+    )
+    bucket: str = Field(description="Bucket holding the artefacts")
+    prefix: str = Field(default="", description="Key prefix inside the bucket (no leading or trailing slash)")
+    api_endpoint: str | None = Field(
+        default=None, description="Cloud Storage JSON API endpoint; None = Google's. http:// = an emulator (tests)"
+    )
+
+    _client: Any = PrivateAttr(default=None)
+    _cache: Path | None = PrivateAttr(default=None)
+    _synced: dict[str, tuple[int, int]] = PrivateAttr(default_factory=dict)
+    _fetched_prefixes: set[str] = PrivateAttr(default_factory=set)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def setup_for_execution(self, context: InitResourceContext) -> None:
+        self._local()
+
+    def teardown_after_execution(self, context: InitResourceContext) -> None:
+        if self._cache is None:
+            return
+        try:
+            self.sync()
+        finally:
+            shutil.rmtree(self._cache, ignore_errors=True)
+            self._cache = None
+            self._synced.clear()
+            self._fetched_prefixes.clear()
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def client(self) -> storage.Client:
+        if self._client is None:
+            self._client = gcs_client(self.api_endpoint)
+        return self._client
+
+    def _local(self) -> Path:
+        if self._cache is None:
+            Path(self.root).mkdir(parents=True, exist_ok=True)
+            self._cache = Path(tempfile.mkdtemp(prefix="exec-", dir=self.root)).resolve()
+        return self._cache
+
+    def blob_name(self, key: str) -> str:
+        key = key.strip("/")
+        return f"{self.prefix.strip('/')}/{key}" if self.prefix.strip("/") else key
+
+    def _signature(self, p: Path) -> tuple[int, int]:
+        st = p.stat()
+        return st.st_size, st.st_mtime_ns
+
+    def _fetched(self, key: str) -> bool:
+        key = key.strip("/")
+        return key in self._synced or any(key == p or key.startswith(p + "/") for p in self._fetched_prefixes)
+
+    def _download(self, blob: storage.Blob, key: str) -> None:
+        local = self._local() / key
+        local.parent.mkdir(parents=True, exist_ok=True)
+        blob.download_to_filename(str(local))
+        self._synced[key] = self._signature(local)
+
+    # -- the LocalObjectStore interface ----------------------------------------------------
+
+    def path(self, key: str) -> Path:
+        """Local path of ``key``, holding the bucket's copy if there is one (its parent folder is created)."""
+        key = key.strip("/")
+        p = self._local() / key
+        p.parent.mkdir(parents=True, exist_ok=True)
+        if not self._fetched(key):
+            blob = self.client().bucket(self.bucket).blob(self.blob_name(key))
+            if blob.exists():
+                self._download(blob, key)
+            else:
+                self._synced.setdefault(key, (-1, -1))  # absent remotely: upload whatever appears
+        return p
+
+    def local(self, key: str) -> Path:
+        """This execution's local folder for ``key``, fetching nothing (new content is uploaded at the end)."""
+        p = self._local() / key.strip("/")
+        p.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def folder(self, key: str) -> Path:
+        """Local folder of the prefix ``key``, holding every object the bucket has under it (created)."""
+        key = key.strip("/")
+        p = self._local() / key
+        p.mkdir(parents=True, exist_ok=True)
+        if not self._fetched(key):
+            for blob in self.client().list_blobs(self.bucket, prefix=self.blob_name(key) + "/"):
+                rel = blob.name[len(self.blob_name("")) :].lstrip("/") if self.prefix.strip("/") else blob.name
+                if not rel.endswith("/") and rel not in self._synced:
+                    self._download(blob, rel)
+            self._fetched_prefixes.add(key)
+        return p
+
+    def uri(self, key: str) -> str:
+        return f"gs://{self.bucket}/{self.blob_name(key)}"
+
+    def exists(self, key: str) -> bool:
+        key = key.strip("/")
+        if (self._local() / key).exists():
+            return True
+        bucket = self.client().bucket(self.bucket)
+        if bucket.blob(self.blob_name(key)).exists():
+            return True
+        return any(True for _ in self.client().list_blobs(self.bucket, prefix=self.blob_name(key) + "/", max_results=1))
+
+    def delete(self, key: str) -> None:
+        key = key.strip("/")
+        local = self._local() / key
+        if local.is_dir():
+            shutil.rmtree(local)
+        else:
+            local.unlink(missing_ok=True)
+        bucket = self.client().bucket(self.bucket)
+        blobs = list(self.client().list_blobs(self.bucket, prefix=self.blob_name(key) + "/"))
+        single = bucket.blob(self.blob_name(key))
+        if single.exists():
+            blobs.append(single)
+        for blob in blobs:
+            blob.delete()
+        for k in [k for k in self._synced if k == key or k.startswith(key + "/")]:
+            del self._synced[k]
+
+    def sync(self) -> int:
+        """Upload every file of this execution's cache created or changed since it was downloaded."""
+        if self._cache is None:
+            return 0
+        bucket = self.client().bucket(self.bucket)
+        n = 0
+        for p in sorted(self._cache.rglob("*")):
+            if not p.is_file() or p.name.endswith(TRANSIENT_SUFFIXES):
+                continue
+            key = p.relative_to(self._cache).as_posix()
+            sig = self._signature(p)
+            if self._synced.get(key) == sig:
+                continue
+            bucket.blob(self.blob_name(key)).upload_from_filename(str(p))
+            self._synced[key] = sig
+            n += 1
+        if n:
+            get_dagster_logger().info(f"uploaded {n} file(s) to gs://{self.bucket}/{self.blob_name('')}")
+        return n
