@@ -54,7 +54,9 @@ PROD_ENV = {
 # Per-step pod resources under the k8s executor (op names): cropping is CPU/memory-heavy,
 # inference wants a GPU (a node pool with the NVIDIA device plugin, tainted for GPU work).
 PROD_STEP_K8S_CONFIG = {
-    "chips": {"container_config": {"resources": {"requests": {"cpu": "4", "memory": "16Gi"}, "limits": {"memory": "16Gi"}}}},
+    "chips": {
+        "container_config": {"resources": {"requests": {"cpu": "4", "memory": "16Gi"}, "limits": {"memory": "16Gi"}}}
+    },
     "predictions": {
         "container_config": {
             "resources": {

@@ -205,7 +205,9 @@ class BigQueryWarehouse(Warehouse):
         cond = " AND ".join(f"{k} = @w_{k}" for k in filters)
         names = [name for name, _, _ in TABLE_SCHEMAS[table]]
         select = ", ".join(GEOGRAPHY_EXPR[table] if c == "geometry" else c for c in names)
-        insert = f"INSERT INTO `{target}` ({', '.join(names)})\n  SELECT {select} FROM `{stage_id}`;" if stage_id else ""
+        insert = (
+            f"INSERT INTO `{target}` ({', '.join(names)})\n  SELECT {select} FROM `{stage_id}`;" if stage_id else ""
+        )
         script = f"""BEGIN
   BEGIN TRANSACTION;
   DELETE FROM `{target}` WHERE {cond};

@@ -30,6 +30,7 @@ ENDPOINT_HELP = "Cloud Storage API endpoint for gs:// roots; None = Google's. ht
 def is_gs(root: str) -> bool:
     return root.startswith("gs://")
 
+
 FOOTPRINT_SUFFIXES = (".gpkg", ".shp", ".geojson", ".json", ".parquet", ".fgb")
 
 

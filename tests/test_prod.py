@@ -139,10 +139,16 @@ def test_every_building_once_and_one_prediction_each(materialized):
     resources, _, dep = materialized
     wh = resources["warehouse"]
     b = wh.query("select count(*) n, count(distinct building_id) d from buildings where departement = ?", ["12"])
-    p = wh.query("select count(*) n, count(distinct building_id) d from predictions where departement = ?", ["12"])
     assert b.n[0] == b.d[0] == dep.n_buildings
-    assert p.n[0] == p.d[0] == dep.n_buildings
-    statuses = wh.query("select status, count(*) n from predictions group by status").set_index("status")["n"]
+    for model in ("roof_type", "solar_panels"):
+        p = wh.query(
+            "select count(*) n, count(distinct building_id) d from predictions where departement = ? and model_name = ?",
+            ["12", model],
+        )
+        assert p.n[0] == p.d[0] == dep.n_buildings, model
+    statuses = wh.query(
+        "select status, count(*) n from predictions where model_name = 'roof_type' group by status"
+    ).set_index("status")["n"]
     assert statuses.get("ok", 0) > 0.8 * dep.n_buildings
     assert statuses.get("no_imagery", 0) == dep.counts["outside_imagery"]
 
@@ -212,10 +218,23 @@ def test_dbt_models_run_on_bigquery(materialized):
     assert len(attrs) == dep.n_buildings and attrs.building_id.is_unique
     assert attrs.roof_type_status.notna().all()
     summary = wh.query("select * from departement_summary where departement = '12'")
-    assert len(summary) == 1
-    row = summary.iloc[0]
-    assert row.buildings == row.predicted == dep.n_buildings
-    assert row.label_distribution.startswith("{") and '"' in row.label_distribution
+    assert sorted(summary.model_name) == ["roof_type", "solar_panels"]
+    assert (summary.buildings == dep.n_buildings).all() and (summary.predicted == dep.n_buildings).all()
+    assert all(d.startswith("{") and '"' in d for d in summary.label_distribution)
+
+
+def test_panel_polygons_land_in_bigquery_as_geography(materialized):
+    """The segmenter's polygons are GEOGRAPHY in BigQuery, on their building, with a plausible area."""
+    resources, _, _ = materialized
+    wh = resources["warehouse"]
+    got = wh.query(
+        "select p.building_id, ST_AREA(p.geometry) panel_m2, ST_AREA(b.geometry) roof_m2, "
+        "ST_INTERSECTS(p.geometry, b.geometry) on_roof from predictions p join buildings b using (building_id) "
+        "where p.model_name = 'solar_panels' and p.label = 'solar_panel'"
+    )
+    assert len(got) > 20
+    assert got.on_roof.all()
+    assert (got.panel_m2 > 1.0).all() and (got.panel_m2 <= got.roof_m2 * 1.2).all()
 
 
 def test_artefacts_and_model_live_in_the_bucket(materialized):

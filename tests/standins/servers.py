@@ -126,9 +126,7 @@ class Postgres:
     def connect(self):
         import psycopg2
 
-        return psycopg2.connect(
-            host=self.host, port=self.port, user=self.user, password=self.password, dbname=self.db
-        )
+        return psycopg2.connect(host=self.host, port=self.port, user=self.user, password=self.password, dbname=self.db)
 
 
 def _pg_tool(name: str) -> str:
