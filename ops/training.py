@@ -94,7 +94,11 @@ def metrics_from_confusion(cm: np.ndarray, classes: list[str]) -> dict:
 @torch.no_grad()
 def predict_logits(model: nn.Module, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
     model.eval()
-    out = [model(torch.from_numpy(np.ascontiguousarray(x[i : i + batch_size]))) for i in range(0, len(x), batch_size)]
+    dev = next(model.parameters()).device
+    out = [
+        model(torch.from_numpy(np.ascontiguousarray(x[i : i + batch_size])).to(dev)).cpu()
+        for i in range(0, len(x), batch_size)
+    ]
     return torch.cat(out).numpy() if out else np.zeros((0, 0), dtype="float32")
 
 
@@ -110,9 +114,13 @@ def _fit(
 ) -> tuple[list[dict], float]:
     """AdamW with a one-cycle schedule over shuffled mini-batches, within the time budget.
 
+    Trains on CUDA when there is one (the GPU pods of production), on CPU otherwise.
     Returns the per-epoch history and the start time; the model is left in eval mode.
     """
-    reuse_freed_memory()  # activations and gradients are re-allocated every step: keep them off mmap
+    reuse_freed_memory()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    loss_fn.to(device)  # activations and gradients are re-allocated every step: keep them off mmap
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = max(1, cfg.epochs * int(np.ceil(len(x) / cfg.batch_size)))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps)
@@ -130,7 +138,7 @@ def _fit(
             if len(idx) < 2:
                 continue
             xb, yb = augment(x_t[idx], y_t[idx])
-            loss = loss_fn(model(xb), yb)
+            loss = loss_fn(model(xb.to(device, non_blocking=True)), yb.to(device, non_blocking=True))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -230,8 +238,9 @@ def segmentation_metrics(cm: np.ndarray, classes: list[str]) -> dict:
 def predict_masks(model: nn.Module, x: np.ndarray, batch_size: int = 128) -> np.ndarray:
     """Argmax class per pixel, (N, S, S) uint8."""
     model.eval()
+    dev = next(model.parameters()).device
     out = [
-        model(torch.from_numpy(np.ascontiguousarray(x[i : i + batch_size]))).argmax(1).to(torch.uint8)
+        model(torch.from_numpy(np.ascontiguousarray(x[i : i + batch_size])).to(dev)).argmax(1).to(torch.uint8).cpu()
         for i in range(0, len(x), batch_size)
     ]
     return torch.cat(out).numpy() if out else np.zeros((0,) + x.shape[-2:], dtype="uint8")
