@@ -181,7 +181,7 @@ def run_contender(args: argparse.Namespace, which: str) -> dict:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("bench/out/infer"))
-    ap.add_argument("--buildings", type=int, default=20_000)
+    ap.add_argument("--buildings", type=int, default=50_000)
     ap.add_argument("--tile-px", type=int, default=5000)
     ap.add_argument("--model", default="roof_type", help="model of the store to benchmark (roof_type, solar_panels)")
     ap.add_argument("--naive-chips", type=int, default=5000, help="chips the per-chip loop runs on")
