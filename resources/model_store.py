@@ -70,7 +70,9 @@ class ModelStore(ConfigurableResource):
             shutil.copytree(Path(self.shipped) / name / version, self._version_dir(name, version), dirs_exist_ok=True)
             p.write_text(version)
             return version
-        raise ModelNotFoundError(f"no version of model {name!r} in {self.where()}: materialize roof_model first")
+        raise ModelNotFoundError(
+            f"no version of model {name!r} in {self.where()}: materialize its training asset (roof_model, solar_model) first"
+        )
 
     def load(
         self, name: str, version: str | None = None, device: str | torch.device = "cpu"
