@@ -95,7 +95,7 @@ def machine_key(device) -> str:
 
 
 def choose_batch_size(
-    config: PredictionsConfig, device, runs: list[ModelRun], folder: Path, shards: list[str], store, log
+    config: PredictionsConfig, device, runs: list[ModelRun], folder: Path, shards: list[str], total: int, store, log
 ) -> tuple[int, dict, Path | None]:
     """The configured batch size; else on CPU the one measured for these models on this kind of machine.
 
@@ -107,8 +107,7 @@ def choose_batch_size(
         return config.batch_size, {}, None
     if device.type == "cuda":
         return CUDA_DEFAULT_BATCH, {}, None
-    total = sum(open_chips(folder, s).shape[0] for s in shards)
-    if total < TUNE_MIN_CHIPS:
+    if total < TUNE_MIN_CHIPS:  # ``total``: chips in the partition
         return CPU_DEFAULT_BATCH, {}, None
     models_key = "+".join(f"{r.card.name}@{r.card.version}" for r in runs)
     cache = store.path(f"inference/batch_size/{machine_key(device)}/{models_key}.json")
@@ -170,8 +169,10 @@ def predictions(
         buildings_path = store.path(buildings_key(dep))
         expected = pq.ParquetFile(buildings_path).metadata.num_rows
         # Check every shard against every model before any row is written.
+        n_chips = 0
         for shard in shards:
             arr = open_chips(folder, shard)
+            n_chips += len(arr)
             if len(arr):
                 for r in runs:
                     r.card.check_chips(arr.shape, what=f"partition {dep}, shard {shard_paths(folder, shard)[0].name}")
@@ -180,7 +181,7 @@ def predictions(
             raise RuntimeError(
                 f"partition {dep}: chips index has {n_index} buildings, buildings has {expected}: re-run chips"
             )
-        batch, rates, tuned = choose_batch_size(config, device, runs, folder, shards, store, context.log.info)
+        batch, rates, tuned = choose_batch_size(config, device, runs, folder, shards, n_chips, store, context.log.info)
         for r in runs:
             r.runner.max_batch = batch
         names = ", ".join(f"{r.card.name}@{r.card.version} ({r.card.task})" for r in runs)

@@ -53,43 +53,24 @@ PROD_ENV = {
 
 # Per-step pod resources under the k8s executor (op names): cropping is CPU/memory-heavy,
 # inference wants a GPU (a node pool with the NVIDIA device plugin, tainted for GPU work).
+_GPU_STEP = {
+    "container_config": {
+        "resources": {
+            "requests": {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": "1"},
+            "limits": {"memory": "16Gi", "nvidia.com/gpu": "1"},
+        }
+    },
+    "pod_spec_config": {
+        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+    },
+}
 PROD_STEP_K8S_CONFIG = {
     "chips": {
         "container_config": {"resources": {"requests": {"cpu": "4", "memory": "16Gi"}, "limits": {"memory": "16Gi"}}}
     },
-    "predictions": {
-        "container_config": {
-            "resources": {
-                "requests": {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": "1"},
-                "limits": {"memory": "16Gi", "nvidia.com/gpu": "1"},
-            }
-        },
-        "pod_spec_config": {
-            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
-        },
-    },
-    "roof_model": {
-        "container_config": {
-            "resources": {
-                "requests": {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": "1"},
-                "limits": {"memory": "16Gi", "nvidia.com/gpu": "1"},
-            }
-        },
-        "pod_spec_config": {
-            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
-        },
-    },
-    "solar_model": {
-        "container_config": {
-            "resources": {
-                "requests": {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": "1"},
-                "limits": {"memory": "16Gi", "nvidia.com/gpu": "1"},
-            }
-        },
-        "pod_spec_config": {
-            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
-        },
-    },
+    "predictions": _GPU_STEP,
+    "roof_model": _GPU_STEP,
+    "solar_model": _GPU_STEP,
 }
 
 
