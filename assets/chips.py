@@ -1,7 +1,10 @@
 """`chips`: one fixed-size image chip per building, stored as per-cell shards."""
 
+import contextlib
 import hashlib
 import time
+from pathlib import Path
+from typing import Literal
 
 from dagster import AssetExecutionContext, Config, MaterializeResult, MetadataValue, asset
 from pydantic import Field
@@ -13,6 +16,8 @@ from assets.mosaic import load_mosaic_info, ortho_mosaic
 from assets.partitions import departements_partitions
 from ops.chips import STATUSES, CellResult, ChipSpec, crop_partition, list_shards, shard_paths
 from ops.departements import check_departement
+from ops.prefetch import Prefetcher, is_remote
+from resources.imagery import OrthoImagery
 from resources.object_store import LocalObjectStore
 
 
@@ -23,6 +28,16 @@ class ChipsConfig(Config):
     min_valid_fraction: float = Field(default=0.5, description="Below this share of valid pixels a chip is `nodata`")
     workers: int = Field(default=1, description="Worker processes cropping cells in parallel")
     resume: bool = Field(default=True, description="Reuse cells whose shard was cut from the same inputs")
+    prefetch: Literal["auto", "always", "never"] = Field(
+        default="auto",
+        description="Fetch each cell's blocks of remote tiles (gs://, http) in parallel before cutting it; "
+        "auto = when the mosaic's tiles are remote",
+    )
+    prefetch_threads: int = Field(default=16, description="Parallel range requests of the prefetch")
+    prefetch_depth: int = Field(default=2, description="Cells fetched ahead of the one being cut")
+    prefetch_dir: str | None = Field(
+        default=None, description="Local scratch for the fetched blocks (a few cells' worth); None = the temp folder"
+    )
 
 
 def chips_prefix(dep: str) -> str:
@@ -46,7 +61,9 @@ def file_fingerprint(path) -> str:
     retry_policy=IO_RETRY,
     description="Image chips cut around every building from the mosaic, one shard per grid cell.",
 )
-def chips(context: AssetExecutionContext, config: ChipsConfig, store: LocalObjectStore) -> MaterializeResult:
+def chips(
+    context: AssetExecutionContext, config: ChipsConfig, store: LocalObjectStore, imagery: OrthoImagery
+) -> MaterializeResult:
     with bad_input_fails_fast():
         dep = check_departement(context.partition_key)
         spec = ChipSpec(config.size, config.margin_m, config.margin_ratio, config.min_valid_fraction)
@@ -70,17 +87,35 @@ def chips(context: AssetExecutionContext, config: ChipsConfig, store: LocalObjec
                 f"{done_chips['n'] / max(elapsed, 1e-9):,.0f} chips/s, ETA {eta:.0f} s"
             )
 
-        for _ in crop_partition(
-            bpath,
-            info,
-            out,
-            spec,
-            buildings_fingerprint=file_fingerprint(bpath),
-            workers=config.workers,
-            resume=config.resume,
-            progress=progress,
-        ):
-            pass
+        remote = any(is_remote(t.path) for t in info.tiles)
+        use_prefetch = config.prefetch == "always" or (config.prefetch == "auto" and remote)
+        with contextlib.ExitStack() as stack:
+            prefetcher = None
+            if use_prefetch:
+                prefetcher = stack.enter_context(
+                    Prefetcher(
+                        info,
+                        spec,
+                        imagery.range_reader(),
+                        Path(config.prefetch_dir) if config.prefetch_dir else None,
+                        threads=config.prefetch_threads,
+                        log=context.log.debug,
+                    )
+                )
+            for _ in crop_partition(
+                bpath,
+                info,
+                out,
+                spec,
+                buildings_fingerprint=file_fingerprint(bpath),
+                workers=config.workers,
+                resume=config.resume,
+                progress=progress,
+                prefetch=prefetcher,
+                prefetch_depth=config.prefetch_depth,
+            ):
+                pass
+            fetched = prefetcher.stats.as_dict() if prefetcher else None
         n_chips, reused = done_chips["n"], done_chips["reused"]
         seconds = time.perf_counter() - t0
         stored = sum(shard_paths(out, c)[0].stat().st_size for c in list_shards(out))
@@ -97,5 +132,19 @@ def chips(context: AssetExecutionContext, config: ChipsConfig, store: LocalObjec
                 "chips_per_s": round(n_chips / seconds, 1) if seconds else 0.0,
                 "bytes_per_chip": round(stored / n_chips) if n_chips else 0,
                 "folder": MetadataValue.path(str(out)),
+                **(prefetch_metadata(fetched, seconds) if fetched else {"prefetch": "off"}),
             }
         )
+
+
+def prefetch_metadata(stats: dict, seconds: float) -> dict:
+    """What the prefetch of remote tiles did: volume, requests, retries, and its rate over the step."""
+    return {
+        "prefetch": "on",
+        "prefetch_blocks": int(stats["blocks"]),
+        "prefetch_mib": round(stats["bytes"] / 2**20, 1),
+        "prefetch_requests": int(stats["requests"]),
+        "prefetch_retries": int(stats["retries"]),
+        "prefetch_whole_files": int(stats["whole_files"]),
+        "prefetch_mib_per_s": round(stats["bytes"] / 2**20 / seconds, 1) if seconds else 0.0,
+    }

@@ -24,9 +24,10 @@ import json
 import os
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -83,6 +84,8 @@ class CellTask:
     geometry_status: list[str]
     bounds: np.ndarray  # (N, 4) minx, miny, maxx, maxy; NaN when no geometry
     shard_id: str = ""  # the cell id, or "<cell>.pNNN" when a big cell is cut into parts
+    # tile index -> local copy to read instead of the mosaic's tile (set by a prefetch of remote imagery)
+    tile_paths: dict[int, str] | None = None
 
     def __post_init__(self) -> None:
         self.shard_id = self.shard_id or self.cell_id
@@ -158,6 +161,8 @@ class TileSet:
         self.width = np.array([x.width for x in t], dtype=np.int64)
         self.height = np.array([x.height for x in t], dtype=np.int64)
         self.block = [(int(x.block[0]), int(x.block[1])) for x in t]
+        self.paths = [x.path for x in t]
+        self.decoded: list[tuple[int, int, int]] | None = None  # set to a list to record every block decoded
         self._ds: dict[int, rasterio.io.DatasetReader] = {}
         self._cache: dict[tuple[int, int, int], np.ndarray] = {}
         self._bottoms: list[tuple[int, tuple[int, int, int]]] = []  # heap of (last row + 1, block key)
@@ -165,8 +170,42 @@ class TileSet:
     def _dataset(self, i: int) -> rasterio.io.DatasetReader:
         ds = self._ds.get(i)
         if ds is None:
-            ds = self._ds[i] = rasterio.open(self.info.tiles[i].path)
+            ds = self._ds[i] = rasterio.open(self.paths[i])
         return ds
+
+    def use_paths(self, overrides: dict[int, str] | None) -> None:
+        """Read tile ``i`` from ``overrides[i]`` (a local copy), the others from the mosaic's own paths."""
+        for i, tile in enumerate(self.info.tiles):
+            path = (overrides or {}).get(i, tile.path)
+            if path != self.paths[i]:
+                ds = self._ds.pop(i, None)
+                if ds is not None:
+                    ds.close()
+                self.paths[i] = path
+
+    def blocks(self, cols: np.ndarray, rows: np.ndarray, npxs: np.ndarray) -> dict[int, set[tuple[int, int]]]:
+        """{tile: {(block row, block col)}} of every block the windows touch.
+
+        The same clipping as :meth:`read`: the crop decodes exactly these blocks,
+        and a prefetch of remote imagery fetches exactly these (tested).
+        """
+        out: dict[int, set[tuple[int, int]]] = {}
+        for i in range(len(self.paths)):
+            bh, bw = self.block[i]
+            c0 = np.clip(cols - self.col0[i], 0, self.width[i])
+            c1 = np.clip(cols + npxs - self.col0[i], 0, self.width[i])
+            r0 = np.clip(rows - self.row0[i], 0, self.height[i])
+            r1 = np.clip(rows + npxs - self.row0[i], 0, self.height[i])
+            hit = (c1 > c0) & (r1 > r0)
+            if not hit.any():
+                continue
+            found = out.setdefault(i, set())
+            for a, b, c, d in zip(
+                (r0[hit] // bh).tolist(), ((r1[hit] - 1) // bh).tolist(),
+                (c0[hit] // bw).tolist(), ((c1[hit] - 1) // bw).tolist(), strict=True,
+            ):  # fmt: skip
+                found.update((br, bc) for br in range(a, b + 1) for bc in range(c, d + 1))
+        return out
 
     def _block(self, i: int, br: int, bc: int) -> np.ndarray:
         key = (i, br, bc)
@@ -176,6 +215,8 @@ class TileSet:
             w = int(min(bw, self.width[i] - bc * bw))
             h = int(min(bh, self.height[i] - br * bh))
             blk = self._dataset(i).read(window=Window(bc * bw, br * bh, w, h))
+            if self.decoded is not None:
+                self.decoded.append(key)
             self._cache[key] = blk
             heapq.heappush(self._bottoms, (int(self.row0[i]) + br * bh + h, key))
         return blk
@@ -226,6 +267,7 @@ class TileSet:
             ds.close()
         self._ds.clear()
         self.clear()
+        self.use_paths(None)
 
 
 SIZE_STEP = 8  # window sides are rounded up to a multiple of this many pixels
@@ -241,6 +283,35 @@ class _Batch:
         self.ids: list[int] = []
 
 
+@dataclass
+class Placement:
+    """Where a unit of work's chips sit in the mosaic: its geometry statuses and pixel windows."""
+
+    has_geom: np.ndarray  # (N,) bool: a usable footprint
+    windows: np.ndarray  # (N, 4) chip window in the mosaic's CRS, NaN without geometry
+    idx: np.ndarray  # buildings whose window touches a tile
+    cols: np.ndarray  # their window's first column, row and side, in mosaic pixels
+    rows: np.ndarray
+    npxs: np.ndarray
+
+
+def place(task: CellTask, info: MosaicInfo, spec: ChipSpec) -> Placement:
+    """The chip windows of a unit of work (shared by the crop and the prefetch of its blocks)."""
+    n = len(task.building_ids)
+    has_geom = np.isfinite(task.bounds).all(axis=1) & np.isin(task.geometry_status, ("ok", "repaired"))
+    windows = np.full((n, 4), np.nan)
+    left, top, res = info.bounds[0], info.bounds[3], info.resolution
+    if has_geom.any():
+        windows[has_geom] = chip_windows(task.bounds[has_geom], spec, res, (left, top), step=SIZE_STEP)
+    covered = has_geom.copy()
+    covered[has_geom] = _intersects_any(windows[has_geom], info.tile_bounds_array())
+    idx = np.flatnonzero(covered)
+    cols = np.rint((windows[idx, 0] - left) / res).astype(np.int64)
+    rows = np.rint((top - windows[idx, 3]) / res).astype(np.int64)
+    npxs = np.rint((windows[idx, 2] - windows[idx, 0]) / res).astype(np.int64)
+    return Placement(has_geom, windows, idx, cols, rows, npxs)
+
+
 def crop_cell(tiles: TileSet, info: MosaicInfo, task: CellTask, spec: ChipSpec) -> tuple[np.ndarray, pa.Table]:
     """Chips and index rows for one unit of work (one index row per building).
 
@@ -253,19 +324,13 @@ def crop_cell(tiles: TileSet, info: MosaicInfo, task: CellTask, spec: ChipSpec) 
     message: list[str | None] = [None] * n
     valid_frac = np.full(n, np.nan, dtype="float32")
     rows = np.full(n, -1, dtype="int32")
-    has_geom = np.isfinite(task.bounds).all(axis=1) & np.isin(task.geometry_status, ("ok", "repaired"))
-    status[~has_geom] = "invalid_geometry"
-    windows = np.full((n, 4), np.nan)
-    left, top, res = info.bounds[0], info.bounds[3], info.resolution
-    if has_geom.any():
-        windows[has_geom] = chip_windows(task.bounds[has_geom], spec, res, (left, top), step=SIZE_STEP)
-    covered = has_geom.copy()
-    covered[has_geom] = _intersects_any(windows[has_geom], info.tile_bounds_array())
-    status[has_geom & ~covered] = "no_imagery"
-    idx = np.flatnonzero(covered)
-    cols = np.rint((windows[idx, 0] - left) / res).astype(np.int64)
-    rws = np.rint((top - windows[idx, 3]) / res).astype(np.int64)
-    npxs = np.rint((windows[idx, 2] - windows[idx, 0]) / res).astype(np.int64)
+    tiles.use_paths(task.tile_paths)
+    p = place(task, info, spec)
+    windows, idx, cols, rws, npxs = p.windows, p.idx, p.cols, p.rows, p.npxs
+    status[~p.has_geom] = "invalid_geometry"
+    no_imagery = p.has_geom.copy()
+    no_imagery[idx] = False
+    status[no_imagery] = "no_imagery"
     # which tiles each window touches, and whether one tile holds it whole (no nodata fill needed)
     t = tiles
     touch = (
@@ -348,6 +413,8 @@ def crop_cell(tiles: TileSet, info: MosaicInfo, task: CellTask, spec: ChipSpec) 
     for npx in list(batches):
         flush(npx)
     tiles.clear()
+    if task.tile_paths:
+        tiles.use_paths(None)  # a prefetched copy is deleted once its cell is cut
     arr = out_arr[:n_out]
     index = pa.table(
         {
@@ -520,6 +587,53 @@ def _run_task(task: CellTask) -> CellResult:
     return CellResult(task.shard_id, counts, len(chips), time.perf_counter() - t0)
 
 
+class Prefetch(Protocol):
+    """Makes a unit of work's remote blocks local before it is cut (see ``ops.prefetch``)."""
+
+    def prepare(self, task: CellTask) -> CellTask: ...
+
+    def release(self, task: CellTask) -> None: ...
+
+
+def _prefetched(todo: list[CellTask], prefetch: Prefetch | None, depth: int) -> Iterator[CellTask]:
+    """``todo`` in order, each task yielded once its blocks are local, with ``depth`` tasks fetched ahead."""
+    if prefetch is None:
+        yield from todo
+        return
+    ahead: deque[Future] = deque()
+    rest = iter(todo)
+    with ThreadPoolExecutor(max_workers=max(1, depth), thread_name_prefix="prefetch") as pool:
+        try:
+            for t in rest:
+                ahead.append(pool.submit(prefetch.prepare, t))
+                if len(ahead) >= depth:
+                    break
+            while ahead:
+                ready = ahead.popleft().result()
+                nxt = next(rest, None)
+                if nxt is not None:
+                    ahead.append(pool.submit(prefetch.prepare, nxt))
+                yield ready
+        finally:
+            for f in ahead:
+                f.cancel()
+
+
+def _bounded_map(pool: ProcessPoolExecutor, fn: Callable, items: Iterator, limit: int) -> Iterator:
+    """Like ``pool.map`` but pulls at most ``limit`` items ahead of the results (bounded prefetch disk)."""
+    running: set[Future] = set()
+    for item in items:
+        running.add(pool.submit(fn, item))
+        if len(running) >= limit:
+            done, running = wait(running, return_when=FIRST_COMPLETED)
+            for f in done:
+                yield f.result()
+    while running:
+        done, running = wait(running, return_when=FIRST_COMPLETED)
+        for f in done:
+            yield f.result()
+
+
 def crop_partition(
     buildings_parquet: Path,
     info: MosaicInfo,
@@ -531,6 +645,8 @@ def crop_partition(
     resume: bool = True,
     part_size: int = 4096,
     progress: Callable[[CellResult, int, int], None] | None = None,
+    prefetch: Prefetch | None = None,
+    prefetch_depth: int = 2,
 ) -> Iterator[CellResult]:
     """Crop every cell of a partition into ``out_dir``, yielding one result per shard (cell or part of a cell).
 
@@ -541,6 +657,10 @@ def crop_partition(
     (same chip spec, imagery and buildings) is reused rather than recut. Shards
     of cells that no longer exist are removed, so the folder always describes
     exactly the current buildings.
+
+    With ``prefetch`` (remote imagery), the blocks of the next ``prefetch_depth``
+    units of work are fetched while the current ones are cut, and each unit's
+    local copy is released once its shard is written: disk use stays bounded.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     tasks = cell_tasks(buildings_parquet, part_size)
@@ -564,23 +684,26 @@ def crop_partition(
         else:
             todo.append(t)
     todo.sort(key=lambda t: -len(t.building_ids))  # big cells first: better load balance
+    by_shard = {t.shard_id: t for t in todo}
     init_args = (info.to_json(), spec, str(out_dir), meta)
     single = workers <= 1 or len(todo) <= 1
+    ready = _prefetched(todo, prefetch, prefetch_depth)
     # in-process, the worker set-up must not outlive the crop (a later step in the same process, or a
     # caller, would run torch on one thread)
     saved = (torch.get_num_threads(), os.environ.get("GDAL_CACHEMAX"))
     if single:
         _init_worker(*init_args)
         _WORKER["writer"] = ShardWriter()  # in-process: overlap shard writes with cropping
-        results: Iterator[CellResult] = map(_run_task, todo)
+        results: Iterator[CellResult] = map(_run_task, ready)
     else:
-        pool = ProcessPoolExecutor(
-            max_workers=min(workers, len(todo), os.cpu_count() or 1), initializer=_init_worker, initargs=init_args
-        )
-        results = pool.map(_run_task, todo)
+        n = min(workers, len(todo), os.cpu_count() or 1)
+        pool = ProcessPoolExecutor(max_workers=n, initializer=_init_worker, initargs=init_args)
+        results = _bounded_map(pool, _run_task, ready, limit=n + 1)
     try:
         with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
             for r in results:
+                if prefetch is not None:
+                    prefetch.release(by_shard[r.shard_id])
                 done += 1
                 if progress:
                     progress(r, done, len(tasks))
@@ -599,3 +722,4 @@ def crop_partition(
                 os.environ.pop("GDAL_CACHEMAX", None)
             else:
                 os.environ["GDAL_CACHEMAX"] = saved[1]
+        ready.close()

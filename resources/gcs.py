@@ -20,13 +20,17 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
 from dagster import InitResourceContext, get_dagster_logger
+from google.api_core import exceptions as gexc
+from google.api_core.retry import if_transient_error
 from google.cloud import storage
 from pydantic import Field, PrivateAttr
 
+from ops.prefetch import FetchError, TransientFetchError
 from resources.gcp import client_options, credentials_for
 from resources.object_store import LocalObjectStore
 
@@ -213,3 +217,46 @@ class GcsObjectStore(LocalObjectStore):
         if n:
             get_dagster_logger().info(f"uploaded {n} file(s) to gs://{self.bucket}/{self.blob_name('')}")
         return n
+
+
+class GcsRangeReader:
+    """Byte ranges of ``/vsigs/<bucket>/<key>`` objects through the Cloud Storage API (the prefetch's source).
+
+    Errors the API client marks retryable (429, 5xx, connection resets) are
+    reported as transient for the prefetch's backoff; a missing object or a
+    refused permission fails at once, naming the object.
+    """
+
+    def __init__(self, api_endpoint: str | None = None) -> None:
+        self.api_endpoint = api_endpoint
+        self._local = threading.local()  # one client (one HTTP session) per fetching thread
+
+    def _blob(self, path: str) -> storage.Blob:
+        client = getattr(self._local, "client", None)
+        if client is None:
+            client = self._local.client = gcs_client(self.api_endpoint)
+        bucket, key = split_gs_uri("gs://" + path.removeprefix("/vsigs/").removeprefix("gs://"))
+        return client.bucket(bucket).blob(key)
+
+    def _call(self, path: str, fn):
+        try:
+            return fn()
+        except gexc.NotFound as exc:
+            raise FetchError(f"{path}: no such object") from exc
+        except Exception as exc:
+            if if_transient_error(exc) or isinstance(exc, ConnectionError | TimeoutError):
+                raise TransientFetchError(f"{path}: {exc}") from exc
+            raise
+
+    def size(self, path: str) -> int:
+        blob = self._blob(path)
+        self._call(path, lambda: blob.reload(retry=None))
+        return int(blob.size or 0)
+
+    def read(self, path: str, start: int, stop: int) -> bytes:
+        blob = self._blob(path)
+        # no client-side retry: the prefetch's own backoff counts and bounds the attempts
+        data = self._call(path, lambda: blob.download_as_bytes(start=start, end=stop - 1, checksum=None, retry=None))
+        if len(data) != stop - start:
+            raise TransientFetchError(f"{path}: short read, {len(data)} of {stop - start} bytes")
+        return data

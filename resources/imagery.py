@@ -22,7 +22,8 @@ from dagster import ConfigurableResource
 from pydantic import Field
 
 from ops.mosaic import TILE_SUFFIXES, find_tiles, tiles_digest
-from resources.gcs import download_prefix, gcs_client, split_gs_uri
+from ops.prefetch import ByPrefixReader, HttpRangeReader, RangeReader
+from resources.gcs import GcsRangeReader, download_prefix, gcs_client, split_gs_uri
 
 ENDPOINT_HELP = "Cloud Storage API endpoint for gs:// roots; None = Google's. http:// = an emulator (tests)"
 
@@ -70,6 +71,12 @@ class OrthoImagery(ConfigurableResource):
         if not folder.is_dir():
             raise MissingInputError(f"partition {departement}: no imagery folder at {folder.resolve()}")
         return find_tiles(folder)
+
+    def range_reader(self) -> RangeReader:
+        """Where the chips step's prefetch reads remote tiles' bytes: Cloud Storage, HTTP, or local files."""
+        gcs = GcsRangeReader(self.api_endpoint)
+        http = HttpRangeReader()
+        return ByPrefixReader({"/vsigs/": gcs, "gs://": gcs, "/vsicurl/": http, "http://": http, "https://": http})
 
     def fingerprint(self, departement: str) -> str | None:
         """Changes when the département's tiles do (None: it has no imagery). Used by the sensor."""
