@@ -63,8 +63,15 @@ def test_a_crop_through_the_prefetch_is_the_local_crop_despite_throttling(served
             scratch = p.scratch
             results = list(
                 crop_partition(
-                    parquet, remote, tmp_path / "remote", spec, buildings_fingerprint="x", part_size=100, prefetch=p
-                )  # fmt: skip
+                    parquet,
+                    remote,
+                    tmp_path / "remote",
+                    spec,
+                    buildings_fingerprint="x",
+                    part_size=100,
+                    prefetch=p,
+                    workers=workers,
+                )
             )
             stats = p.stats
     finally:

@@ -75,6 +75,7 @@ def _handler(root: Path, how: Behaviour):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             how.fail_every = int(body.get("fail_every", how.fail_every))
             how.fail_first = int(body.get("fail_first", how.fail_first))
+            how._seen.clear()  # fail_first counts from now
             how.deny = set(body.get("deny", how.deny))
             how.latency_s = float(body.get("latency_s", how.latency_s))
             self._status(204)
