@@ -119,10 +119,11 @@ def _run(resources, selection, partition=None, run_config=None):
 @pytest.fixture(scope="module")
 def materialized(cloud):
     resources, gcs, dep = cloud
-    _run(resources, CROP, dep.departement)
+    crop = _run(resources, CROP, dep.departement)
     _run(resources, ["roof_model"], run_config=QUICK_TRAINING)
     _run(resources, PREDICT, dep.departement)
-    return resources, gcs, dep
+    chips_md = {k: v.value for k, v in crop.asset_materializations_for_node("chips")[0].metadata.items()}
+    return resources, gcs, dep, chips_md
 
 
 def test_tables_are_geography_and_clustered_by_departement(materialized):
@@ -136,7 +137,7 @@ def test_tables_are_geography_and_clustered_by_departement(materialized):
 
 
 def test_every_building_once_and_one_prediction_each(materialized):
-    resources, _, dep = materialized
+    resources, _, dep, _ = materialized
     wh = resources["warehouse"]
     b = wh.query("select count(*) n, count(distinct building_id) d from buildings where departement = ?", ["12"])
     assert b.n[0] == b.d[0] == dep.n_buildings
@@ -155,7 +156,7 @@ def test_every_building_once_and_one_prediction_each(materialized):
 
 def test_geography_round_trips(materialized):
     """Areas and centroids read back from BigQuery match the GeoParquet the asset wrote (native CRS)."""
-    resources, _, dep = materialized
+    resources, _, dep, _ = materialized
     wh = resources["warehouse"]
     got = wh.query(
         "select building_id, area_m2, ST_AREA(geometry) bq_area, ST_X(ST_CENTROID(geometry)) lon, "
@@ -179,7 +180,7 @@ def test_geography_round_trips(materialized):
 
 
 def test_rewriting_a_partition_replaces_its_rows(materialized):
-    resources, _, dep = materialized
+    resources, _, dep, _ = materialized
     wh = resources["warehouse"]
     _run(resources, ["buildings"], dep.departement)
     _run(resources, ["buildings"], dep.departement)
@@ -189,7 +190,7 @@ def test_rewriting_a_partition_replaces_its_rows(materialized):
 
 def test_a_failed_write_leaves_the_partition_as_it_was(materialized):
     """Neither a crash while staging nor an error inside the transaction touches readers' rows."""
-    resources, _, dep = materialized
+    resources, _, dep, _ = materialized
     wh = resources["warehouse"]
     before = wh.query("select count(*) n from buildings where departement = ?", ["12"]).n[0]
     batch = next(pq.ParquetFile(resources["store"].path("buildings/12/buildings.parquet")).iter_batches(10))
@@ -212,7 +213,7 @@ def test_a_failed_write_leaves_the_partition_as_it_was(materialized):
 
 
 def test_dbt_models_run_on_bigquery(materialized):
-    resources, _, dep = materialized
+    resources, _, dep, _ = materialized
     wh = resources["warehouse"]
     attrs = wh.query("select * from building_attributes")
     assert len(attrs) == dep.n_buildings and attrs.building_id.is_unique
@@ -225,7 +226,7 @@ def test_dbt_models_run_on_bigquery(materialized):
 
 def test_panel_polygons_land_in_bigquery_as_geography(materialized):
     """The segmenter's polygons are GEOGRAPHY in BigQuery, on their building, with a plausible area."""
-    resources, _, _ = materialized
+    resources, _, _, _ = materialized
     wh = resources["warehouse"]
     got = wh.query(
         "select p.building_id, ST_AREA(p.geometry) panel_m2, ST_AREA(b.geometry) roof_m2, "
@@ -238,7 +239,7 @@ def test_panel_polygons_land_in_bigquery_as_geography(materialized):
 
 
 def test_artefacts_and_model_live_in_the_bucket(materialized):
-    resources, gcs, _ = materialized
+    resources, gcs, _, _ = materialized
     names = {b.name for b in gcs.list_blobs(BUCKET, prefix="bativision/")}
     assert "bativision/buildings/12/buildings.parquet" in names
     assert "bativision/mosaic/12/mosaic.vrt" in names
@@ -250,10 +251,35 @@ def test_artefacts_and_model_live_in_the_bucket(materialized):
     assert not any(".tmp" in n for n in names)
 
 
+def test_gs_tiles_are_prefetched_and_give_the_chips_of_a_local_crop(materialized, tmp_path):
+    """The chips step fetched the blocks from the bucket (Cloud Storage API, ranges) and cut what a local crop cuts."""
+    from ops.chips import ChipSpec, crop_partition, list_shards, open_chips, read_index
+    from ops.mosaic import build_mosaic, find_tiles
+
+    _, gcs, dep, md = materialized
+    assert md["prefetch"] == "on" and md["prefetch_blocks"] > 0 and md["prefetch_requests"] > 0
+    bucket = gcs.bucket(BUCKET)
+    parquet = tmp_path / "buildings.parquet"
+    bucket.blob(f"bativision/buildings/{dep.departement}/buildings.parquet").download_to_filename(str(parquet))
+    info = build_mosaic(find_tiles(dep.ortho_dir), tmp_path / "local.vrt", name="local")
+    list(crop_partition(parquet, info, tmp_path / "local", ChipSpec(), buildings_fingerprint="x"))
+    shards = list_shards(tmp_path / "local")
+    assert shards
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    for s in shards:
+        for suffix in (".chips.npy", ".index.parquet"):
+            bucket.blob(f"bativision/chips/{dep.departement}/{s}{suffix}").download_to_filename(
+                str(remote / (s + suffix))
+            )
+        assert np.array_equal(open_chips(remote, s), open_chips(tmp_path / "local", s)), s
+        assert read_index(remote, s).equals(read_index(tmp_path / "local", s)), s
+
+
 def test_gdal_reads_tiles_through_vsigs(materialized):
     import rasterio
 
-    _, gcs, dep = materialized
+    _, gcs, dep, _ = materialized
     tile = sorted(dep.ortho_dir.iterdir())[0]
     with rasterio.open(f"/vsigs/{BUCKET}/sources/12/ortho/{tile.name}") as remote, rasterio.open(tile) as local:
         assert remote.crs == local.crs and remote.transform == local.transform
