@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 
-.PHONY: install install-emulators demo test ui lint sample clean bench-crop bench-infer
+.PHONY: install install-emulators demo test ui lint sample clean bench-crop bench-infer bench-prefetch
 
 $(BIN)/python:
 	@command -v $(PY) >/dev/null || { echo "$(PY) not found: install Python 3.11"; exit 1; }
@@ -62,6 +62,9 @@ $(VENV)/.bench-installed: $(STAMP) requirements-bench.lock
 
 bench-crop: $(VENV)/.bench-installed
 	$(BIN)/python -m bench.crop
+
+bench-prefetch: install
+	$(BIN)/python -m bench.prefetch
 
 bench-infer: install
 	$(BIN)/python -m bench.infer

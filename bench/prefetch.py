@@ -1,0 +1,115 @@
+"""Benchmark of the chips step on remote imagery: GDAL reading blocks over HTTP vs the prefetch.
+
+    make bench-prefetch        # or: .venv/bin/python -m bench.prefetch [--buildings 10000] [--latency-ms 20]
+
+Reuses `make bench-crop`'s synthetic département (generated on first use). Its tiles are served
+over HTTP with Range requests by a local server that waits ``--latency-ms`` before answering each
+request (object stores answer a first byte in tens of milliseconds). Same buildings, same run,
+each contender in a fresh process:
+
+- **local**: the crop on the local files (what the step does once the blocks are here);
+- **direct**: the crop on ``/vsicurl/`` URLs: GDAL fetches each block when the crop asks for it;
+- **prefetch**: the crop on ``/vsicurl/`` URLs with the prefetch (``--threads`` range requests in
+  flight, ``--depth`` units ahead).
+
+Prints chips/s of each, prefetch/direct and prefetch/local, the bytes and requests the prefetch
+made against what the chips need, and ends with one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from bench.crop import DEP, SPEC
+from ops.chips import crop_partition
+from ops.footprints import iter_building_batches, write_buildings_geoparquet
+from ops.mosaic import MosaicInfo, build_mosaic
+from ops.prefetch import HttpRangeReader, Prefetcher
+from ops.synth import generate_departement
+
+
+def contender(kind: str, work: Path, parquet: Path, threads: int, depth: int) -> dict:
+    info = MosaicInfo.from_json((work / ("local.json" if kind == "local" else "remote.json")).read_text())
+    out = work / f"out_{kind}"
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.perf_counter()
+    stats: dict = {}
+    if kind == "prefetch":
+        with Prefetcher(info, SPEC, HttpRangeReader(), work, threads=threads) as p:
+            results = list(crop_partition(parquet, info, out, SPEC, buildings_fingerprint="b", resume=False,
+                                          prefetch=p, prefetch_depth=depth))  # fmt: skip
+            stats = p.stats.as_dict()
+    else:
+        results = list(crop_partition(parquet, info, out, SPEC, buildings_fingerprint="b", resume=False))
+    seconds = time.perf_counter() - t0
+    chips = sum(r.chips for r in results)
+    return {"chips": chips, "seconds": seconds, "chips_per_s": chips / seconds, **stats}
+
+
+def run(kind: str, work: Path, parquet: Path, threads: int, depth: int) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.prefetch", "--child", kind, str(work), str(parquet), str(threads), str(depth)],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--buildings", type=int, default=10_000, help="the first N buildings of the bench département")
+    p.add_argument("--latency-ms", type=float, default=20.0)
+    p.add_argument("--threads", type=int, default=16)
+    p.add_argument("--depth", type=int, default=2)
+    p.add_argument("--out", type=Path, default=Path("bench/out"))
+    p.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        kind, work, parquet, threads, depth = args.child
+        print(json.dumps(contender(kind, Path(work), Path(parquet), int(threads), int(depth))))
+        return
+    from tests.standins.range_server import range_server
+
+    m = generate_departement(args.out / "data", DEP, 100_000, seed=0, tile_px=10_000, verbose=True)
+    work = args.out / "prefetch"
+    work.mkdir(parents=True, exist_ok=True)
+    full = args.out / "work" / "buildings_100000.parquet"
+    if not full.exists():
+        full.parent.mkdir(parents=True, exist_ok=True)
+        write_buildings_geoparquet(iter_building_batches(m.footprints, DEP, m.epsg), full, m.epsg)
+    parquet = work / f"buildings_{args.buildings}.parquet"
+    pq.write_table(pq.read_table(full).slice(0, args.buildings), parquet)
+    tiles = sorted(m.ortho_dir.glob("*.tif"))
+    local = build_mosaic([str(t.resolve()) for t in tiles], work / "local.vrt", name="local")
+    (work / "local.json").write_text(local.to_json())
+    with range_server(m.ortho_dir, latency_s=args.latency_ms / 1000) as (url, _):
+        remote = build_mosaic([f"/vsicurl/{url}/{t.name}" for t in tiles], work / "remote.vrt", name="remote")
+        (work / "remote.json").write_text(remote.to_json())
+        print(f"{args.buildings:,} buildings, {len(tiles)} tiles served over HTTP, {args.latency_ms:g} ms per request")
+        res = {k: run(k, work, parquet, args.threads, args.depth) for k in ("local", "prefetch", "direct")}
+    lo, pf, di = (res[k]["chips_per_s"] for k in ("local", "prefetch", "direct"))
+    print(f"local files                    : {lo:8,.0f} chips/s")
+    print(f"direct /vsicurl/ (GDAL)        : {di:8,.0f} chips/s")
+    print(f"prefetch ({args.threads} threads, depth {args.depth}) : {pf:8,.0f} chips/s")
+    s = res["prefetch"]
+    print(f"prefetch / direct              : {pf / di:.1f}x")
+    print(f"prefetch / local               : {pf / lo:.2f}")
+    print(f"prefetch fetched {s['bytes'] / 2**20:,.0f} MiB in {s['requests']:,} requests "
+          f"({s['retries']} retries) for {s['blocks']:,} blocks")  # fmt: skip
+    print(json.dumps({
+        "bench": "prefetch", "buildings": args.buildings, "latency_ms": args.latency_ms,
+        "local_chips_per_s": round(lo, 1), "direct_chips_per_s": round(di, 1), "prefetch_chips_per_s": round(pf, 1),
+        "ratio_vs_direct": round(pf / di, 2), "fraction_of_local": round(pf / lo, 3),
+        "prefetch_mib": round(s["bytes"] / 2**20, 1), "prefetch_requests": s["requests"],
+    }))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
