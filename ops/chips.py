@@ -163,6 +163,7 @@ class TileSet:
         self.block = [(int(x.block[0]), int(x.block[1])) for x in t]
         self.paths = [x.path for x in t]
         self.decoded: list[tuple[int, int, int]] | None = None  # set to a list to record every block decoded
+        self.last_shard = ""  # the unit of work cut last: its blocks are kept for the next part of its cell
         self._ds: dict[int, rasterio.io.DatasetReader] = {}
         self._cache: dict[tuple[int, int, int], np.ndarray] = {}
         self._bottoms: list[tuple[int, tuple[int, int, int]]] = []  # heap of (last row + 1, block key)
@@ -220,6 +221,16 @@ class TileSet:
             self._cache[key] = blk
             heapq.heappush(self._bottoms, (int(self.row0[i]) + br * bh + h, key))
         return blk
+
+    def continues(self, task: CellTask) -> bool:
+        """Whether ``task`` is the next part (north to south) of the cell cut last, whose blocks it can reuse.
+
+        Parts of a big cell share the band of blocks along their seam; keeping
+        the cache from one part to the next decodes those blocks once.
+        """
+        cell, _, part = task.shard_id.partition(".p")
+        last_cell, _, last_part = self.last_shard.partition(".p")
+        return bool(part and last_part) and cell == last_cell and int(part) == int(last_part) + 1
 
     def evict_above(self, row: int) -> None:
         """Forget blocks that end above mosaic row ``row`` (the sweep has passed them)."""
@@ -324,6 +335,8 @@ def crop_cell(tiles: TileSet, info: MosaicInfo, task: CellTask, spec: ChipSpec) 
     message: list[str | None] = [None] * n
     valid_frac = np.full(n, np.nan, dtype="float32")
     rows = np.full(n, -1, dtype="int32")
+    if not tiles.continues(task):
+        tiles.clear()
     tiles.use_paths(task.tile_paths)
     p = place(task, info, spec)
     windows, idx, cols, rws, npxs = p.windows, p.idx, p.cols, p.rows, p.npxs
@@ -346,6 +359,9 @@ def crop_cell(tiles: TileSet, info: MosaicInfo, task: CellTask, spec: ChipSpec) 
         & ((t.row0 + t.height)[None] >= (rws + npxs)[:, None])
     ).any(axis=1)
     order = np.lexsort((cols, rws))  # sweep top to bottom: each block decoded once
+    # a block is dropped one window side after the sweep has passed it: the next part of a big cell (cut by
+    # footprint top, not window top) may start that far above where this one ends
+    lag = int(npxs.max()) if len(npxs) else 0
     # chips land in the shard array in the order batches complete; `rows` maps buildings to them
     out_arr = np.empty((len(idx), 3, spec.size, spec.size), dtype=np.uint8)
     n_out = 0
@@ -394,7 +410,7 @@ def crop_cell(tiles: TileSet, info: MosaicInfo, task: CellTask, spec: ChipSpec) 
 
     for k in order.tolist():
         i, col, row, npx = int(idx[k]), int(cols[k]), int(rws[k]), int(npxs[k])
-        tiles.evict_above(row)
+        tiles.evict_above(row - lag)
         b = batches.get(npx)
         if b is None:
             b = batches[npx] = _Batch(info.count, npx, info.dtype)
@@ -412,8 +428,9 @@ def crop_cell(tiles: TileSet, info: MosaicInfo, task: CellTask, spec: ChipSpec) 
             flush(npx)
     for npx in list(batches):
         flush(npx)
-    tiles.clear()
+    tiles.last_shard = task.shard_id
     if task.tile_paths:
+        tiles.clear()
         tiles.use_paths(None)  # a prefetched copy is deleted once its cell is cut
     arr = out_arr[:n_out]
     index = pa.table(

@@ -129,6 +129,33 @@ def test_crop_is_the_same_with_one_and_two_workers(scene):
         assert shard_paths(scene / "w1", s)[0].read_bytes() == shard_paths(scene / "w2", s)[0].read_bytes()
 
 
+def test_parts_of_a_big_cell_decode_their_shared_blocks_once(scene):
+    """Cut into parts north to south, a cell decodes each block once, and cuts the chips it cuts whole."""
+    from ops.chips import TileSet, cell_tasks, crop_cell
+
+    info = build_mosaic(find_tiles(scene / "tiles"), scene / "parts.vrt", name="parts")
+    whole, parts = TileSet(info), TileSet(info)
+    whole.decoded, parts.decoded = [], []
+
+    def by_building(tiles: TileSet, tasks) -> dict[str, np.ndarray]:
+        out = {}
+        for t in tasks:
+            arr, index = crop_cell(tiles, info, t, ChipSpec())
+            for b, row in zip(index.column("building_id").to_pylist(), index.column("row").to_pylist(), strict=True):
+                if row >= 0:
+                    out[b] = arr[row]
+        return out
+
+    chips_whole = by_building(whole, cell_tasks(scene / "b.parquet"))
+    tasks = cell_tasks(scene / "b.parquet", part_size=40)
+    assert any(".p" in t.shard_id for t in tasks)
+    chips_parts = by_building(parts, tasks)
+    assert sorted(parts.decoded) == sorted(whole.decoded)  # no block decoded twice at a seam between parts
+    assert chips_parts.keys() == chips_whole.keys() and len(chips_whole) > 250
+    for b, chip in chips_whole.items():
+        np.testing.assert_array_equal(chips_parts[b], chip)
+
+
 def test_resumed_cells_are_reused_and_stale_ones_removed(scene):
     info = build_mosaic(find_tiles(scene / "tiles"), scene / "r.vrt", name="r")
     folder = scene / "resume"

@@ -87,10 +87,10 @@ def test_a_crop_through_the_prefetch_is_the_local_crop_despite_throttling(served
 def test_the_prefetch_fetches_exactly_the_blocks_the_crop_decodes(served, tmp_path):
     work, parquet, local, remote, _ = served
     spec = ChipSpec()
-    tiles = TileSet(local)
     total_blocks = sum(-(-t.width // t.block[1]) * -(-t.height // t.block[0]) for t in local.tiles)
     with Prefetcher(remote, spec, HttpRangeReader(), tmp_path, threads=4) as p:
         for task in cell_tasks(parquet, part_size=100):
+            tiles = TileSet(local)  # a fresh one: a prefetch is per unit of work
             tiles.decoded = []
             crop_cell(tiles, local, task, spec)
             before = len(p.fetched)
