@@ -305,7 +305,8 @@ class Prefetcher:
 
     def _fetch(self, path: str, ranges: list[tuple[int, int]]) -> list[tuple[int, bytes]]:
         """Fetch ``ranges`` of ``path`` in parallel, large ranges split so no request is huge."""
-        pieces = [(a, min(a + self.max_request, b)) for a, b in ranges for a in range(a, b, self.max_request)]
+        step = self.max_request
+        pieces = [(a, min(a + step, stop)) for start, stop in ranges for a in range(start, stop, step)]
 
         def one(rng: tuple[int, int]) -> tuple[int, bytes]:
             a, b = rng
