@@ -123,8 +123,8 @@ def chip_windows(
 
 
 def to_chip_bands(arr: np.ndarray, info: MosaicInfo) -> np.ndarray:
-    """Apply the mosaic's band rule: (..., h, w, bands) source → (..., h, w, 3) uint8 (bands last, as decoded)."""
-    a = np.repeat(arr[..., :1], 3, axis=-1) if info.band_rule.startswith("replicate") else arr[..., :3]
+    """Apply the mosaic's band rule: (..., bands, h, w) source → (..., 3, h, w) uint8."""
+    a = np.repeat(arr[..., :1, :, :], 3, axis=-3) if info.band_rule.startswith("replicate") else arr[..., :3, :, :]
     if info.scale is not None:
         lo, hi = info.scale
         a = np.clip((a.astype(np.float32) - lo) * (255.0 / (hi - lo)), 0, 255).round()
@@ -215,8 +215,7 @@ class TileSet:
             bh, bw = self.block[i]
             w = int(min(bw, self.width[i] - bc * bw))
             h = int(min(bh, self.height[i] - br * bh))
-            # bands last: windows are then copied as contiguous rows, and resampled in torch's fast layout
-            blk = np.ascontiguousarray(self._dataset(i).read(window=Window(bc * bw, br * bh, w, h)).transpose(1, 2, 0))
+            blk = self._dataset(i).read(window=Window(bc * bw, br * bh, w, h))
             if self.decoded is not None:
                 self.decoded.append(key)
             self._cache[key] = blk
@@ -244,7 +243,7 @@ class TileSet:
         self._bottoms.clear()
 
     def read(self, col: int, row: int, npx: int, out: np.ndarray, hit: np.ndarray | None = None) -> None:
-        """Fill ``out`` (npx, npx, bands), pre-filled with nodata, with the mosaic's pixels.
+        """Fill ``out`` (bands, npx, npx), pre-filled with nodata, with the mosaic's pixels.
 
         ``hit``: indices of the tiles the window touches, when the caller already knows them.
         """
@@ -268,10 +267,10 @@ class TileSet:
                     if blk is None:
                         blk = self._block(i, br, bc)
                     # intersection of the block and the window, in tile pixels
-                    y0, y1 = max(r0, br * bh), min(r1, br * bh + blk.shape[0])
-                    x0, x1 = max(c0, bc * bw), min(c1, bc * bw + blk.shape[1])
-                    out[y0 + tr0 - row : y1 + tr0 - row, x0 + tc0 - col : x1 + tc0 - col] = blk[
-                        y0 - br * bh : y1 - br * bh, x0 - bc * bw : x1 - bc * bw
+                    y0, y1 = max(r0, br * bh), min(r1, br * bh + blk.shape[1])
+                    x0, x1 = max(c0, bc * bw), min(c1, bc * bw + blk.shape[2])
+                    out[:, y0 + tr0 - row : y1 + tr0 - row, x0 + tc0 - col : x1 + tc0 - col] = blk[
+                        :, y0 - br * bh : y1 - br * bh, x0 - bc * bw : x1 - bc * bw
                     ]
 
     def close(self) -> None:
@@ -291,7 +290,7 @@ class _Batch:
 
     def __init__(self, count: int, npx: int, dtype: str) -> None:
         self.cap = max(4, min(256, BATCH_BYTES // (count * npx * npx * np.dtype(dtype).itemsize)))
-        self.arr = np.empty((self.cap, npx, npx, count), dtype=dtype)  # bands last
+        self.arr = np.empty((self.cap, count, npx, npx), dtype=dtype)
         self.ids: list[int] = []
 
 
@@ -388,7 +387,7 @@ def crop_cell(tiles: TileSet, info: MosaicInfo, task: CellTask, spec: ChipSpec) 
         frac = np.ones(m, dtype=np.float32)
         masks = {}
         for j in np.flatnonzero(suspect).tolist():
-            valid = (a[j] != nodata).any(axis=-1)
+            valid = (a[j] != nodata).any(axis=0)
             frac[j] = valid.mean()
             if frac[j] < 1:
                 masks[j] = valid
@@ -403,7 +402,7 @@ def crop_cell(tiles: TileSet, info: MosaicInfo, task: CellTask, spec: ChipSpec) 
             pos = np.cumsum(keep) - 1
             for j, valid in masks.items():
                 if keep[j]:
-                    chips[pos[j]] *= valid.astype(np.uint8)[:, :, None]
+                    chips[pos[j]] *= valid.astype(np.uint8)
         kept = ids[keep]
         out_arr[n_out : n_out + len(kept)] = resample_batch(chips, spec.size)
         rows[kept] = np.arange(n_out, n_out + len(kept), dtype="int32")
