@@ -607,6 +607,8 @@ def _run_task(task: CellTask) -> CellResult:
 class Prefetch(Protocol):
     """Makes a unit of work's remote blocks local before it is cut (see ``ops.prefetch``)."""
 
+    def warm(self, tasks: list[CellTask]) -> None: ...
+
     def prepare(self, task: CellTask) -> CellTask: ...
 
     def release(self, task: CellTask) -> None: ...
@@ -617,6 +619,7 @@ def _prefetched(todo: list[CellTask], prefetch: Prefetch | None, depth: int) -> 
     if prefetch is None:
         yield from todo
         return
+    prefetch.warm(todo)  # tile headers first, one at a time, before blocks are fetched in parallel
     ahead: deque[Future] = deque()
     rest = iter(todo)
     with ThreadPoolExecutor(max_workers=max(1, depth), thread_name_prefix="prefetch") as pool:

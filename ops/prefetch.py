@@ -344,6 +344,22 @@ class Prefetcher:
                 self.stats.add(whole_files=1)
             return local
 
+    def warm(self, tasks: list[CellTask]) -> None:
+        """Read the layout of every tile the tasks touch, one at a time, before any unit is fetched.
+
+        GDAL keeps Python's GIL while it opens a remote file: opened while
+        fetch threads are mid-request to a server that answers one connection
+        at a time, it would wait for them and they for it (seen with the
+        Cloud Storage emulator). Headers first, alone, then the blocks.
+        """
+        touched: set[int] = set()
+        for t in tasks:
+            p = place(t, self.info, self.spec)
+            touched.update(self.tiles.blocks(p.cols, p.rows, p.npxs))
+        for i in sorted(touched):
+            if self.layout(i) is None:
+                self._whole_file(i)
+
     def prepare(self, task: CellTask) -> CellTask:
         """The task, with ``tile_paths`` pointing at local copies holding every block its chips touch."""
         t0 = time.perf_counter()
