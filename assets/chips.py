@@ -89,19 +89,19 @@ def chips(
 
         remote = any(is_remote(t.path) for t in info.tiles)
         use_prefetch = config.prefetch == "always" or (config.prefetch == "auto" and remote)
-        with contextlib.ExitStack() as stack:
-            prefetcher = None
-            if use_prefetch:
-                prefetcher = stack.enter_context(
-                    Prefetcher(
-                        info,
-                        spec,
-                        imagery.range_reader(),
-                        Path(config.prefetch_dir) if config.prefetch_dir else None,
-                        threads=config.prefetch_threads,
-                        log=context.log.debug,
-                    )
-                )
+        fetcher = (
+            Prefetcher(
+                info,
+                spec,
+                imagery.range_reader(),
+                Path(config.prefetch_dir) if config.prefetch_dir else None,
+                threads=config.prefetch_threads,
+                log=context.log.debug,
+            )
+            if use_prefetch
+            else contextlib.nullcontext()
+        )
+        with fetcher as prefetcher:
             for _ in crop_partition(
                 bpath,
                 info,

@@ -184,6 +184,15 @@ class TileSet:
                     ds.close()
                 self.paths[i] = path
 
+    def touching(self, cols: np.ndarray, rows: np.ndarray, npxs: np.ndarray) -> np.ndarray:
+        """(windows, tiles) bool: which tiles each square window (mosaic pixels) overlaps."""
+        return (
+            (self.col0[None] < (cols + npxs)[:, None])
+            & ((self.col0 + self.width)[None] > cols[:, None])
+            & (self.row0[None] < (rows + npxs)[:, None])
+            & ((self.row0 + self.height)[None] > rows[:, None])
+        )
+
     def blocks(self, cols: np.ndarray, rows: np.ndarray, npxs: np.ndarray) -> dict[int, set[tuple[int, int]]]:
         """{tile: {(block row, block col)}} of every block the windows touch.
 
@@ -242,18 +251,11 @@ class TileSet:
         self._cache.clear()
         self._bottoms.clear()
 
-    def read(self, col: int, row: int, npx: int, out: np.ndarray, hit: np.ndarray | None = None) -> None:
+    def read(self, col: int, row: int, npx: int, out: np.ndarray, hit: np.ndarray) -> None:
         """Fill ``out`` (bands, npx, npx), pre-filled with nodata, with the mosaic's pixels.
 
-        ``hit``: indices of the tiles the window touches, when the caller already knows them.
+        ``hit``: indices of the tiles the window touches (see :meth:`touching`).
         """
-        if hit is None:
-            hit = np.flatnonzero(
-                (self.col0 < col + npx)
-                & (self.col0 + self.width > col)
-                & (self.row0 < row + npx)
-                & (self.row0 + self.height > row)
-            )
         for i in hit.tolist():
             tc0, tr0 = int(self.col0[i]), int(self.row0[i])
             # the window in the tile's pixel coordinates, clipped to the tile
@@ -346,12 +348,7 @@ def crop_cell(tiles: TileSet, info: MosaicInfo, task: CellTask, spec: ChipSpec) 
     status[no_imagery] = "no_imagery"
     # which tiles each window touches, and whether one tile holds it whole (no nodata fill needed)
     t = tiles
-    touch = (
-        (t.col0[None] < (cols + npxs)[:, None])
-        & ((t.col0 + t.width)[None] > cols[:, None])
-        & (t.row0[None] < (rws + npxs)[:, None])
-        & ((t.row0 + t.height)[None] > rws[:, None])
-    )
+    touch = tiles.touching(cols, rws, npxs)
     inside = (
         (t.col0[None] <= cols[:, None])
         & ((t.col0 + t.width)[None] >= (cols + npxs)[:, None])

@@ -29,6 +29,7 @@ Storage in ``resources.gcs``).
 
 from __future__ import annotations
 
+import http.client
 import os
 import random
 import shutil
@@ -129,15 +130,13 @@ class HttpRangeReader:
 
     def read(self, path: str, start: int, stop: int) -> bytes:
         req = urllib.request.Request(self.url(path), headers={"Range": f"bytes={start}-{stop - 1}"})
-        try:
-            with self._open(req) as r:
-                if r.status != 206 and not (start == 0 and r.status == 200):
-                    raise FetchError(f"{req.full_url}: range requests not supported (HTTP {r.status})")
+        with self._open(req) as r:
+            if r.status != 206 and not (start == 0 and r.status == 200):
+                raise FetchError(f"{req.full_url}: range requests not supported (HTTP {r.status})")
+            try:
                 data = r.read()
-        except (ConnectionError, TimeoutError, OSError) as exc:
-            if isinstance(exc, FetchError | TransientFetchError):
-                raise
-            raise TransientFetchError(f"{req.full_url}: {exc}") from exc
+            except (http.client.HTTPException, OSError) as exc:  # reset or timed out mid-body
+                raise TransientFetchError(f"{req.full_url}: {exc}") from exc
         if len(data) != stop - start:
             raise TransientFetchError(f"{req.full_url}: short read, {len(data)} of {stop - start} bytes")
         return data
@@ -291,7 +290,7 @@ class Prefetcher:
         self._layouts: dict[int, TileLayout | None] = {}
         self._whole: dict[int, str] = {}
         self._locks = {i: threading.Lock() for i in range(len(info.tiles))}
-        self.fetched: list[tuple[int, int, int]] = []  # (tile, block row, block col), for tests and metadata
+        self.fetched: list[tuple[int, int, int]] | None = None  # set to a list to record (tile, row, col) fetched
 
     def __enter__(self) -> Prefetcher:
         return self
@@ -353,9 +352,9 @@ class Prefetcher:
         Cloud Storage emulator). Headers first, alone, then the blocks.
         """
         touched: set[int] = set()
-        for t in tasks:
+        for t in tasks:  # which tiles, not which blocks: `prepare` enumerates a unit's blocks when it fetches them
             p = place(t, self.info, self.spec)
-            touched.update(self.tiles.blocks(p.cols, p.rows, p.npxs))
+            touched.update(np.flatnonzero(self.tiles.touching(p.cols, p.rows, p.npxs).any(axis=0)).tolist())
         for i in sorted(touched):
             if self.layout(i) is None:
                 self._whole_file(i)
@@ -364,7 +363,7 @@ class Prefetcher:
         """The task, with ``tile_paths`` pointing at local copies holding every block its chips touch."""
         t0 = time.perf_counter()
         p = place(task, self.info, self.spec)
-        needed = self.tiles.blocks(p.cols, p.rows, p.npxs)
+        needed = self.tiles.blocks(p.cols, p.rows, p.npxs)  # the crop's own enumeration
         folder = self.scratch / task.shard_id
         paths: dict[int, str] = {}
         n_blocks = 0
@@ -378,8 +377,9 @@ class Prefetcher:
             _write_sparse(local, layout.size, layout.header + got)
             paths[i] = str(local)
             n_blocks += len(blocks)
-            with self.stats._lock:
-                self.fetched.extend((i, br, bc) for br, bc in blocks)
+            if self.fetched is not None:
+                with self.stats._lock:
+                    self.fetched.extend((i, br, bc) for br, bc in blocks)
         seconds = time.perf_counter() - t0
         self.stats.add(units=1, blocks=n_blocks, seconds=seconds)
         self.log(f"prefetched {task.shard_id}: {n_blocks} blocks of {len(needed)} tile(s) in {seconds:.1f} s")

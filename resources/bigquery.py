@@ -33,36 +33,12 @@ from google.cloud import bigquery
 from pydantic import Field, PrivateAttr
 
 from resources.gcp import client_options, credentials_for
-from resources.warehouse import Warehouse
+from resources.warehouse import TABLE_COLUMNS, Warehouse
 
-# Column name → (BigQuery type, required). Order is the table's column order (DESIGN.md).
+_BQ_TYPES = {"string": "STRING", "float": "FLOAT64", "geometry": "GEOGRAPHY", "timestamp": "TIMESTAMP"}
+# Column name → (BigQuery type, required), from the one description of the tables.
 TABLE_SCHEMAS: dict[str, list[tuple[str, str, bool]]] = {
-    "buildings": [
-        ("building_id", "STRING", True),
-        ("departement", "STRING", True),
-        ("cell_id", "STRING", True),
-        ("geometry", "GEOGRAPHY", False),
-        ("area_m2", "FLOAT64", False),
-        ("height_m", "FLOAT64", False),
-        ("usage", "STRING", False),
-        ("geometry_status", "STRING", True),
-        ("source", "STRING", True),
-    ],
-    "predictions": [
-        ("building_id", "STRING", True),
-        ("departement", "STRING", True),
-        ("model_name", "STRING", True),
-        ("model_version", "STRING", True),
-        ("task", "STRING", True),
-        ("label", "STRING", False),
-        ("score", "FLOAT64", False),
-        ("probabilities", "STRING", False),
-        ("geometry", "GEOGRAPHY", False),
-        ("status", "STRING", True),
-        ("imagery_id", "STRING", False),
-        ("run_id", "STRING", False),
-        ("predicted_at", "TIMESTAMP", False),
-    ],
+    table: [(name, _BQ_TYPES[typ], req) for name, typ, req in cols] for table, cols in TABLE_COLUMNS.items()
 }
 
 # How staged WKB becomes GEOGRAPHY. BigQuery cannot hold an invalid geography: a building
@@ -193,12 +169,7 @@ class BigQueryWarehouse(Warehouse):
 
         Batches carry geometry as WGS84 WKB. Returns the number of rows written.
         """
-        if table not in TABLE_SCHEMAS:
-            raise ValueError(f"unknown warehouse table {table!r}")
-        filters = {"departement": departement, **(where or {})}
-        for key in filters:
-            if key not in {name for name, _, _ in TABLE_SCHEMAS[table]}:
-                raise ValueError(f"{table}: no column {key!r} to filter on")
+        filters = self.partition_filters(table, departement, where)
         self.ensure_table(table)
         stage_id, n = self._stage(table, departement, batches)
         target = self.table_id(table)

@@ -26,36 +26,46 @@ from pydantic import Field
 
 WAREHOUSE_POOL = "warehouse"
 
-TABLE_DDL = {
-    "buildings": """
-        CREATE TABLE IF NOT EXISTS buildings (
-            building_id VARCHAR NOT NULL,
-            departement VARCHAR NOT NULL,
-            cell_id VARCHAR NOT NULL,
-            geometry GEOMETRY,
-            area_m2 DOUBLE,
-            height_m DOUBLE,
-            usage VARCHAR,
-            geometry_status VARCHAR NOT NULL,
-            source VARCHAR NOT NULL
-        )""",
-    "predictions": """
-        CREATE TABLE IF NOT EXISTS predictions (
-            building_id VARCHAR NOT NULL,
-            departement VARCHAR NOT NULL,
-            model_name VARCHAR NOT NULL,
-            model_version VARCHAR NOT NULL,
-            task VARCHAR NOT NULL,
-            label VARCHAR,
-            score DOUBLE,
-            probabilities VARCHAR,
-            geometry GEOMETRY,
-            status VARCHAR NOT NULL,
-            imagery_id VARCHAR,
-            run_id VARCHAR,
-            predicted_at TIMESTAMP
-        )""",
+# The warehouse tables (docs/DESIGN.md), once for every engine: column → (type, required), in order.
+# Types are logical: "string", "float", "geometry", "timestamp"; each engine maps them to its own.
+TABLE_COLUMNS: dict[str, list[tuple[str, str, bool]]] = {
+    "buildings": [
+        ("building_id", "string", True),
+        ("departement", "string", True),
+        ("cell_id", "string", True),
+        ("geometry", "geometry", False),
+        ("area_m2", "float", False),
+        ("height_m", "float", False),
+        ("usage", "string", False),
+        ("geometry_status", "string", True),
+        ("source", "string", True),
+    ],
+    "predictions": [
+        ("building_id", "string", True),
+        ("departement", "string", True),
+        ("model_name", "string", True),
+        ("model_version", "string", True),
+        ("task", "string", True),
+        ("label", "string", False),
+        ("score", "float", False),
+        ("probabilities", "string", False),
+        ("geometry", "geometry", False),
+        ("status", "string", True),
+        ("imagery_id", "string", False),
+        ("run_id", "string", False),
+        ("predicted_at", "timestamp", False),
+    ],
 }
+_DUCKDB_TYPES = {"string": "VARCHAR", "float": "DOUBLE", "geometry": "GEOMETRY", "timestamp": "TIMESTAMP"}
+
+
+def duckdb_ddl(table: str) -> str:
+    cols = ", ".join(
+        f"{name} {_DUCKDB_TYPES[typ]}{' NOT NULL' if req else ''}" for name, typ, req in TABLE_COLUMNS[table]
+    )
+    return f"CREATE TABLE IF NOT EXISTS {table} ({cols})"
+
+
 GEOMETRY_COLUMNS = {"geometry"}
 
 
@@ -85,6 +95,18 @@ class Warehouse(ConfigurableResource):
     @abstractmethod
     def kind(self) -> str:
         """The dbt adapter type of the engine (``duckdb``, ``bigquery``)."""
+
+    @staticmethod
+    def partition_filters(table: str, departement: str, where: dict[str, str] | None) -> dict[str, str]:
+        """The column equalities that select a partition's rows, checked against the table's columns."""
+        if table not in TABLE_COLUMNS:
+            raise ValueError(f"unknown warehouse table {table!r}")
+        filters = {"departement": departement, **(where or {})}
+        columns = {name for name, _, _ in TABLE_COLUMNS[table]}
+        for key in filters:
+            if key not in columns:
+                raise ValueError(f"{table}: no column {key!r} to filter on")
+        return filters
 
     @abstractmethod
     def replace_partition(
@@ -139,8 +161,8 @@ class DuckDBWarehouse(Warehouse):
             con.close()
 
     def ensure_tables(self, con: duckdb.DuckDBPyConnection) -> None:
-        for ddl in TABLE_DDL.values():
-            con.execute(ddl)
+        for table in TABLE_COLUMNS:
+            con.execute(duckdb_ddl(table))
 
     def replace_partition(
         self,
@@ -154,9 +176,7 @@ class DuckDBWarehouse(Warehouse):
 
         Batches carry geometry as WGS84 WKB. Returns the number of rows written.
         """
-        if table not in TABLE_DDL:
-            raise ValueError(f"unknown warehouse table {table!r}")
-        filters = {"departement": departement, **(where or {})}
+        filters = self.partition_filters(table, departement, where)
         cond = " AND ".join(f"{k} = ?" for k in filters)
         with self.connect() as con:
             self.ensure_tables(con)

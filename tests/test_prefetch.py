@@ -89,6 +89,7 @@ def test_the_prefetch_fetches_exactly_the_blocks_the_crop_decodes(served, tmp_pa
     spec = ChipSpec()
     total_blocks = sum(-(-t.width // t.block[1]) * -(-t.height // t.block[0]) for t in local.tiles)
     with Prefetcher(remote, spec, HttpRangeReader(), tmp_path, threads=4) as p:
+        p.fetched = []
         for task in cell_tasks(parquet, part_size=100):
             tiles = TileSet(local)  # a fresh one: a prefetch is per unit of work
             tiles.decoded = []
