@@ -6,10 +6,12 @@ sources: a partition run rebuilds them and runs their tests (the accounting
 invariant among them) after that département's predictions landed.
 """
 
+import fcntl
 import json
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -34,20 +36,47 @@ def ensure_manifest() -> Path:
 
     Dagster builds the dbt assets from the manifest at import time; a fresh
     clone has none, and a stale one would show models that no longer exist.
+    Several processes import this module at once (test workers, the code
+    server and its run workers), so the parse runs under a file lock, into a
+    private target folder, and the manifest is swapped in whole: a reader
+    never sees half a file.
     """
     manifest = dbt_project.manifest_path
+    manifest.parent.mkdir(parents=True, exist_ok=True)
+    with open(manifest.parent / ".parse.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _manifest_is_stale(manifest):
+            _parse_into(manifest)
+    return manifest
+
+
+def _manifest_is_stale(manifest: Path) -> bool:
     sources = [p for p in DBT_DIR.rglob("*") if p.suffix in {".sql", ".yml", ".yaml"} and "target" not in p.parts]
     newest = max((p.stat().st_mtime for p in sources), default=0)
-    if not manifest.exists() or manifest.stat().st_mtime < newest:
-        env = {**os.environ, **dbt_env(os.environ.get("BATIVISION_DUCKDB_PATH", "data/warehouse.duckdb"))}
-        dbt = Path(sys.executable).parent / "dbt"
+    return not manifest.exists() or manifest.stat().st_mtime < newest
+
+
+def _parse_into(manifest: Path) -> None:
+    env = {**os.environ, **dbt_env(os.environ.get("BATIVISION_DUCKDB_PATH", "data/warehouse.duckdb"))}
+    dbt = Path(sys.executable).parent / "dbt"
+    with tempfile.TemporaryDirectory(dir=manifest.parent, prefix=".parse-") as scratch:
         subprocess.run(
-            [str(dbt), "parse", "--project-dir", str(DBT_DIR), "--profiles-dir", str(DBT_DIR), "--quiet"],
+            [
+                str(dbt),
+                "parse",
+                "--project-dir",
+                str(DBT_DIR),
+                "--profiles-dir",
+                str(DBT_DIR),
+                "--target-path",
+                scratch,
+                "--quiet",
+            ],
             check=True,
             env=env,
             cwd=DBT_DIR,
         )
-    return manifest
+        os.replace(Path(scratch) / "manifest.json", manifest)
 
 
 class BativisionDbtTranslator(DagsterDbtTranslator):
