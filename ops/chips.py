@@ -35,8 +35,8 @@ import pyarrow.parquet as pq
 import rasterio
 import shapely
 import torch
-from rasterio.windows import Window
 
+from ops.blocks import BlockReader
 from ops.mosaic import MosaicInfo
 from ops.resample import resample_batch
 
@@ -123,8 +123,8 @@ def chip_windows(
 
 
 def to_chip_bands(arr: np.ndarray, info: MosaicInfo) -> np.ndarray:
-    """Apply the mosaic's band rule: (..., bands, h, w) source → (..., 3, h, w) uint8."""
-    a = np.repeat(arr[..., :1, :, :], 3, axis=-3) if info.band_rule.startswith("replicate") else arr[..., :3, :, :]
+    """Apply the mosaic's band rule: (..., h, w, bands) source → (..., h, w, 3) uint8 (bands last, as decoded)."""
+    a = np.repeat(arr[..., :1], 3, axis=-1) if info.band_rule.startswith("replicate") else arr[..., :3]
     if info.scale is not None:
         lo, hi = info.scale
         a = np.clip((a.astype(np.float32) - lo) * (255.0 / (hi - lo)), 0, 255).round()
@@ -146,10 +146,10 @@ class TileSet:
     Buildings are processed in the order of their window's top row; a block
     is decoded the first time a window needs it and dropped once the sweep
     has passed below it, so memory holds about one band of blocks, and no
-    block is decompressed twice within a unit of work. Reading the tiles
-    directly (not through the VRT) keeps GDAL's per-read overhead off the hot
-    path; GDAL's own block cache is kept small since it would only duplicate
-    ours.
+    block is decompressed twice within a unit of work. Blocks are read from
+    the tiles themselves (not through the VRT) by :class:`ops.blocks.BlockReader`,
+    bands last; GDAL's own block cache is kept small since it would only
+    duplicate ours.
     """
 
     def __init__(self, info: MosaicInfo) -> None:
@@ -164,24 +164,24 @@ class TileSet:
         self.paths = [x.path for x in t]
         self.decoded: list[tuple[int, int, int]] | None = None  # set to a list to record every block decoded
         self.last_shard = ""  # the unit of work cut last: its blocks are kept for the next part of its cell
-        self._ds: dict[int, rasterio.io.DatasetReader] = {}
+        self._readers: dict[int, BlockReader] = {}
         self._cache: dict[tuple[int, int, int], np.ndarray] = {}
         self._bottoms: list[tuple[int, tuple[int, int, int]]] = []  # heap of (last row + 1, block key)
 
-    def _dataset(self, i: int) -> rasterio.io.DatasetReader:
-        ds = self._ds.get(i)
-        if ds is None:
-            ds = self._ds[i] = rasterio.open(self.paths[i])
-        return ds
+    def _reader(self, i: int) -> BlockReader:
+        r = self._readers.get(i)
+        if r is None:
+            r = self._readers[i] = BlockReader(self.paths[i])
+        return r
 
     def use_paths(self, overrides: dict[int, str] | None) -> None:
         """Read tile ``i`` from ``overrides[i]`` (a local copy), the others from the mosaic's own paths."""
         for i, tile in enumerate(self.info.tiles):
             path = (overrides or {}).get(i, tile.path)
             if path != self.paths[i]:
-                ds = self._ds.pop(i, None)
-                if ds is not None:
-                    ds.close()
+                r = self._readers.pop(i, None)
+                if r is not None:
+                    r.close()
                 self.paths[i] = path
 
     def touching(self, cols: np.ndarray, rows: np.ndarray, npxs: np.ndarray) -> np.ndarray:
@@ -221,14 +221,11 @@ class TileSet:
         key = (i, br, bc)
         blk = self._cache.get(key)
         if blk is None:
-            bh, bw = self.block[i]
-            w = int(min(bw, self.width[i] - bc * bw))
-            h = int(min(bh, self.height[i] - br * bh))
-            blk = self._dataset(i).read(window=Window(bc * bw, br * bh, w, h))
+            blk = self._reader(i).read(br, bc)
             if self.decoded is not None:
                 self.decoded.append(key)
             self._cache[key] = blk
-            heapq.heappush(self._bottoms, (int(self.row0[i]) + br * bh + h, key))
+            heapq.heappush(self._bottoms, (int(self.row0[i]) + br * self.block[i][0] + blk.shape[0], key))
         return blk
 
     def continues(self, task: CellTask) -> bool:
@@ -251,12 +248,12 @@ class TileSet:
         self._cache.clear()
         self._bottoms.clear()
 
-    def read(self, col: int, row: int, npx: int, out: np.ndarray, hit: np.ndarray) -> None:
-        """Fill ``out`` (bands, npx, npx), pre-filled with nodata, with the mosaic's pixels.
+    def read(self, col: int, row: int, npx: int, out: np.ndarray, hit: list[int]) -> None:
+        """Fill ``out`` (npx, npx, bands), pre-filled with nodata, with the mosaic's pixels.
 
         ``hit``: indices of the tiles the window touches (see :meth:`touching`).
         """
-        for i in hit.tolist():
+        for i in hit:
             tc0, tr0 = int(self.col0[i]), int(self.row0[i])
             # the window in the tile's pixel coordinates, clipped to the tile
             c0, r0 = max(col - tc0, 0), max(row - tr0, 0)
@@ -269,16 +266,16 @@ class TileSet:
                     if blk is None:
                         blk = self._block(i, br, bc)
                     # intersection of the block and the window, in tile pixels
-                    y0, y1 = max(r0, br * bh), min(r1, br * bh + blk.shape[1])
-                    x0, x1 = max(c0, bc * bw), min(c1, bc * bw + blk.shape[2])
-                    out[:, y0 + tr0 - row : y1 + tr0 - row, x0 + tc0 - col : x1 + tc0 - col] = blk[
-                        :, y0 - br * bh : y1 - br * bh, x0 - bc * bw : x1 - bc * bw
+                    y0, y1 = max(r0, br * bh), min(r1, br * bh + blk.shape[0])
+                    x0, x1 = max(c0, bc * bw), min(c1, bc * bw + blk.shape[1])
+                    out[y0 + tr0 - row : y1 + tr0 - row, x0 + tc0 - col : x1 + tc0 - col] = blk[
+                        y0 - br * bh : y1 - br * bh, x0 - bc * bw : x1 - bc * bw
                     ]
 
     def close(self) -> None:
-        for ds in self._ds.values():
-            ds.close()
-        self._ds.clear()
+        for r in self._readers.values():
+            r.close()
+        self._readers.clear()
         self.clear()
         self.use_paths(None)
 
@@ -288,11 +285,11 @@ BATCH_BYTES = 2 << 20  # source bytes buffered per window size before resampling
 
 
 class _Batch:
-    """Chips of one window size, read straight into a preallocated buffer."""
+    """Chips of one window size, read straight into a preallocated buffer (bands last, as decoded)."""
 
     def __init__(self, count: int, npx: int, dtype: str) -> None:
         self.cap = max(4, min(256, BATCH_BYTES // (count * npx * npx * np.dtype(dtype).itemsize)))
-        self.arr = np.empty((self.cap, count, npx, npx), dtype=dtype)
+        self.arr = np.empty((self.cap, npx, npx, count), dtype=dtype)
         self.ids: list[int] = []
 
 
@@ -384,7 +381,7 @@ def crop_cell(tiles: TileSet, info: MosaicInfo, task: CellTask, spec: ChipSpec) 
         frac = np.ones(m, dtype=np.float32)
         masks = {}
         for j in np.flatnonzero(suspect).tolist():
-            valid = (a[j] != nodata).any(axis=0)
+            valid = (a[j] != nodata).any(axis=-1)
             frac[j] = valid.mean()
             if frac[j] < 1:
                 masks[j] = valid
@@ -399,23 +396,24 @@ def crop_cell(tiles: TileSet, info: MosaicInfo, task: CellTask, spec: ChipSpec) 
             pos = np.cumsum(keep) - 1
             for j, valid in masks.items():
                 if keep[j]:
-                    chips[pos[j]] *= valid.astype(np.uint8)
+                    chips[pos[j]] *= valid.astype(np.uint8)[:, :, None]
         kept = ids[keep]
-        out_arr[n_out : n_out + len(kept)] = resample_batch(chips, spec.size)
+        resample_batch(chips, spec.size, out=out_arr[n_out : n_out + len(kept)])
         rows[kept] = np.arange(n_out, n_out + len(kept), dtype="int32")
         n_out += len(kept)
 
-    for k in order.tolist():
-        i, col, row, npx = int(idx[k]), int(cols[k]), int(rws[k]), int(npxs[k])
+    first_tile = touch.argmax(axis=1)  # a window inside one tile (most) touches only that one
+    sweep = zip(order.tolist(), *(a[order].tolist() for a in (idx, cols, rws, npxs, inside, first_tile)), strict=True)
+    for k, i, col, row, npx, whole, first in sweep:
         tiles.evict_above(row - lag)
         b = batches.get(npx)
         if b is None:
             b = batches[npx] = _Batch(info.count, npx, info.dtype)
         slot = b.arr[len(b.ids)]
-        if not inside[k]:
+        if not whole:
             slot.fill(nodata if nodata is not None else 0)
         try:
-            tiles.read(col, row, npx, slot, np.flatnonzero(touch[k]))
+            tiles.read(col, row, npx, slot, [first] if whole else np.flatnonzero(touch[k]).tolist())
         except Exception as exc:  # a corrupt or unreachable tile: quarantine, don't crash the partition
             status[i] = "error"
             message[i] = f"read failed for window {[round(float(v), 2) for v in windows[i]]}: {exc}"
