@@ -31,7 +31,7 @@ def dbt_env(warehouse_path: str) -> dict[str, str]:
     return DuckDBWarehouse(path=warehouse_path).dbt_env()
 
 
-def ensure_manifest() -> Path:
+def ensure_manifest(project_dir: Path = DBT_DIR) -> Path:
     """Parse the dbt project if its manifest is missing or older than its sources.
 
     Dagster builds the dbt assets from the manifest at import time; a fresh
@@ -41,41 +41,35 @@ def ensure_manifest() -> Path:
     private target folder, and the manifest is swapped in whole: a reader
     never sees half a file.
     """
-    manifest = dbt_project.manifest_path
+    manifest = project_dir / "target" / "manifest.json"
     manifest.parent.mkdir(parents=True, exist_ok=True)
     with open(manifest.parent / ".parse.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if _manifest_is_stale(manifest):
-            _parse_into(manifest)
+        if _manifest_is_stale(project_dir, manifest):
+            _parse_into(project_dir, manifest)
     return manifest
 
 
-def _manifest_is_stale(manifest: Path) -> bool:
-    sources = [p for p in DBT_DIR.rglob("*") if p.suffix in {".sql", ".yml", ".yaml"} and "target" not in p.parts]
+def _manifest_is_stale(project_dir: Path, manifest: Path) -> bool:
+    sources = [p for p in project_dir.rglob("*") if p.suffix in {".sql", ".yml", ".yaml"} and "target" not in p.parts]
     newest = max((p.stat().st_mtime for p in sources), default=0)
     return not manifest.exists() or manifest.stat().st_mtime < newest
 
 
-def _parse_into(manifest: Path) -> None:
+def _parse_into(project_dir: Path, manifest: Path) -> None:
     env = {**os.environ, **dbt_env(os.environ.get("BATIVISION_DUCKDB_PATH", "data/warehouse.duckdb"))}
     dbt = Path(sys.executable).parent / "dbt"
     with tempfile.TemporaryDirectory(dir=manifest.parent, prefix=".parse-") as scratch:
-        subprocess.run(
-            [
-                str(dbt),
-                "parse",
-                "--project-dir",
-                str(DBT_DIR),
-                "--profiles-dir",
-                str(DBT_DIR),
-                "--target-path",
-                scratch,
-                "--quiet",
-            ],
-            check=True,
-            env=env,
-            cwd=DBT_DIR,
-        )
+        args = [
+            "parse",
+            "--project-dir",
+            str(project_dir),
+            "--profiles-dir",
+            str(project_dir),
+            "--target-path",
+            scratch,
+        ]
+        subprocess.run([str(dbt), *args, "--quiet"], check=True, env=env, cwd=project_dir)
         os.replace(Path(scratch) / "manifest.json", manifest)
 
 
