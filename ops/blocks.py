@@ -25,12 +25,17 @@ import warnings
 import deflate
 import numpy as np
 import rasterio
+import rasterio.errors
 import torch
 from rasterio.windows import Window
 
 _FAST_COMPRESSIONS = {None, "NONE", "DEFLATE", "ZIP"}
 # the inflated block is an immutable bytes object that torch only reads (cumsum writes a new tensor)
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+
+
+class BlockReadError(OSError):
+    """A block that GDAL could not decode; the message names the file and the block."""
 
 
 def fast_path_refusal(ds: rasterio.io.DatasetReader) -> str | None:
@@ -73,7 +78,11 @@ class BlockReader:
             if blk is not None:
                 return blk
             self.fallbacks += 1
-        planar = self.ds.read(window=Window(bc * bw, br * bh, w, h))
+        try:
+            planar = self.ds.read(window=Window(bc * bw, br * bh, w, h))
+        except rasterio.errors.RasterioError as exc:  # rasterio's own message is "Read failed. See previous..."
+            why = exc.__cause__ or exc
+            raise BlockReadError(f"{self.path}: block ({br}, {bc}) could not be decoded: {why}") from exc
         return np.ascontiguousarray(planar.transpose(1, 2, 0))
 
     def _direct(self, br: int, bc: int, h: int, w: int) -> np.ndarray | None:
@@ -82,7 +91,10 @@ class BlockReader:
         size = self.ds.get_tag_item(f"BLOCK_SIZE_{bc}_{br}", "TIFF", bidx=1)
         if not offset or not size:  # a sparse block: GDAL knows what to fill it with
             return None
-        raw = os.pread(self._fd, int(size), int(offset))
+        try:
+            raw = os.pread(self._fd, int(size), int(offset))
+        except OSError as exc:  # name the culprit: the bare errno says nothing of which tile or block
+            raise OSError(exc.errno, f"{self.path}: block ({br}, {bc}), bytes {offset}+{size}: {exc.strerror}") from exc
         bands = self.ds.count
         # a tile is stored whole (padding included), a strip has the raster's width and may be cut short
         row_bytes = self.block[1] * bands

@@ -190,3 +190,29 @@ def test_work_units_are_the_same_from_the_bbox_column_or_from_the_geometries(sce
     for a, b in zip(new_tasks, old_tasks, strict=True):
         assert a.building_ids == b.building_ids
         np.testing.assert_array_equal(a.bounds, b.bounds)
+
+
+def test_a_corrupt_block_quarantines_the_buildings_over_it_naming_the_tile(scene):
+    """A damaged block gives its buildings the `error` status, a message naming the tile; the rest is cut as usual."""
+    import shutil
+
+    shutil.copytree(scene / "tiles", scene / "damaged")
+    tile = scene / "damaged" / "t00.tif"
+    with rasterio.open(tile) as ds:
+        offset = int(ds.get_tag_item("BLOCK_OFFSET_1_1", "TIFF", bidx=1))
+        size = int(ds.get_tag_item("BLOCK_SIZE_1_1", "TIFF", bidx=1))
+    with open(tile, "r+b") as fh:  # the compressed bytes of block (1, 1) become noise
+        fh.seek(offset)
+        fh.write(np.random.default_rng(3).integers(0, 256, size, dtype=np.uint8).tobytes())
+    good, good_index = _crop(scene, "tiles", "undamaged_out")
+    chips, index = _crop(scene, "damaged", "damaged_out")
+    hit = {b for b, r in index.items() if r.status == "error"}
+    # block (1, 1) of t00 covers x 12.8-25.6 m and y -12.8 to -25.6 m from the corner
+    over = {
+        b for b, r in good_index.items()
+        if r.status == "ok" and r.minx < X0 + 25.6 and r.maxx > X0 + 12.8 and r.maxy > Y0 - 25.6 and r.miny < Y0 - 12.8
+    }  # fmt: skip
+    assert hit == over and len(hit) >= 1
+    assert all("t00.tif" in index[b].message and index[b].row == -1 for b in hit)
+    for b in set(good) - hit:  # every other building is cut exactly as from the undamaged tiles
+        np.testing.assert_array_equal(chips[b], good[b])
