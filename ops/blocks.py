@@ -35,7 +35,17 @@ warnings.filterwarnings("ignore", message="The given NumPy array is not writable
 
 
 class BlockReadError(OSError):
-    """A block that GDAL could not decode; the message names the file and the block."""
+    """A block that could not be read or decoded; the message names the file and the block."""
+
+
+def block_range(ds: rasterio.io.DatasetReader, br: int, bc: int, band: int = 1) -> tuple[int, int]:
+    """(offset, length) in the file of block (``br``, ``bc``) of ``band``, from GDAL's block table; (0, 0) if empty.
+
+    The crop reads blocks here directly and the prefetch fetches them by these ranges.
+    """
+    offset = ds.get_tag_item(f"BLOCK_OFFSET_{bc}_{br}", "TIFF", bidx=band)
+    size = ds.get_tag_item(f"BLOCK_SIZE_{bc}_{br}", "TIFF", bidx=band)
+    return (int(offset), int(size)) if offset and size else (0, 0)
 
 
 def fast_path_refusal(ds: rasterio.io.DatasetReader) -> str | None:
@@ -87,14 +97,13 @@ class BlockReader:
 
     def _direct(self, br: int, bc: int, h: int, w: int) -> np.ndarray | None:
         """The block decoded from its bytes, or None if it isn't stored as expected (GDAL then reads it)."""
-        offset = self.ds.get_tag_item(f"BLOCK_OFFSET_{bc}_{br}", "TIFF", bidx=1)
-        size = self.ds.get_tag_item(f"BLOCK_SIZE_{bc}_{br}", "TIFF", bidx=1)
-        if not offset or not size:  # a sparse block: GDAL knows what to fill it with
+        offset, size = block_range(self.ds, br, bc)
+        if not size:  # a sparse block: GDAL knows what to fill it with
             return None
         try:
-            raw = os.pread(self._fd, int(size), int(offset))
+            raw = os.pread(self._fd, size, offset)
         except OSError as exc:  # name the culprit: the bare errno says nothing of which tile or block
-            raise OSError(exc.errno, f"{self.path}: block ({br}, {bc}), bytes {offset}+{size}: {exc.strerror}") from exc
+            raise BlockReadError(f"{self.path}: block ({br}, {bc}), bytes {offset}+{size}: {exc}") from exc
         bands = self.ds.count
         # a tile is stored whole (padding included), a strip has the raster's width and may be cut short
         row_bytes = self.block[1] * bands

@@ -193,6 +193,15 @@ class TileSet:
             & ((self.row0 + self.height)[None] > rows[:, None])
         )
 
+    def holding(self, cols: np.ndarray, rows: np.ndarray, npxs: np.ndarray) -> np.ndarray:
+        """(windows,) bool: whether one tile holds the whole window (no nodata fill needed)."""
+        return (
+            (self.col0[None] <= cols[:, None])
+            & ((self.col0 + self.width)[None] >= (cols + npxs)[:, None])
+            & (self.row0[None] <= rows[:, None])
+            & ((self.row0 + self.height)[None] >= (rows + npxs)[:, None])
+        ).any(axis=1)
+
     def blocks(self, cols: np.ndarray, rows: np.ndarray, npxs: np.ndarray) -> dict[int, set[tuple[int, int]]]:
         """{tile: {(block row, block col)}} of every block the windows touch.
 
@@ -344,14 +353,8 @@ def crop_cell(tiles: TileSet, info: MosaicInfo, task: CellTask, spec: ChipSpec) 
     no_imagery[idx] = False
     status[no_imagery] = "no_imagery"
     # which tiles each window touches, and whether one tile holds it whole (no nodata fill needed)
-    t = tiles
     touch = tiles.touching(cols, rws, npxs)
-    inside = (
-        (t.col0[None] <= cols[:, None])
-        & ((t.col0 + t.width)[None] >= (cols + npxs)[:, None])
-        & (t.row0[None] <= rws[:, None])
-        & ((t.row0 + t.height)[None] >= (rws + npxs)[:, None])
-    ).any(axis=1)
+    inside = tiles.holding(cols, rws, npxs)
     order = np.lexsort((cols, rws))  # sweep top to bottom: each block decoded once
     # a block is dropped one window side after the sweep has passed it: the next part of a big cell (cut by
     # footprint top, not window top) may start that far above where this one ends

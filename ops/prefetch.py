@@ -47,6 +47,7 @@ from typing import Protocol
 import numpy as np
 import rasterio
 
+from ops.blocks import block_range
 from ops.chips import CellTask, ChipSpec, TileSet, place
 from ops.mosaic import MosaicInfo
 
@@ -186,10 +187,7 @@ def _block_table(ds, planes: int) -> tuple[np.ndarray, np.ndarray]:
     for p in range(planes):
         for br in range(nr):
             for bc in range(nc):
-                o = ds.get_tag_item(f"BLOCK_OFFSET_{bc}_{br}", "TIFF", bidx=p + 1)
-                n = ds.get_tag_item(f"BLOCK_SIZE_{bc}_{br}", "TIFF", bidx=p + 1)
-                off[p, br, bc] = int(o) if o else 0
-                size[p, br, bc] = int(n) if n else 0
+                off[p, br, bc], size[p, br, bc] = block_range(ds, br, bc, band=p + 1)
     return off, size
 
 
