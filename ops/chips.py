@@ -22,6 +22,7 @@ import hashlib
 import heapq
 import json
 import os
+import threading
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
@@ -38,6 +39,7 @@ import torch
 
 from ops.blocks import BlockReader
 from ops.mosaic import MosaicInfo
+from ops.npybuffer import NpyBuffer
 from ops.resample import resample_batch
 
 STATUSES = ("ok", "no_imagery", "nodata", "invalid_geometry", "error")
@@ -331,12 +333,16 @@ def place(task: CellTask, info: MosaicInfo, spec: ChipSpec) -> Placement:
     return Placement(has_geom, windows, idx, cols, rows, npxs)
 
 
-def crop_cell(tiles: TileSet, info: MosaicInfo, task: CellTask, spec: ChipSpec) -> tuple[np.ndarray, pa.Table]:
+def crop_cell(
+    tiles: TileSet, info: MosaicInfo, task: CellTask, spec: ChipSpec, out: NpyBuffer | None = None
+) -> tuple[np.ndarray, pa.Table]:
     """Chips and index rows for one unit of work (one index row per building).
 
     Buildings are visited north to south so each block is decoded once; each
     window is read directly into a batch of same-sized windows, and validity,
-    the band rule and resampling run once per batch.
+    the band rule and resampling run once per batch. Chips are resampled
+    straight into ``out`` (reused memory the shard is then written from) if
+    given, else into a new array.
     """
     n = len(task.building_ids)
     status = np.array(["ok"] * n, dtype=object)
@@ -360,7 +366,8 @@ def crop_cell(tiles: TileSet, info: MosaicInfo, task: CellTask, spec: ChipSpec) 
     # footprint top, not window top) may start that far above where this one ends
     lag = int(npxs.max()) if len(npxs) else 0
     # chips land in the shard array in the order batches complete; `rows` maps buildings to them
-    out_arr = np.empty((len(idx), 3, spec.size, spec.size), dtype=np.uint8)
+    shape = (len(idx), 3, spec.size, spec.size)
+    out_arr = out.rows(len(idx)) if out is not None else np.empty(shape, dtype=np.uint8)
     n_out = 0
     batches: dict[int, _Batch] = {}
     nodata = info.nodata
@@ -456,13 +463,30 @@ def shard_paths(folder: Path, cell_id: str) -> tuple[Path, Path]:
     return folder / f"{cell_id}.chips.npy", folder / f"{cell_id}.index.parquet"
 
 
-def write_shard(folder: Path, cell_id: str, chips: np.ndarray, index: pa.Table, meta: dict[str, str]) -> None:
-    """Write a cell's chips then its index; the index's presence marks a complete shard."""
+_SCRATCH = threading.local()  # per thread, the buffer that chips not cut into one are copied into to be written
+
+
+def write_shard(
+    folder: Path,
+    cell_id: str,
+    chips: np.ndarray,
+    index: pa.Table,
+    meta: dict[str, str],
+    buffer: NpyBuffer | None = None,
+) -> None:
+    """Write a cell's chips then its index; the index's presence marks a complete shard.
+
+    The chips are written from ``buffer`` (without a copy if they were cut into
+    it), else from this thread's scratch buffer: see ``ops.npybuffer``.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     npy, idx = shard_paths(folder, cell_id)
     tmp_npy = npy.with_name(npy.name + ".tmp")
-    with open(tmp_npy, "wb") as fh:
-        np.save(fh, chips, allow_pickle=False)
+    if buffer is None:
+        buffer = getattr(_SCRATCH, "buffer", None)
+        if buffer is None or buffer.row_shape != chips.shape[1:] or buffer.dtype != chips.dtype:
+            buffer = _SCRATCH.buffer = NpyBuffer(chips.shape[1:], chips.dtype)
+    buffer.write(tmp_npy, chips)
     tmp_npy.replace(npy)
     table = index.replace_schema_metadata(
         {**(index.schema.metadata or {}), **{k.encode(): v.encode() for k, v in meta.items()}}
@@ -552,26 +576,47 @@ _WORKER: dict = {}
 class ShardWriter:
     """Writes shards on one background thread, so a single-process crop overlaps its I/O.
 
-    At most ``depth`` shards wait to be written (bounded memory); ``drain``
-    waits for all of them and re-raises a failed write.
+    It owns ``depth + 1`` chip buffers: the crop cuts a unit into a free one
+    (:meth:`take`) and hands it back with :meth:`submit`; at most ``depth``
+    shards wait to be written (bounded memory). ``drain`` waits for all of
+    them and re-raises a failed write.
     """
 
-    def __init__(self, depth: int = 2) -> None:
+    def __init__(self, depth: int = 2, row_shape: tuple[int, ...] = (3, 64, 64)) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
-        self._pending: deque[Future] = deque()
+        self._pending: deque[tuple[Future, NpyBuffer]] = deque()
+        self._free = [NpyBuffer(row_shape) for _ in range(depth + 1)]
         self._depth = depth
 
-    def submit(self, *args) -> None:
+    def _retire_oldest(self) -> None:
+        future, buffer = self._pending.popleft()
+        self._free.append(buffer)  # back in the pool whether or not its write failed
+        future.result()
+
+    def take(self) -> NpyBuffer:
+        """A buffer no pending write uses (waiting for the oldest write if need be)."""
+        while not self._free:
+            self._retire_oldest()
+        return self._free.pop()
+
+    def give_back(self, buffer: NpyBuffer) -> None:
+        """Return a taken buffer that was not submitted (its unit failed)."""
+        self._free.append(buffer)
+
+    def submit(self, buffer: NpyBuffer, folder: Path, cell_id: str, chips: np.ndarray, index: pa.Table,
+               meta: dict[str, str]) -> None:  # fmt: skip
         while len(self._pending) >= self._depth:
-            self._pending.popleft().result()
-        self._pending.append(self._pool.submit(write_shard, *args))
+            self._retire_oldest()
+        self._pending.append((self._pool.submit(write_shard, folder, cell_id, chips, index, meta, buffer), buffer))
 
     def drain(self) -> None:
         try:
             while self._pending:
-                self._pending.popleft().result()
+                self._retire_oldest()
         finally:
             self._pool.shutdown(wait=True)
+            for b in self._free:
+                b.close()
 
 
 # GDAL's own block cache (5 % of RAM by default) would keep every block we decode:
@@ -584,7 +629,9 @@ def _init_worker(info_json: str, spec: ChipSpec, out_dir: str, meta: dict[str, s
     torch.set_num_threads(1)
     os.environ["GDAL_CACHEMAX"] = str(GDAL_CACHE_MB)
     info = MosaicInfo.from_json(info_json)
-    _WORKER.update(tiles=TileSet(info), info=info, spec=spec, out=Path(out_dir), meta=meta)
+    # chips are 3 bands (see to_chip_bands); the buffer is mapped when the first unit is cut
+    _WORKER.update(tiles=TileSet(info), info=info, spec=spec, out=Path(out_dir), meta=meta,
+                   buffer=NpyBuffer((3, spec.size, spec.size)))  # fmt: skip
 
 
 def _run_task(task: CellTask) -> CellResult:
@@ -592,11 +639,18 @@ def _run_task(task: CellTask) -> CellResult:
 
     t0 = time.perf_counter()
     w = _WORKER
-    chips, index = crop_cell(w["tiles"], w["info"], task, w["spec"])
-    if w.get("writer") is not None:
-        w["writer"].submit(w["out"], task.shard_id, chips, index, w["meta"])
+    writer: ShardWriter | None = w.get("writer")
+    buffer = writer.take() if writer is not None else w["buffer"]
+    try:
+        chips, index = crop_cell(w["tiles"], w["info"], task, w["spec"], out=buffer)
+    except BaseException:
+        if writer is not None:
+            writer.give_back(buffer)
+        raise
+    if writer is not None:
+        writer.submit(buffer, w["out"], task.shard_id, chips, index, w["meta"])
     else:
-        write_shard(w["out"], task.shard_id, chips, index, w["meta"])
+        write_shard(w["out"], task.shard_id, chips, index, w["meta"], buffer)
     status = index.column("status").to_pylist()
     counts = {s: status.count(s) for s in STATUSES}
     return CellResult(task.shard_id, counts, len(chips), time.perf_counter() - t0)
@@ -711,7 +765,7 @@ def crop_partition(
     saved = (torch.get_num_threads(), os.environ.get("GDAL_CACHEMAX"))
     if single:
         _init_worker(*init_args)
-        _WORKER["writer"] = ShardWriter()  # in-process: overlap shard writes with cropping
+        _WORKER["writer"] = ShardWriter(row_shape=(3, spec.size, spec.size))  # in-process: overlap writes
         results: Iterator[CellResult] = map(_run_task, ready)
     else:
         n = min(workers, len(todo), os.cpu_count() or 1)
@@ -735,6 +789,8 @@ def crop_partition(
                 writer.drain()  # every shard is on disk (or its error raised) before we return
             if _WORKER.get("tiles") is not None:
                 _WORKER["tiles"].close()
+            if _WORKER.get("buffer") is not None:
+                _WORKER["buffer"].close()
             torch.set_num_threads(saved[0])
             if saved[1] is None:
                 os.environ.pop("GDAL_CACHEMAX", None)
