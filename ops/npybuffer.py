@@ -71,7 +71,7 @@ class NpyBuffer:
     def _ensure(self, n: int) -> None:
         if n <= self.capacity and self._mm is not None:
             return
-        capacity = max(n, 2 * self.capacity)
+        capacity = n  # units come biggest first (see crop_partition): growing is rare, and memory stays one unit
         room = _round_up(len(_header_dict((capacity, *self.row_shape), self.dtype)) + len(_MAGIC) + 3, 64)
         self.close()
         self._mm = mmap.mmap(-1, _round_up(room + capacity * self.row_bytes, ALIGN))  # anonymous: page-aligned
