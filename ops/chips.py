@@ -21,8 +21,10 @@ from __future__ import annotations
 import hashlib
 import heapq
 import json
+import multiprocessing
 import os
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
@@ -576,40 +578,54 @@ _WORKER: dict = {}
 
 
 class ShardWriter:
-    """Writes shards on one background thread, so a single-process crop overlaps its I/O.
+    """Writes shards from chip buffers on one background thread of the main process.
 
-    It owns ``depth + 1`` chip buffers: the crop cuts a unit into a free one
-    (:meth:`take`) and hands it back with :meth:`submit`; at most ``depth``
-    shards wait to be written (bounded memory). ``drain`` waits for all of
-    them and re-raises a failed write.
+    The crop, in this process or in forked workers, cuts a unit of work into
+    buffer ``slot`` (:meth:`take`), and :meth:`submit` queues that buffer's
+    shard for writing; the slot is free again once written. Cutting overlaps
+    writing, at most ``depth`` shards wait (bounded memory), and every write
+    and its errors stay in the process that reports the shards: ``drain``
+    waits for all of them and re-raises a failed write.
+
+    ``shared_capacity``: for forked workers, ``slots`` buffers of that many
+    rows are mapped shared before the fork (see :class:`NpyBuffer`).
     """
 
-    def __init__(self, depth: int = 2, row_shape: tuple[int, ...] = (3, 64, 64)) -> None:
+    def __init__(
+        self, slots: int = 2, depth: int = 1, row_shape: tuple[int, ...] = (3, 64, 64), shared_capacity: int = 0
+    ) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
-        self._pending: deque[tuple[Future, NpyBuffer]] = deque()
-        self._free = [NpyBuffer(row_shape) for _ in range(depth + 1)]
+        self.buffers = [NpyBuffer(row_shape, shared_capacity=shared_capacity) for _ in range(slots)]
+        self._free = list(range(slots))
+        self._pending: deque[tuple[Future, int]] = deque()
         self._depth = depth
 
     def _retire_oldest(self) -> None:
-        future, buffer = self._pending.popleft()
-        self._free.append(buffer)  # back in the pool whether or not its write failed
+        future, slot = self._pending.popleft()
+        self._free.append(slot)  # free again whether or not its write failed
         future.result()
 
-    def take(self) -> NpyBuffer:
-        """A buffer no pending write uses (waiting for the oldest write if need be)."""
+    def take(self) -> int:
+        """A slot no pending write uses (waiting for the oldest write if need be)."""
         while not self._free:
+            if not self._pending:
+                raise RuntimeError("every chip buffer is taken and none is being written")
             self._retire_oldest()
         return self._free.pop()
 
-    def give_back(self, buffer: NpyBuffer) -> None:
-        """Return a taken buffer that was not submitted (its unit failed)."""
-        self._free.append(buffer)
+    def give_back(self, slot: int) -> None:
+        """Free a taken slot that was not submitted (its unit failed)."""
+        self._free.append(slot)
 
-    def submit(self, buffer: NpyBuffer, folder: Path, cell_id: str, chips: np.ndarray, index: pa.Table,
-               meta: dict[str, str]) -> None:  # fmt: skip
+    def submit(self, slot: int, folder: Path, result: CellResult, index: pa.Table, meta: dict[str, str]) -> None:
+        """Queue the shard of ``result``, whose ``result.chips`` chips were cut into buffer ``slot``."""
         while len(self._pending) >= self._depth:
             self._retire_oldest()
-        self._pending.append((self._pool.submit(write_shard, folder, cell_id, chips, index, meta, buffer), buffer))
+        buffer = self.buffers[slot]
+        chips = buffer.rows(result.chips)
+        self._pending.append(
+            (self._pool.submit(write_shard, folder, result.shard_id, chips, index, meta, buffer), slot)
+        )
 
     def drain(self) -> None:
         try:
@@ -617,8 +633,10 @@ class ShardWriter:
                 self._retire_oldest()
         finally:
             self._pool.shutdown(wait=True)
-            for b in self._free:
-                b.close()
+
+    def close(self) -> None:
+        for b in self.buffers:
+            b.close()
 
 
 # GDAL's own block cache (5 % of RAM by default) would keep every block we decode:
@@ -626,36 +644,26 @@ class ShardWriter:
 GDAL_CACHE_MB = 64
 
 
-def _init_worker(info_json: str, spec: ChipSpec, out_dir: str, meta: dict[str, str]) -> None:
-    """Set up a crop worker: one torch thread (the workers are the parallelism) and a small GDAL cache."""
+def _init_worker(info_json: str, spec: ChipSpec, buffers: list[NpyBuffer]) -> None:
+    """Set up a crop worker: one torch thread (the workers are the parallelism) and a small GDAL cache.
+
+    ``buffers``: the writer's chip buffers (in a forked worker, the shared
+    ones mapped before the fork: not pickled, inherited).
+    """
     torch.set_num_threads(1)
     os.environ["GDAL_CACHEMAX"] = str(GDAL_CACHE_MB)
     info = MosaicInfo.from_json(info_json)
-    # chips are 3 bands (see to_chip_bands); the buffer is mapped when the first unit is cut
-    _WORKER.update(tiles=TileSet(info), info=info, spec=spec, out=Path(out_dir), meta=meta,
-                   buffer=NpyBuffer((3, spec.size, spec.size)))  # fmt: skip
+    _WORKER.update(tiles=TileSet(info), info=info, spec=spec, buffers=buffers)
 
 
-def _run_task(task: CellTask) -> CellResult:
-    import time
-
+def _run_task(task: CellTask, slot: int) -> tuple[CellResult, pa.Table]:
+    """Cut one unit of work into chip buffer ``slot``; the main process writes the shard from it."""
     t0 = time.perf_counter()
     w = _WORKER
-    writer: ShardWriter | None = w.get("writer")
-    buffer = writer.take() if writer is not None else w["buffer"]
-    try:
-        chips, index = crop_cell(w["tiles"], w["info"], task, w["spec"], out=buffer)
-    except BaseException:
-        if writer is not None:
-            writer.give_back(buffer)
-        raise
-    if writer is not None:
-        writer.submit(buffer, w["out"], task.shard_id, chips, index, w["meta"])
-    else:
-        write_shard(w["out"], task.shard_id, chips, index, w["meta"], buffer)
+    chips, index = crop_cell(w["tiles"], w["info"], task, w["spec"], out=w["buffers"][slot])
     status = index.column("status").to_pylist()
     counts = {s: status.count(s) for s in STATUSES}
-    return CellResult(task.shard_id, counts, len(chips), time.perf_counter() - t0)
+    return CellResult(task.shard_id, counts, len(chips), time.perf_counter() - t0), index
 
 
 class Prefetch(Protocol):
@@ -693,19 +701,41 @@ def _prefetched(todo: list[CellTask], prefetch: Prefetch | None, depth: int) -> 
                 f.cancel()
 
 
-def _bounded_map(pool: ProcessPoolExecutor, fn: Callable, items: Iterator, limit: int) -> Iterator:
-    """Like ``pool.map`` but pulls at most ``limit`` items ahead of the results (bounded prefetch disk)."""
-    running: set[Future] = set()
-    for item in items:
-        running.add(pool.submit(fn, item))
-        if len(running) >= limit:
-            done, running = wait(running, return_when=FIRST_COMPLETED)
-            for f in done:
-                yield f.result()
-    while running:
-        done, running = wait(running, return_when=FIRST_COMPLETED)
+def _cut_in_process(ready: Iterator[CellTask], writer: ShardWriter) -> Iterator[tuple[CellResult, pa.Table, int]]:
+    for task in ready:
+        slot = writer.take()
+        try:
+            result, index = _run_task(task, slot)
+        except BaseException:
+            writer.give_back(slot)
+            raise
+        yield result, index, slot
+
+
+def _cut_in_workers(
+    pool: ProcessPoolExecutor, ready: Iterator[CellTask], writer: ShardWriter, limit: int
+) -> Iterator[tuple[CellResult, pa.Table, int]]:
+    """Units cut by the pool as they come, at most ``limit`` at a time (bounded prefetch disk and buffers)."""
+    running: dict[Future, int] = {}
+
+    def finished() -> Iterator[tuple[CellResult, pa.Table, int]]:
+        done, _ = wait(running, return_when=FIRST_COMPLETED)
         for f in done:
-            yield f.result()
+            slot = running.pop(f)
+            try:
+                result, index = f.result()
+            except BaseException:
+                writer.give_back(slot)
+                raise
+            yield result, index, slot
+
+    for task in ready:
+        slot = writer.take()
+        running[pool.submit(_run_task, task, slot)] = slot
+        if len(running) >= limit:
+            yield from finished()
+    while running:
+        yield from finished()
 
 
 def crop_partition(
@@ -759,23 +789,31 @@ def crop_partition(
             todo.append(t)
     todo.sort(key=lambda t: -len(t.building_ids))  # big cells first: better load balance
     by_shard = {t.shard_id: t for t in todo}
-    init_args = (info.to_json(), spec, str(out_dir), meta)
     single = workers <= 1 or len(todo) <= 1
+    n = 1 if single else min(workers, len(todo), os.cpu_count() or 1)
+    row_shape = (3, spec.size, spec.size)
+    if single:  # one unit cut while the one before is written
+        writer = ShardWriter(slots=2, row_shape=row_shape)
+    else:  # a slot for each unit in flight (n + 1) and one being written; mapped shared before the fork
+        biggest = max(len(t.building_ids) for t in todo)
+        writer = ShardWriter(slots=n + 2, row_shape=row_shape, shared_capacity=biggest)
+    init_args = (info.to_json(), spec, writer.buffers)
     ready = _prefetched(todo, prefetch, prefetch_depth)
     # in-process, the worker set-up must not outlive the crop (a later step in the same process, or a
     # caller, would run torch on one thread)
     saved = (torch.get_num_threads(), os.environ.get("GDAL_CACHEMAX"))
     if single:
         _init_worker(*init_args)
-        _WORKER["writer"] = ShardWriter(row_shape=(3, spec.size, spec.size))  # in-process: overlap writes
-        results: Iterator[CellResult] = map(_run_task, ready)
+        cut = _cut_in_process(ready, writer)
     else:
-        n = min(workers, len(todo), os.cpu_count() or 1)
-        pool = ProcessPoolExecutor(max_workers=n, initializer=_init_worker, initargs=init_args)
-        results = _bounded_map(pool, _run_task, ready, limit=n + 1)
+        # forked, not spawned: the workers must inherit the shared chip buffers (spawn would pickle them)
+        ctx = multiprocessing.get_context("fork")
+        pool = ProcessPoolExecutor(max_workers=n, mp_context=ctx, initializer=_init_worker, initargs=init_args)
+        cut = _cut_in_workers(pool, ready, writer, limit=n + 1)
     try:
         with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
-            for r in results:
+            for r, index, slot in cut:
+                writer.submit(slot, out_dir, r, index, meta)
                 if prefetch is not None:
                     prefetch.release(by_shard[r.shard_id])
                 done += 1
@@ -783,19 +821,19 @@ def crop_partition(
                     progress(r, done, len(tasks))
                 yield r
     finally:
-        if not single:
-            pool.shutdown(cancel_futures=True)
-        else:
-            writer = _WORKER.pop("writer", None)
-            if writer is not None:
-                writer.drain()  # every shard is on disk (or its error raised) before we return
-            if _WORKER.get("tiles") is not None:
-                _WORKER["tiles"].close()
-            if _WORKER.get("buffer") is not None:
-                _WORKER["buffer"].close()
-            torch.set_num_threads(saved[0])
-            if saved[1] is None:
-                os.environ.pop("GDAL_CACHEMAX", None)
-            else:
-                os.environ["GDAL_CACHEMAX"] = saved[1]
-        ready.close()
+        try:
+            if not single:
+                pool.shutdown(cancel_futures=True)
+            writer.drain()  # every shard is on disk (or its error raised) before we return
+        finally:
+            writer.close()
+            ready.close()
+            if single:
+                if _WORKER.get("tiles") is not None:
+                    _WORKER["tiles"].close()
+                _WORKER.clear()
+                torch.set_num_threads(saved[0])
+                if saved[1] is None:
+                    os.environ.pop("GDAL_CACHEMAX", None)
+                else:
+                    os.environ["GDAL_CACHEMAX"] = saved[1]

@@ -56,25 +56,41 @@ class NpyBuffer:
     Cut rows into :meth:`rows`, then :meth:`write` the first ``n`` of them to a
     file. The memory is kept for the next unit of work (growing if one needs
     more rows), so its pages are faulted in once, not once per shard.
+
+    ``shared_capacity``: map ``MAP_SHARED`` memory for that many rows now, so
+    that processes forked afterwards cut chips into the very pages this one
+    writes from (it cannot grow then).
     """
 
-    def __init__(self, row_shape: tuple[int, ...] = (3, 64, 64), dtype: str | np.dtype = "uint8") -> None:
+    def __init__(
+        self, row_shape: tuple[int, ...] = (3, 64, 64), dtype: str | np.dtype = "uint8", shared_capacity: int = 0
+    ) -> None:
         self.row_shape = tuple(row_shape)
         self.dtype = np.dtype(dtype)
         self.row_bytes = int(np.prod(self.row_shape)) * self.dtype.itemsize
         self.capacity = 0
         self.room = 0
         self._mm: mmap.mmap | None = None
+        self.shared = shared_capacity > 0
         self.direct_writes = 0
         self.buffered_writes = 0
+        if self.shared:
+            self._map(shared_capacity)
 
     def _ensure(self, n: int) -> None:
         if n <= self.capacity and self._mm is not None:
             return
+        if self.shared:
+            raise ValueError(f"{n} rows do not fit in a shared buffer of {self.capacity}")
+        self._map(n)
+
+    def _map(self, n: int) -> None:
         capacity = n  # units come biggest first (see crop_partition): growing is rare, and memory stays one unit
         room = _round_up(len(_header_dict((capacity, *self.row_shape), self.dtype)) + len(_MAGIC) + 3, 64)
         self.close()
-        self._mm = mmap.mmap(-1, _round_up(room + capacity * self.row_bytes, ALIGN))  # anonymous: page-aligned
+        size = _round_up(room + capacity * self.row_bytes, ALIGN)
+        flags = mmap.MAP_SHARED if self.shared else mmap.MAP_PRIVATE
+        self._mm = mmap.mmap(-1, size, flags=flags | getattr(mmap, "MAP_ANONYMOUS", 0))  # page-aligned
         self.capacity, self.room = capacity, room
 
     def rows(self, n: int) -> np.ndarray:

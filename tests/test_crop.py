@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import geopandas as gpd
@@ -127,6 +128,22 @@ def test_crop_is_the_same_with_one_and_two_workers(scene):
     assert len(shards) > 1 and shards == list_shards(scene / "w2")
     for s in shards:  # byte-identical shards, whatever the worker count
         assert shard_paths(scene / "w1", s)[0].read_bytes() == shard_paths(scene / "w2", s)[0].read_bytes()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_shard_that_cannot_be_written_fails_the_crop_naming_it(scene, workers):
+    """Shards are written by the main process (from the workers' shared buffers): its errors are not lost."""
+    _crop(scene, "tiles", f"probe{workers}", part_size=50)
+    shards = list_shards(scene / f"probe{workers}")
+    bad = shards[len(shards) // 2]
+    folder = scene / f"unwritable{workers}"
+    npy = shard_paths(folder, bad)[0]
+    npy.with_name(npy.name + ".tmp").mkdir(parents=True)  # where its chips would be written: a directory
+    info = build_mosaic(find_tiles(scene / "tiles"), scene / "tiles.vrt", name="tiles")
+    with pytest.raises(OSError, match=re.escape(bad)):
+        list(crop_partition(scene / "b.parquet", info, folder, ChipSpec(), buildings_fingerprint="x",
+                            workers=workers, resume=False, part_size=50))  # fmt: skip
+    assert bad not in list_shards(folder), "a shard whose chips were not written must not look complete"
 
 
 def test_parts_of_a_big_cell_decode_their_shared_blocks_once(scene):
