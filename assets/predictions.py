@@ -66,7 +66,6 @@ PREDICTIONS_SCHEMA = pa.schema(
 )
 #: Below this many chips a partition runs at a fixed batch size: measuring would cost more than it saves.
 TUNE_MIN_CHIPS = 2048
-TUNE_SAMPLE = 1024  # chips the batch size is measured on: two batches of the largest candidate
 CPU_DEFAULT_BATCH = 32
 CUDA_DEFAULT_BATCH = 512
 
@@ -119,9 +118,9 @@ def choose_batch_size(
     sample, n = [], 0
     for shard in shards:
         arr = open_chips(folder, shard)
-        sample.append(np.array(arr[: TUNE_SAMPLE - n]))
+        sample.append(np.array(arr[: 512 - n]))
         n += len(sample[-1])
-        if n >= TUNE_SAMPLE:
+        if n >= 512:
             break
     best, rates = tune_batch_size([r.runner.forward for r in runs], np.concatenate(sample))
     log(

@@ -5,7 +5,7 @@
 Same chips (a synthetic département cropped by the real `chips` step), same model (the
 shipped one), same run:
 - **forward-only**: the model alone on uint8 tensors already in memory, at its best batch size
-  for this device (measured here over candidate sizes, 8 to 1024);
+  for this device (measured here over candidate sizes: on CPU the best batch is small);
 - **naive**: what a user would write first: per chip, read it from its shard, forward at batch
   1, append a row; then the rows go to the warehouse;
 - **ours**: the real `predictions` asset through Dagster's `materialize`, from the stored chip

@@ -5,10 +5,8 @@ the device works on the previous batch (a bounded queue: memory is a few
 batches, whatever the size of the partition). Batches come out in storage
 order, so the output order is deterministic. On CUDA the forward runs under
 autocast from pinned memory; when it runs out of memory the batch is halved
-and the run carries on. On CPU the best batch size depends on the machine and
-the models (from 64 to 512 on the same 2-core VM, before and after freed
-memory was kept for reuse), so :func:`tune_batch_size` measures it instead of
-assuming it.
+and the run carries on. On CPU the best batch size is small and depends on the
+machine, so :func:`tune_batch_size` measures it instead of assuming it.
 """
 
 from __future__ import annotations
@@ -166,8 +164,8 @@ def forward_fn(model: nn.Module, device: torch.device) -> Forward:
 def tune_batch_size(
     forwards: Sequence[Forward],
     sample: np.ndarray,
-    candidates: Sequence[int] = (8, 16, 32, 64, 128, 256, 512),
-    min_images: int = 512,
+    candidates: Sequence[int] = (8, 16, 32, 64, 128),
+    min_images: int = 256,
     rounds: int = 2,
 ) -> tuple[int, dict[int, float]]:
     """The batch size that gives the most images/s for ``forwards`` together, measured on ``sample``.
