@@ -48,9 +48,8 @@ def block_range(ds: rasterio.io.DatasetReader, br: int, bc: int, band: int = 1) 
     return (int(offset), int(size)) if offset and size else (0, 0)
 
 
-def fast_path_refusal(ds: rasterio.io.DatasetReader) -> str | None:
-    """Why this dataset's blocks can't be decoded directly (None when they can)."""
-    tags = ds.tags(ns="IMAGE_STRUCTURE")
+def fast_path_refusal(ds: rasterio.io.DatasetReader, tags: dict[str, str]) -> str | None:
+    """Why this dataset's blocks can't be decoded directly (None when they can); ``tags``: its IMAGE_STRUCTURE."""
     checks = [
         (ds.driver == "GTiff", f"driver {ds.driver}"),
         (os.path.isfile(ds.name), "not a local file"),
@@ -71,8 +70,8 @@ class BlockReader:
         self.path = path
         self.ds = rasterio.open(path)
         self.block = self.ds.block_shapes[0]  # (rows, cols)
-        self.refusal = fast_path_refusal(self.ds)
         tags = self.ds.tags(ns="IMAGE_STRUCTURE")
+        self.refusal = fast_path_refusal(self.ds, tags)
         self._deflate = tags.get("COMPRESSION") in {"DEFLATE", "ZIP"}
         self._predictor = tags.get("PREDICTOR", "1") == "2"
         self._fd = os.open(path, os.O_RDONLY) if self.refusal is None else None

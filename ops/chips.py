@@ -23,7 +23,6 @@ import heapq
 import json
 import multiprocessing
 import os
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -42,7 +41,7 @@ import torch
 
 from ops.blocks import BlockReader
 from ops.mosaic import MosaicInfo
-from ops.npybuffer import NpyBuffer
+from ops.npybuffer import NpyBuffer, scratch_buffer
 from ops.resample import resample_batch
 
 STATUSES = ("ok", "no_imagery", "nodata", "invalid_geometry", "error")
@@ -466,9 +465,6 @@ def shard_paths(folder: Path, cell_id: str) -> tuple[Path, Path]:
     return folder / f"{cell_id}.chips.npy", folder / f"{cell_id}.index.parquet"
 
 
-_SCRATCH = threading.local()  # per thread, the buffer that chips not cut into one are copied into to be written
-
-
 def write_shard(
     folder: Path,
     cell_id: str,
@@ -480,16 +476,12 @@ def write_shard(
     """Write a cell's chips then its index; the index's presence marks a complete shard.
 
     The chips are written from ``buffer`` (without a copy if they were cut into
-    it), else from this thread's scratch buffer: see ``ops.npybuffer``.
+    it), else copied into this thread's scratch buffer first: see ``ops.npybuffer``.
     """
     folder.mkdir(parents=True, exist_ok=True)
     npy, idx = shard_paths(folder, cell_id)
     tmp_npy = npy.with_name(npy.name + ".tmp")
-    if buffer is None:
-        buffer = getattr(_SCRATCH, "buffer", None)
-        if buffer is None or buffer.row_shape != chips.shape[1:] or buffer.dtype != chips.dtype:
-            buffer = _SCRATCH.buffer = NpyBuffer(chips.shape[1:], chips.dtype)
-    buffer.write(tmp_npy, chips)
+    (buffer if buffer is not None else scratch_buffer(chips.shape[1:], chips.dtype)).write(tmp_npy, chips)
     tmp_npy.replace(npy)
     table = index.replace_schema_metadata(
         {**(index.schema.metadata or {}), **{k.encode(): v.encode() for k, v in meta.items()}}

@@ -24,6 +24,7 @@ import errno
 import mmap
 import os
 import struct
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -67,7 +68,8 @@ class NpyBuffer:
     ) -> None:
         self.row_shape = tuple(row_shape)
         self.dtype = np.dtype(dtype)
-        self.row_bytes = int(np.prod(self.row_shape)) * self.dtype.itemsize
+        self.row_items = int(np.prod(self.row_shape))
+        self.row_bytes = self.row_items * self.dtype.itemsize
         self.capacity = 0
         self.room = 0
         self._mm: mmap.mmap | None = None
@@ -92,13 +94,12 @@ class NpyBuffer:
         flags = mmap.MAP_SHARED if self.shared else mmap.MAP_PRIVATE
         self._mm = mmap.mmap(-1, size, flags=flags | getattr(mmap, "MAP_ANONYMOUS", 0))  # page-aligned
         self.capacity, self.room = capacity, room
+        self._data_address = np.frombuffer(self._mm, np.uint8, 1, room).ctypes.data  # where row 0 starts
 
     def rows(self, n: int) -> np.ndarray:
         """A writable (n, *row_shape) array over the buffer's first ``n`` rows."""
         self._ensure(max(n, 1))
-        return np.frombuffer(self._mm, self.dtype, n * int(np.prod(self.row_shape)), self.room).reshape(
-            n, *self.row_shape
-        )
+        return np.frombuffer(self._mm, self.dtype, n * self.row_items, self.room).reshape(n, *self.row_shape)
 
     def _holds(self, arr: np.ndarray) -> bool:
         """Whether ``arr`` is this buffer's own first rows (no copy needed)."""
@@ -107,7 +108,7 @@ class NpyBuffer:
             and arr.dtype == self.dtype
             and arr.shape[1:] == self.row_shape
             and arr.flags.c_contiguous
-            and arr.__array_interface__["data"][0] == np.frombuffer(self._mm, np.uint8, 1, self.room).ctypes.data
+            and arr.__array_interface__["data"][0] == self._data_address
         )
 
     def write(self, path: Path, arr: np.ndarray) -> None:
@@ -162,3 +163,14 @@ class NpyBuffer:
             with contextlib.suppress(BufferError):  # an array over it is still alive: the mapping goes with it
                 self._mm.close()
         self._mm, self.capacity = None, 0
+
+
+_SCRATCH = threading.local()
+
+
+def scratch_buffer(row_shape: tuple[int, ...], dtype: np.dtype) -> NpyBuffer:
+    """This thread's buffer for writing rows that were not cut into one (they are copied in first)."""
+    buffer = getattr(_SCRATCH, "buffer", None)
+    if buffer is None or buffer.row_shape != tuple(row_shape) or buffer.dtype != dtype:
+        buffer = _SCRATCH.buffer = NpyBuffer(row_shape, dtype)
+    return buffer
