@@ -72,13 +72,14 @@ def chips(
         out = store.folder(chips_prefix(dep))
         t0 = time.perf_counter()
         totals = dict.fromkeys(STATUSES, 0)
-        done_chips = {"n": 0, "reused": 0}
+        done_chips = {"n": 0, "reused": 0, "blocks": 0}
 
         def progress(r: CellResult, done: int, total: int) -> None:
             for k, v in r.counts.items():
                 totals[k] += v
             done_chips["n"] += r.chips
             done_chips["reused"] += int(r.reused)
+            done_chips["blocks"] += r.blocks
             elapsed = time.perf_counter() - t0
             eta = elapsed / done * (total - done)
             how = "reused" if r.reused else f"{r.seconds:.1f} s"
@@ -131,6 +132,7 @@ def chips(
                 "seconds": round(seconds, 2),
                 "chips_per_s": round(n_chips / seconds, 1) if seconds else 0.0,
                 "bytes_per_chip": round(stored / n_chips) if n_chips else 0,
+                "raster_blocks_decoded": done_chips["blocks"],
                 "folder": MetadataValue.path(str(out)),
                 **(prefetch_metadata(fetched, seconds) if fetched else {"prefetch": "off"}),
             }

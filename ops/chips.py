@@ -39,10 +39,12 @@ import rasterio
 import shapely
 import torch
 
+from ops import arrow
 from ops.blocks import BlockReader
 from ops.mosaic import MosaicInfo
 from ops.npybuffer import NpyBuffer, scratch_buffer
 from ops.resample import resample_batch
+from ops.schedule import Schedule
 
 STATUSES = ("ok", "no_imagery", "nodata", "invalid_geometry", "error")
 
@@ -102,6 +104,7 @@ class CellResult:
     chips: int
     seconds: float
     reused: bool = False
+    blocks: int = 0  # raster blocks decoded to cut it
 
 
 def chip_windows(
@@ -167,6 +170,7 @@ class TileSet:
         self.block = [(int(x.block[0]), int(x.block[1])) for x in t]
         self.paths = [x.path for x in t]
         self.decoded: list[tuple[int, int, int]] | None = None  # set to a list to record every block decoded
+        self.decodes = 0  # blocks decoded so far
         self.last_shard = ""  # the unit of work cut last: its blocks are kept for the next part of its cell
         self._readers: dict[int, BlockReader] = {}
         self._cache: dict[tuple[int, int, int], np.ndarray] = {}
@@ -235,6 +239,7 @@ class TileSet:
         blk = self._cache.get(key)
         if blk is None:
             blk = self._reader(i).read(br, bc)
+            self.decodes += 1
             if self.decoded is not None:
                 self.decoded.append(key)
             self._cache[key] = blk
@@ -440,19 +445,17 @@ def crop_cell(
         tiles.clear()
         tiles.use_paths(None)  # a prefetched copy is deleted once its cell is cut
     arr = out_arr[:n_out]
-    index = pa.table(
-        {
-            "building_id": pa.array(task.building_ids, pa.string()),
-            "cell_id": pa.array([task.cell_id] * n, pa.string()),
-            "status": pa.array(status.tolist(), pa.string()),
-            "row": pa.array(rows, pa.int32()),
-            "minx": pa.array(windows[:, 0], pa.float64(), from_pandas=True),
-            "miny": pa.array(windows[:, 1], pa.float64(), from_pandas=True),
-            "maxx": pa.array(windows[:, 2], pa.float64(), from_pandas=True),
-            "maxy": pa.array(windows[:, 3], pa.float64(), from_pandas=True),
-            "valid_fraction": pa.array(valid_frac, pa.float32(), from_pandas=True),
-            "message": pa.array(message, pa.string()),
-        },
+    # built from buffers: pa.array would import pandas in every worker (see ops.arrow)
+    index = pa.Table.from_arrays(
+        [
+            arrow.strings(task.building_ids),
+            arrow.strings([task.cell_id] * n),
+            arrow.strings(status.tolist()),
+            arrow.numbers(rows, pa.int32()),
+            *(arrow.numbers(windows[:, k], pa.float64(), nan_is_null=True) for k in range(4)),
+            arrow.numbers(valid_frac, pa.float32(), nan_is_null=True),
+            arrow.strings(message),
+        ],
         schema=INDEX_SCHEMA,
     )
     return arr, index
@@ -530,11 +533,10 @@ def cell_tasks(buildings_parquet: Path, part_size: int = 4096, batch_size: int =
         for name, got in chunks.items():
             got.append(batch.column(name))
         if has_bbox:
-            # struct_field honours a null bbox (a building without geometry); with its nulls filled by NaN a
-            # field converts to numpy directly (converting nulls goes through pandas, and imports it: 0.5 s)
+            # struct_field honours a null bbox (a building without geometry): NaN bounds
             bbox = batch.column("bbox")
-            fields = [pc.struct_field(bbox, [k]).cast(pa.float64()).fill_null(np.nan) for k in range(4)]
-            bounds.append(np.column_stack([f.to_numpy() for f in fields]))  # xmin, ymin, xmax, ymax
+            fields = [arrow.to_numpy(pc.struct_field(bbox, [k]), "float64") for k in range(4)]
+            bounds.append(np.column_stack(fields))  # xmin, ymin, xmax, ymax
         else:
             geoms = shapely.from_wkb(batch.column("geometry").to_numpy(zero_copy_only=False))
             bounds.append(shapely.bounds(geoms))
@@ -545,8 +547,8 @@ def cell_tasks(buildings_parquet: Path, part_size: int = 4096, batch_size: int =
     cell_codes = pc.dictionary_encode(pa.chunked_array(chunks["cell_id"], pa.string()).combine_chunks())
     names = cell_codes.dictionary
     rank = np.empty(len(names), dtype=np.int64)
-    rank[pc.array_sort_indices(names).to_numpy()] = np.arange(len(names))
-    cell_index = cell_codes.indices.to_numpy()
+    rank[arrow.to_numpy(pc.array_sort_indices(names), "int64")] = np.arange(len(names))
+    cell_index = arrow.to_numpy(cell_codes.indices, "int64")
     code = rank[cell_index] if len(names) else np.zeros(0, np.int64)
     # within a cell, north to south (the crop's sweep order); no-geometry rows last
     top = np.where(np.isfinite(b[:, 3]), -b[:, 3], np.inf) if len(b) else np.zeros(0)
@@ -634,6 +636,7 @@ class ShardWriter:
 # GDAL's own block cache (5 % of RAM by default) would keep every block we decode:
 # TileSet already holds the ones still needed, so GDAL gets a small one.
 GDAL_CACHE_MB = 64
+PER_LANE = 2  # units in flight per crop worker: one cut, one queued behind it
 
 
 def _init_worker(info_json: str, spec: ChipSpec, buffers: list[NpyBuffer]) -> None:
@@ -652,10 +655,12 @@ def _run_task(task: CellTask, slot: int) -> tuple[CellResult, pa.Table]:
     """Cut one unit of work into chip buffer ``slot``; the main process writes the shard from it."""
     t0 = time.perf_counter()
     w = _WORKER
+    decodes = w["tiles"].decodes
     chips, index = crop_cell(w["tiles"], w["info"], task, w["spec"], out=w["buffers"][slot])
     status = index.column("status").to_pylist()
     counts = {s: status.count(s) for s in STATUSES}
-    return CellResult(task.shard_id, counts, len(chips), time.perf_counter() - t0), index
+    blocks = w["tiles"].decodes - decodes
+    return CellResult(task.shard_id, counts, len(chips), time.perf_counter() - t0, blocks=blocks), index
 
 
 class Prefetch(Protocol):
@@ -704,30 +709,64 @@ def _cut_in_process(ready: Iterator[CellTask], writer: ShardWriter) -> Iterator[
         yield result, index, slot
 
 
-def _cut_in_workers(
-    pool: ProcessPoolExecutor, ready: Iterator[CellTask], writer: ShardWriter, limit: int
+def _cut_in_lanes(
+    lanes: list[ProcessPoolExecutor],
+    todo: list[CellTask],
+    ready: Iterator[CellTask],
+    writer: ShardWriter,
+    prefetched: bool,
 ) -> Iterator[tuple[CellResult, pa.Table, int]]:
-    """Units cut by the pool as they come, at most ``limit`` at a time (bounded prefetch disk and buffers)."""
-    running: dict[Future, int] = {}
+    """Units cut by worker processes (one pool of one process per lane), a big cell's parts on one worker.
 
-    def finished() -> Iterator[tuple[CellResult, pa.Table, int]]:
-        done, _ = wait(running, return_when=FIRST_COMPLETED)
-        for f in done:
-            slot = running.pop(f)
-            try:
-                result, index = f.result()
-            except BaseException:
-                writer.give_back(slot)
-                raise
-            yield result, index, slot
+    Each lane has up to ``PER_LANE`` units in flight, so its worker never
+    waits for the main process between units. Without prefetch every unit is
+    ready at once and :class:`ops.schedule.Schedule` picks among them; with
+    prefetch, units are taken one at a time in prefetch order, as they become
+    local (bounded disk), by whichever lane has room.
+    """
+    schedule = Schedule(len(lanes))
+    if not prefetched:
+        for t in todo:
+            schedule.add(t)
+    source = ready if prefetched else iter(())
+    load = [0] * len(lanes)
+    running: dict[Future, tuple[int, int]] = {}  # future -> (lane, slot)
 
-    for task in ready:
-        slot = writer.take()
-        running[pool.submit(_run_task, task, slot)] = slot
-        if len(running) >= limit:
-            yield from finished()
-    while running:
-        yield from finished()
+    def fill() -> None:
+        for lane in sorted(range(len(lanes)), key=lambda k: load[k]):
+            while load[lane] < PER_LANE:
+                if not len(schedule):
+                    nxt = next(source, None)
+                    if nxt is None:
+                        return
+                    schedule.add(nxt)
+                task = schedule.pick(lane)
+                slot = writer.take()
+                try:
+                    running[lanes[lane].submit(_run_task, task, slot)] = (lane, slot)
+                except BaseException:
+                    writer.give_back(slot)
+                    raise
+                load[lane] += 1
+
+    try:
+        while True:
+            fill()
+            if not running:
+                return
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for f in done:
+                lane, slot = running.pop(f)
+                load[lane] -= 1
+                try:
+                    result, index = f.result()
+                except BaseException:
+                    writer.give_back(slot)
+                    raise
+                yield result, index, slot
+    finally:  # stopped early (an error, or the consumer gave up): queued units are not started
+        for f in running:
+            f.cancel()
 
 
 def crop_partition(
@@ -779,16 +818,20 @@ def crop_partition(
             yield r
         else:
             todo.append(t)
-    todo.sort(key=lambda t: -len(t.building_ids))  # big cells first: better load balance
+    # big cells first (better load balance), each cell's parts together and in order (see ops.schedule)
+    size: dict[str, int] = {}
+    for t in todo:
+        size[t.cell_id] = size.get(t.cell_id, 0) + len(t.building_ids)
+    todo.sort(key=lambda t: -size[t.cell_id])  # stable: cells come from cell_tasks grouped, parts in order
     by_shard = {t.shard_id: t for t in todo}
     single = workers <= 1 or len(todo) <= 1
     n = 1 if single else min(workers, len(todo), os.cpu_count() or 1)
     row_shape = (3, spec.size, spec.size)
     if single:  # one unit cut while the one before is written
         writer = ShardWriter(slots=2, row_shape=row_shape)
-    else:  # a slot for each unit in flight (n + 1) and one being written; mapped shared before the fork
+    else:  # a slot for each unit in flight and one being written; mapped shared before the fork
         biggest = max(len(t.building_ids) for t in todo)
-        writer = ShardWriter(slots=n + 2, row_shape=row_shape, shared_capacity=biggest)
+        writer = ShardWriter(slots=n * PER_LANE + 1, row_shape=row_shape, shared_capacity=biggest)
     init_args = (info.to_json(), spec, writer.buffers)
     ready = _prefetched(todo, prefetch, prefetch_depth)
     # in-process, the worker set-up must not outlive the crop (a later step in the same process, or a
@@ -800,8 +843,11 @@ def crop_partition(
     else:
         # forked, not spawned: the workers must inherit the shared chip buffers (spawn would pickle them)
         ctx = multiprocessing.get_context("fork")
-        pool = ProcessPoolExecutor(max_workers=n, mp_context=ctx, initializer=_init_worker, initargs=init_args)
-        cut = _cut_in_workers(pool, ready, writer, limit=n + 1)
+        lanes = [
+            ProcessPoolExecutor(max_workers=1, mp_context=ctx, initializer=_init_worker, initargs=init_args)
+            for _ in range(n)
+        ]
+        cut = _cut_in_lanes(lanes, todo, ready, writer, prefetched=prefetch is not None)
     try:
         with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
             for r, index, slot in cut:
@@ -815,7 +861,8 @@ def crop_partition(
     finally:
         try:
             if not single:
-                pool.shutdown(cancel_futures=True)
+                for lane in lanes:
+                    lane.shutdown(cancel_futures=True)
             writer.drain()  # every shard is on disk (or its error raised) before we return
         finally:
             writer.close()
