@@ -710,11 +710,7 @@ def _cut_in_process(ready: Iterator[CellTask], writer: ShardWriter) -> Iterator[
 
 
 def _cut_in_lanes(
-    lanes: list[ProcessPoolExecutor],
-    todo: list[CellTask],
-    ready: Iterator[CellTask],
-    writer: ShardWriter,
-    prefetched: bool,
+    lanes: list[ProcessPoolExecutor], ready: Iterator[CellTask], writer: ShardWriter, prefetched: bool
 ) -> Iterator[tuple[CellResult, pa.Table, int]]:
     """Units cut by worker processes (one pool of one process per lane), a big cell's parts on one worker.
 
@@ -725,10 +721,9 @@ def _cut_in_lanes(
     local (bounded disk), by whichever lane has room.
     """
     schedule = Schedule(len(lanes))
-    if not prefetched:
-        for t in todo:
+    if not prefetched:  # every unit is local already: the schedule chooses among all of them
+        for t in ready:
             schedule.add(t)
-    source = ready if prefetched else iter(())
     load = [0] * len(lanes)
     running: dict[Future, tuple[int, int]] = {}  # future -> (lane, slot)
 
@@ -736,7 +731,7 @@ def _cut_in_lanes(
         for lane in sorted(range(len(lanes)), key=lambda k: load[k]):
             while load[lane] < PER_LANE:
                 if not len(schedule):
-                    nxt = next(source, None)
+                    nxt = next(ready, None)
                     if nxt is None:
                         return
                     schedule.add(nxt)
@@ -847,7 +842,7 @@ def crop_partition(
             ProcessPoolExecutor(max_workers=1, mp_context=ctx, initializer=_init_worker, initargs=init_args)
             for _ in range(n)
         ]
-        cut = _cut_in_lanes(lanes, todo, ready, writer, prefetched=prefetch is not None)
+        cut = _cut_in_lanes(lanes, ready, writer, prefetched=prefetch is not None)
     try:
         with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
             for r, index, slot in cut:
