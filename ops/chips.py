@@ -572,24 +572,24 @@ _WORKER: dict = {}
 
 
 class ShardWriter:
-    """Writes shards from chip buffers on one background thread of the main process.
+    """Writes a crop process's shards from its chip buffers, on one background thread.
 
-    The crop, in this process or in forked workers, cuts a unit of work into
-    buffer ``slot`` (:meth:`take`), and :meth:`submit` queues that buffer's
-    shard for writing; the slot is free again once written. Cutting overlaps
-    writing, at most ``depth`` shards wait (bounded memory), and every write
-    and its errors stay in the process that reports the shards: ``drain``
-    waits for all of them and re-raises a failed write.
-
-    ``shared_capacity``: for forked workers, ``slots`` buffers of that many
-    rows are mapped shared before the fork (see :class:`NpyBuffer`).
+    A unit of work is cut into buffer ``slot`` (:meth:`take`), and :meth:`submit`
+    queues that buffer's shard for writing; the slot is free again once
+    written. The next unit is cut while the last is written, at most ``depth``
+    shards wait (bounded memory), and :meth:`drain` waits for all of them and
+    re-raises a failed write (which also surfaces at the next ``take`` or
+    ``submit``). Each crop process, the step's own or a worker, has its own:
+    buffers in shared memory written by one process for all workers cost more
+    page faults than they saved (each process faults every page of every
+    buffer it touches), and a second busy process on a 2-core machine.
     """
 
     def __init__(
-        self, slots: int = 2, depth: int = 1, row_shape: tuple[int, ...] = (3, 64, 64), shared_capacity: int = 0
+        self, slots: int = 2, depth: int = 1, row_shape: tuple[int, ...] = (3, 64, 64), capacity: int = 0
     ) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
-        self.buffers = [NpyBuffer(row_shape, shared_capacity=shared_capacity) for _ in range(slots)]
+        self.buffers = [NpyBuffer(row_shape, capacity=capacity) for _ in range(slots)]
         self._free = list(range(slots))
         self._pending: deque[tuple[Future, int]] = deque()
         self._depth = depth
@@ -639,28 +639,49 @@ GDAL_CACHE_MB = 64
 PER_LANE = 2  # units in flight per crop worker: one cut, one queued behind it
 
 
-def _init_worker(info_json: str, spec: ChipSpec, buffers: list[NpyBuffer]) -> None:
-    """Set up a crop worker: one torch thread (the workers are the parallelism) and a small GDAL cache.
+def _init_worker(info_json: str, spec: ChipSpec, part_size: int) -> None:
+    """Set up a crop process: one torch thread (the workers are the parallelism), a small GDAL cache, a writer.
 
-    ``buffers``: the writer's chip buffers (in a forked worker, the shared
-    ones mapped before the fork: not pickled, inherited).
+    The writer's buffers are mapped for ``part_size`` chips, the most a unit of work holds.
     """
     torch.set_num_threads(1)
     os.environ["GDAL_CACHEMAX"] = str(GDAL_CACHE_MB)
     info = MosaicInfo.from_json(info_json)
-    _WORKER.update(tiles=TileSet(info), info=info, spec=spec, buffers=buffers)
+    writer = ShardWriter(row_shape=(3, spec.size, spec.size), capacity=part_size)
+    _WORKER.update(tiles=TileSet(info), info=info, spec=spec, writer=writer)
 
 
-def _run_task(task: CellTask, slot: int) -> tuple[CellResult, pa.Table]:
-    """Cut one unit of work into chip buffer ``slot``; the main process writes the shard from it."""
+def _run_task(task: CellTask, folder: Path, meta: dict[str, str]) -> CellResult:
+    """Cut one unit of work into a free chip buffer and queue its shard's write (see :class:`ShardWriter`)."""
     t0 = time.perf_counter()
     w = _WORKER
-    decodes = w["tiles"].decodes
-    chips, index = crop_cell(w["tiles"], w["info"], task, w["spec"], out=w["buffers"][slot])
+    tiles, writer = w["tiles"], w["writer"]
+    slot = writer.take()
+    decodes = tiles.decodes
+    try:
+        chips, index = crop_cell(tiles, w["info"], task, w["spec"], out=writer.buffers[slot])
+    except BaseException:
+        writer.give_back(slot)
+        raise
     status = index.column("status").to_pylist()
     counts = {s: status.count(s) for s in STATUSES}
-    blocks = w["tiles"].decodes - decodes
-    return CellResult(task.shard_id, counts, len(chips), time.perf_counter() - t0, blocks=blocks), index
+    result = CellResult(task.shard_id, counts, len(chips), time.perf_counter() - t0, blocks=tiles.decodes - decodes)
+    writer.submit(slot, folder, result, index, meta)
+    return result
+
+
+def _finish_worker() -> None:
+    """Wait for this process's last shards to be written (raising a failed write), then let its memory go."""
+    w = _WORKER
+    try:
+        if "writer" in w:
+            w["writer"].drain()
+    finally:
+        if "writer" in w:
+            w["writer"].close()
+        if "tiles" in w:
+            w["tiles"].close()
+        _WORKER.clear()
 
 
 class Prefetch(Protocol):
@@ -698,34 +719,24 @@ def _prefetched(todo: list[CellTask], prefetch: Prefetch | None, depth: int) -> 
                 f.cancel()
 
 
-def _cut_in_process(ready: Iterator[CellTask], writer: ShardWriter) -> Iterator[tuple[CellResult, pa.Table, int]]:
-    for task in ready:
-        slot = writer.take()
-        try:
-            result, index = _run_task(task, slot)
-        except BaseException:
-            writer.give_back(slot)
-            raise
-        yield result, index, slot
-
-
 def _cut_in_lanes(
-    lanes: list[ProcessPoolExecutor], ready: Iterator[CellTask], writer: ShardWriter, prefetched: bool
-) -> Iterator[tuple[CellResult, pa.Table, int]]:
+    lanes: list[ProcessPoolExecutor], ready: Iterator[CellTask], folder: Path, meta: dict[str, str], prefetched: bool
+) -> Iterator[CellResult]:
     """Units cut by worker processes (one pool of one process per lane), a big cell's parts on one worker.
 
     Each lane has up to ``PER_LANE`` units in flight, so its worker never
     waits for the main process between units. Without prefetch every unit is
     ready at once and :class:`ops.schedule.Schedule` picks among them; with
     prefetch, units are taken one at a time in prefetch order, as they become
-    local (bounded disk), by whichever lane has room.
+    local (bounded disk), by whichever lane has room. Each worker writes its
+    own shards; once every unit is cut, each is asked to finish its writes.
     """
     schedule = Schedule(len(lanes))
     if not prefetched:  # every unit is local already: the schedule chooses among all of them
         for t in ready:
             schedule.add(t)
     load = [0] * len(lanes)
-    running: dict[Future, tuple[int, int]] = {}  # future -> (lane, slot)
+    running: dict[Future, int] = {}  # future -> lane
 
     def fill() -> None:
         for lane in sorted(range(len(lanes)), key=lambda k: load[k]):
@@ -735,33 +746,23 @@ def _cut_in_lanes(
                     if nxt is None:
                         return
                     schedule.add(nxt)
-                task = schedule.pick(lane)
-                slot = writer.take()
-                try:
-                    running[lanes[lane].submit(_run_task, task, slot)] = (lane, slot)
-                except BaseException:
-                    writer.give_back(slot)
-                    raise
+                running[lanes[lane].submit(_run_task, schedule.pick(lane), folder, meta)] = lane
                 load[lane] += 1
 
     try:
         while True:
             fill()
             if not running:
-                return
+                break
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for f in done:
-                lane, slot = running.pop(f)
-                load[lane] -= 1
-                try:
-                    result, index = f.result()
-                except BaseException:
-                    writer.give_back(slot)
-                    raise
-                yield result, index, slot
+                load[running.pop(f)] -= 1
+                yield f.result()
     finally:  # stopped early (an error, or the consumer gave up): queued units are not started
         for f in running:
             f.cancel()
+    for f in [lane.submit(_finish_worker) for lane in lanes]:
+        f.result()
 
 
 def crop_partition(
@@ -821,32 +822,25 @@ def crop_partition(
     by_shard = {t.shard_id: t for t in todo}
     single = workers <= 1 or len(todo) <= 1
     n = 1 if single else min(workers, len(todo), os.cpu_count() or 1)
-    row_shape = (3, spec.size, spec.size)
-    if single:  # one unit cut while the one before is written
-        writer = ShardWriter(slots=2, row_shape=row_shape)
-    else:  # a slot for each unit in flight and one being written; mapped shared before the fork
-        biggest = max(len(t.building_ids) for t in todo)
-        writer = ShardWriter(slots=n * PER_LANE + 1, row_shape=row_shape, shared_capacity=biggest)
-    init_args = (info.to_json(), spec, writer.buffers)
+    init_args = (info.to_json(), spec, part_size)
     ready = _prefetched(todo, prefetch, prefetch_depth)
     # in-process, the worker set-up must not outlive the crop (a later step in the same process, or a
     # caller, would run torch on one thread)
     saved = (torch.get_num_threads(), os.environ.get("GDAL_CACHEMAX"))
     if single:
         _init_worker(*init_args)
-        cut = _cut_in_process(ready, writer)
+        cut = (_run_task(t, out_dir, meta) for t in ready)
     else:
-        # forked, not spawned: the workers must inherit the shared chip buffers (spawn would pickle them)
+        # forked: a spawned worker would import torch, rasterio and pyarrow again (seconds each)
         ctx = multiprocessing.get_context("fork")
         lanes = [
             ProcessPoolExecutor(max_workers=1, mp_context=ctx, initializer=_init_worker, initargs=init_args)
             for _ in range(n)
         ]
-        cut = _cut_in_lanes(lanes, ready, writer, prefetched=prefetch is not None)
+        cut = _cut_in_lanes(lanes, ready, out_dir, meta, prefetched=prefetch is not None)
     try:
         with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
-            for r, index, slot in cut:
-                writer.submit(slot, out_dir, r, index, meta)
+            for r in cut:
                 if prefetch is not None:
                     prefetch.release(by_shard[r.shard_id])
                 done += 1
@@ -855,17 +849,14 @@ def crop_partition(
                 yield r
     finally:
         try:
-            if not single:
+            if single:
+                _finish_worker()  # every shard is on disk (or its error raised) before we return
+            else:
                 for lane in lanes:
                     lane.shutdown(cancel_futures=True)
-            writer.drain()  # every shard is on disk (or its error raised) before we return
         finally:
-            writer.close()
             ready.close()
             if single:
-                if _WORKER.get("tiles") is not None:
-                    _WORKER["tiles"].close()
-                _WORKER.clear()
                 torch.set_num_threads(saved[0])
                 if saved[1] is None:
                     os.environ.pop("GDAL_CACHEMAX", None)
