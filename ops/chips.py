@@ -572,59 +572,44 @@ _WORKER: dict = {}
 
 
 class ShardWriter:
-    """Writes a crop process's shards from its chip buffers, on one background thread.
+    """Writes a crop process's shards from its two chip buffers, on one background thread.
 
-    A unit of work is cut into buffer ``slot`` (:meth:`take`), and :meth:`submit`
-    queues that buffer's shard for writing; the slot is free again once
-    written. The next unit is cut while the last is written, at most ``depth``
-    shards wait (bounded memory), and :meth:`drain` waits for all of them and
-    re-raises a failed write (which also surfaces at the next ``take`` or
-    ``submit``). Each crop process, the step's own or a worker, has its own:
-    buffers in shared memory written by one process for all workers cost more
-    page faults than they saved (each process faults every page of every
-    buffer it touches), and a second busy process on a 2-core machine.
+    A unit of work is cut into :meth:`buffer` while the shard of the unit
+    before is written from the other one; :meth:`submit` waits for that write
+    (re-raising its error) before queueing the new one, so memory stays two
+    units, and :meth:`drain` waits for the last. Each crop process, the step's
+    own or a worker, has its own: buffers in shared memory written by one
+    process for all workers cost more page faults than they saved (each
+    process faults every page of every buffer it touches), and a second busy
+    process on a 2-core machine.
     """
 
-    def __init__(
-        self, slots: int = 2, depth: int = 1, row_shape: tuple[int, ...] = (3, 64, 64), capacity: int = 0
-    ) -> None:
+    def __init__(self, row_shape: tuple[int, ...] = (3, 64, 64), capacity: int = 0) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
-        self.buffers = [NpyBuffer(row_shape, capacity=capacity) for _ in range(slots)]
-        self._free = list(range(slots))
-        self._pending: deque[tuple[Future, int]] = deque()
-        self._depth = depth
+        self.buffers = (NpyBuffer(row_shape, capacity=capacity), NpyBuffer(row_shape, capacity=capacity))
+        self._next = 0  # the buffer not being written
+        self._pending: Future | None = None
 
-    def _retire_oldest(self) -> None:
-        future, slot = self._pending.popleft()
-        self._free.append(slot)  # free again whether or not its write failed
-        future.result()
+    def buffer(self) -> NpyBuffer:
+        """The buffer to cut the next unit into (never the one being written)."""
+        return self.buffers[self._next]
 
-    def take(self) -> int:
-        """A slot no pending write uses (waiting for the oldest write if need be)."""
-        while not self._free:
-            if not self._pending:
-                raise RuntimeError("every chip buffer is taken and none is being written")
-            self._retire_oldest()
-        return self._free.pop()
+    def _wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
 
-    def give_back(self, slot: int) -> None:
-        """Free a taken slot that was not submitted (its unit failed)."""
-        self._free.append(slot)
-
-    def submit(self, slot: int, folder: Path, result: CellResult, index: pa.Table, meta: dict[str, str]) -> None:
-        """Queue the shard of ``result``, whose ``result.chips`` chips were cut into buffer ``slot``."""
-        while len(self._pending) >= self._depth:
-            self._retire_oldest()
-        buffer = self.buffers[slot]
+    def submit(self, folder: Path, result: CellResult, index: pa.Table, meta: dict[str, str]) -> None:
+        """Queue the shard of ``result``, whose ``result.chips`` chips were cut into :meth:`buffer`."""
+        self._wait()
+        buffer = self.buffers[self._next]
         chips = buffer.rows(result.chips)
-        self._pending.append(
-            (self._pool.submit(write_shard, folder, result.shard_id, chips, index, meta, buffer), slot)
-        )
+        self._pending = self._pool.submit(write_shard, folder, result.shard_id, chips, index, meta, buffer)
+        self._next ^= 1
 
     def drain(self) -> None:
         try:
-            while self._pending:
-                self._retire_oldest()
+            self._wait()
         finally:
             self._pool.shutdown(wait=True)
 
@@ -652,21 +637,16 @@ def _init_worker(info_json: str, spec: ChipSpec, part_size: int) -> None:
 
 
 def _run_task(task: CellTask, folder: Path, meta: dict[str, str]) -> CellResult:
-    """Cut one unit of work into a free chip buffer and queue its shard's write (see :class:`ShardWriter`)."""
+    """Cut one unit of work into the free chip buffer and queue its shard's write (see :class:`ShardWriter`)."""
     t0 = time.perf_counter()
     w = _WORKER
     tiles, writer = w["tiles"], w["writer"]
-    slot = writer.take()
     decodes = tiles.decodes
-    try:
-        chips, index = crop_cell(tiles, w["info"], task, w["spec"], out=writer.buffers[slot])
-    except BaseException:
-        writer.give_back(slot)
-        raise
+    chips, index = crop_cell(tiles, w["info"], task, w["spec"], out=writer.buffer())
     status = index.column("status").to_pylist()
     counts = {s: status.count(s) for s in STATUSES}
     result = CellResult(task.shard_id, counts, len(chips), time.perf_counter() - t0, blocks=tiles.decodes - decodes)
-    writer.submit(slot, folder, result, index, meta)
+    writer.submit(folder, result, index, meta)
     return result
 
 
