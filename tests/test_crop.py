@@ -15,6 +15,7 @@ from rasterio.transform import from_origin
 from rasterio.windows import Window
 from shapely.geometry import box
 
+from ops.blocks import block_range
 from ops.chips import ChipSpec, crop_partition, list_shards, open_chips, read_index, shard_paths
 from ops.footprints import iter_building_batches, write_buildings_geoparquet
 from ops.mosaic import build_mosaic, find_tiles
@@ -132,7 +133,7 @@ def test_crop_is_the_same_with_one_and_two_workers(scene):
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_a_shard_that_cannot_be_written_fails_the_crop_naming_it(scene, workers):
-    """Shards are written by the main process (from the workers' shared buffers): its errors are not lost."""
+    """Shards are written on a background thread of each crop process: its errors are not lost."""
     _crop(scene, "tiles", f"probe{workers}", part_size=50)
     shards = list_shards(scene / f"probe{workers}")
     bad = shards[len(shards) // 2]
@@ -216,8 +217,7 @@ def test_a_corrupt_block_quarantines_the_buildings_over_it_naming_the_tile(scene
     shutil.copytree(scene / "tiles", scene / "damaged")
     tile = scene / "damaged" / "t00.tif"
     with rasterio.open(tile) as ds:
-        offset = int(ds.get_tag_item("BLOCK_OFFSET_1_1", "TIFF", bidx=1))
-        size = int(ds.get_tag_item("BLOCK_SIZE_1_1", "TIFF", bidx=1))
+        offset, size = block_range(ds, 1, 1)
     with open(tile, "r+b") as fh:  # the compressed bytes of block (1, 1) become noise
         fh.seek(offset)
         fh.write(np.random.default_rng(3).integers(0, 256, size, dtype=np.uint8).tobytes())
