@@ -11,13 +11,16 @@ Why this shape:
   ``min_valid_fraction`` of the window has pixels), ``error`` (the read
   failed; the message names the tile), ``ok``. Nothing is dropped.
 - Chips are stored per cell as one ``.npy`` array (N, 3, S, S) uint8, which
-  inference memory-maps and streams in batches, beside a parquet index.
+  inference memory-maps and streams in batches, beside a parquet index. They
+  are streamed to disk as they are cut (``ops.npystream``), so a crop process
+  holds a few megabytes of chips whatever a unit's size.
   A cell's shard is written atomically (index last), so a cell is the unit of
   resumption.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import heapq
 import json
@@ -42,7 +45,7 @@ import torch
 from ops import arrow
 from ops.blocks import BlockReader
 from ops.mosaic import MosaicInfo
-from ops.npybuffer import NpyBuffer, scratch_buffer
+from ops.npystream import NpyStream, NpyWriter, scratch_writer
 from ops.resample import resample_batch
 from ops.schedule import Schedule
 
@@ -340,16 +343,51 @@ def place(task: CellTask, info: MosaicInfo, spec: ChipSpec) -> Placement:
     return Placement(has_geom, windows, idx, cols, rows, npxs)
 
 
-def crop_cell(
-    tiles: TileSet, info: MosaicInfo, task: CellTask, spec: ChipSpec, out: NpyBuffer | None = None
-) -> tuple[np.ndarray, pa.Table]:
-    """Chips and index rows for one unit of work (one index row per building).
+class ChipSink(Protocol):
+    """Where :func:`cut_cell` puts chips: room for the next rows, then a commit (rows land in commit order)."""
+
+    def rows(self, n: int) -> np.ndarray: ...
+
+    def commit(self, n: int) -> None: ...
+
+
+class ArraySink:
+    """Chips kept in memory, in the order they are committed."""
+
+    def __init__(self, row_shape: tuple[int, ...]) -> None:
+        self.row_shape = row_shape
+        self._parts: list[np.ndarray] = []
+        self._next: np.ndarray | None = None
+
+    def rows(self, n: int) -> np.ndarray:
+        self._next = np.empty((n, *self.row_shape), dtype=np.uint8)
+        return self._next
+
+    def commit(self, n: int) -> None:
+        assert self._next is not None
+        self._parts.append(self._next[:n])
+        self._next = None
+
+    def array(self) -> np.ndarray:
+        return np.concatenate(self._parts) if self._parts else np.empty((0, *self.row_shape), dtype=np.uint8)
+
+
+def crop_cell(tiles: TileSet, info: MosaicInfo, task: CellTask, spec: ChipSpec) -> tuple[np.ndarray, pa.Table]:
+    """Chips (in memory) and index rows for one unit of work: :func:`cut_cell` into an :class:`ArraySink`."""
+    sink = ArraySink((3, spec.size, spec.size))
+    _, index = cut_cell(tiles, info, task, spec, sink)
+    return sink.array(), index
+
+
+def cut_cell(tiles: TileSet, info: MosaicInfo, task: CellTask, spec: ChipSpec, sink: ChipSink) -> tuple[int, pa.Table]:
+    """Cut one unit of work's chips into ``sink``; (chips cut, index rows: one per building).
 
     Buildings are visited north to south so each block is decoded once; each
     window is read directly into a batch of same-sized windows, and validity,
     the band rule and resampling run once per batch. Chips are resampled
-    straight into ``out`` (reused memory the shard is then written from) if
-    given, else into a new array.
+    straight into the sink's memory (for the crop, the chunk of the shard
+    file being written: no intermediate copy); an index row's ``row`` is its
+    chip's position in commit order.
     """
     n = len(task.building_ids)
     status = np.array(["ok"] * n, dtype=object)
@@ -373,8 +411,6 @@ def crop_cell(
     # footprint top, not window top) may start that far above where this one ends
     lag = int(npxs.max()) if len(npxs) else 0
     # chips land in the shard array in the order batches complete; `rows` maps buildings to them
-    shape = (len(idx), 3, spec.size, spec.size)
-    out_arr = out.rows(len(idx)) if out is not None else np.empty(shape, dtype=np.uint8)
     n_out = 0
     batches: dict[int, _Batch] = {}
     nodata = info.nodata
@@ -415,7 +451,8 @@ def crop_cell(
                 if keep[j]:
                     chips[pos[j]] *= valid.astype(np.uint8)[:, :, None]
         kept = ids[keep]
-        resample_batch(chips, spec.size, out=out_arr[n_out : n_out + len(kept)])
+        resample_batch(chips, spec.size, out=sink.rows(len(kept)))
+        sink.commit(len(kept))
         rows[kept] = np.arange(n_out, n_out + len(kept), dtype="int32")
         n_out += len(kept)
 
@@ -444,7 +481,6 @@ def crop_cell(
     if task.tile_paths:
         tiles.clear()
         tiles.use_paths(None)  # a prefetched copy is deleted once its cell is cut
-    arr = out_arr[:n_out]
     # built from buffers: pa.array would import pandas in every worker (see ops.arrow)
     index = pa.Table.from_arrays(
         [
@@ -458,7 +494,7 @@ def crop_cell(
         ],
         schema=INDEX_SCHEMA,
     )
-    return arr, index
+    return n_out, index
 
 
 # --- shards ------------------------------------------------------------------
@@ -468,30 +504,26 @@ def shard_paths(folder: Path, cell_id: str) -> tuple[Path, Path]:
     return folder / f"{cell_id}.chips.npy", folder / f"{cell_id}.index.parquet"
 
 
-def write_shard(
-    folder: Path,
-    cell_id: str,
-    chips: np.ndarray,
-    index: pa.Table,
-    meta: dict[str, str],
-    buffer: NpyBuffer | None = None,
-) -> None:
-    """Write a cell's chips then its index; the index's presence marks a complete shard.
+def _tmp(path: Path) -> Path:
+    return path.with_name(path.name + ".tmp")
 
-    The chips are written from ``buffer`` (without a copy if they were cut into
-    it), else copied into this thread's scratch buffer first: see ``ops.npybuffer``.
-    """
+
+def write_shard(folder: Path, cell_id: str, chips: np.ndarray, index: pa.Table, meta: dict[str, str]) -> None:
+    """Write a cell's chips (any array: copied through this thread's stream writer) then its index."""
     folder.mkdir(parents=True, exist_ok=True)
+    scratch_writer(chips.shape[1:], chips.dtype).write(_tmp(shard_paths(folder, cell_id)[0]), chips)
+    publish_shard(folder, cell_id, index, meta)
+
+
+def publish_shard(folder: Path, cell_id: str, index: pa.Table, meta: dict[str, str]) -> None:
+    """Move a shard's written chips into place, then write its index: the index's presence marks a complete shard."""
     npy, idx = shard_paths(folder, cell_id)
-    tmp_npy = npy.with_name(npy.name + ".tmp")
-    (buffer if buffer is not None else scratch_buffer(chips.shape[1:], chips.dtype)).write(tmp_npy, chips)
-    tmp_npy.replace(npy)
+    _tmp(npy).replace(npy)
     table = index.replace_schema_metadata(
         {**(index.schema.metadata or {}), **{k.encode(): v.encode() for k, v in meta.items()}}
     )
-    tmp_idx = idx.with_name(idx.name + ".tmp")
-    pq.write_table(table, tmp_idx)
-    tmp_idx.replace(idx)
+    pq.write_table(table, _tmp(idx))
+    _tmp(idx).replace(idx)
 
 
 def shard_meta(index_path: Path) -> dict[str, str]:
@@ -522,7 +554,8 @@ def cell_tasks(buildings_parquet: Path, part_size: int = 4096, batch_size: int =
     """Group a partition's buildings by cell, keeping only ids, statuses and bounds.
 
     A cell with more than ``part_size`` buildings is cut into parts, north to
-    south, so that one unit of work holds a bounded number of chips in memory.
+    south: a unit of work's size bounds its task, its index and its shard, and
+    parts are what workers share at the end of a partition.
     """
     pf = pq.ParquetFile(buildings_parquet)
     has_bbox = "bbox" in pf.schema_arrow.names  # GeoParquet 1.1 covering column: no WKB to parse
@@ -572,50 +605,40 @@ _WORKER: dict = {}
 
 
 class ShardWriter:
-    """Writes a crop process's shards from its two chip buffers, on one background thread.
+    """Streams a crop process's shards to disk as their chips are cut, on one background thread.
 
-    A unit of work is cut into :meth:`buffer` while the shard of the unit
-    before is written from the other one; :meth:`submit` waits for that write
-    (re-raising its error) before queueing the new one, so memory stays two
-    units, and :meth:`drain` waits for the last. Each crop process, the step's
-    own or a worker, has its own: buffers in shared memory written by one
-    process for all workers cost more page faults than they saved (each
-    process faults every page of every buffer it touches), and a second busy
-    process on a 2-core machine.
+    Each crop process, the step's own or a worker, has its own: chips go
+    straight from the resampler into the chunk of the file being written
+    (see ``ops.npystream``), so a process holds a few megabytes of chips
+    whatever a unit's size. :meth:`submit` queues a unit's header and index
+    once its chips are cut, after waiting for the unit before it to be
+    complete (re-raising its error); :meth:`drain` waits for the last.
     """
 
-    def __init__(self, row_shape: tuple[int, ...] = (3, 64, 64), capacity: int = 0) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
-        self.buffers = (NpyBuffer(row_shape, capacity=capacity), NpyBuffer(row_shape, capacity=capacity))
-        self._next = 0  # the buffer not being written
+    def __init__(self, row_shape: tuple[int, ...] = (3, 64, 64)) -> None:
+        self._writer = NpyWriter(row_shape)
         self._pending: Future | None = None
 
-    def buffer(self) -> NpyBuffer:
-        """The buffer to cut the next unit into (never the one being written)."""
-        return self.buffers[self._next]
+    def open(self, folder: Path, shard_id: str, max_rows: int) -> NpyStream:
+        """The stream to cut a unit of at most ``max_rows`` chips into."""
+        folder.mkdir(parents=True, exist_ok=True)
+        return self._writer.open(_tmp(shard_paths(folder, shard_id)[0]), max_rows)
 
     def _wait(self) -> None:
         pending, self._pending = self._pending, None
         if pending is not None:
             pending.result()
 
-    def submit(self, folder: Path, result: CellResult, index: pa.Table, meta: dict[str, str]) -> None:
-        """Queue the shard of ``result``, whose ``result.chips`` chips were cut into :meth:`buffer`."""
+    def submit(self, stream: NpyStream, folder: Path, shard_id: str, index: pa.Table, meta: dict[str, str]) -> None:
+        """Queue the end of ``stream`` (its last rows and header), then the shard's index."""
         self._wait()
-        buffer = self.buffers[self._next]
-        chips = buffer.rows(result.chips)
-        self._pending = self._pool.submit(write_shard, folder, result.shard_id, chips, index, meta, buffer)
-        self._next ^= 1
+        self._pending = stream.close(then=functools.partial(publish_shard, folder, shard_id, index, meta))
 
     def drain(self) -> None:
-        try:
-            self._wait()
-        finally:
-            self._pool.shutdown(wait=True)
+        self._wait()
 
     def close(self) -> None:
-        for b in self.buffers:
-            b.close()
+        self._writer.close()
 
 
 # GDAL's own block cache (5 % of RAM by default) would keep every block we decode:
@@ -624,29 +647,31 @@ GDAL_CACHE_MB = 64
 PER_LANE = 2  # units in flight per crop worker: one cut, one queued behind it
 
 
-def _init_worker(info_json: str, spec: ChipSpec, part_size: int) -> None:
-    """Set up a crop process: one torch thread (the workers are the parallelism), a small GDAL cache, a writer.
-
-    The writer's buffers are mapped for ``part_size`` chips, the most a unit of work holds.
-    """
+def _init_worker(info_json: str, spec: ChipSpec) -> None:
+    """Set up a crop process: one torch thread (the workers are the parallelism), a small GDAL cache, a writer."""
     torch.set_num_threads(1)
     os.environ["GDAL_CACHEMAX"] = str(GDAL_CACHE_MB)
     info = MosaicInfo.from_json(info_json)
-    writer = ShardWriter(row_shape=(3, spec.size, spec.size), capacity=part_size)
+    writer = ShardWriter(row_shape=(3, spec.size, spec.size))
     _WORKER.update(tiles=TileSet(info), info=info, spec=spec, writer=writer)
 
 
 def _run_task(task: CellTask, folder: Path, meta: dict[str, str]) -> CellResult:
-    """Cut one unit of work into the free chip buffer and queue its shard's write (see :class:`ShardWriter`)."""
+    """Cut one unit of work, its chips streamed to its shard's file, and queue the shard's end (see :class:`ShardWriter`)."""
     t0 = time.perf_counter()
     w = _WORKER
     tiles, writer = w["tiles"], w["writer"]
     decodes = tiles.decodes
-    chips, index = crop_cell(tiles, w["info"], task, w["spec"], out=writer.buffer())
+    stream = writer.open(folder, task.shard_id, len(task.building_ids))
+    try:
+        chips, index = cut_cell(tiles, w["info"], task, w["spec"], stream)
+    except BaseException:
+        stream.abort()
+        raise
     status = index.column("status").to_pylist()
     counts = {s: status.count(s) for s in STATUSES}
-    result = CellResult(task.shard_id, counts, len(chips), time.perf_counter() - t0, blocks=tiles.decodes - decodes)
-    writer.submit(folder, result, index, meta)
+    result = CellResult(task.shard_id, counts, chips, time.perf_counter() - t0, blocks=tiles.decodes - decodes)
+    writer.submit(stream, folder, task.shard_id, index, meta)
     return result
 
 
@@ -802,7 +827,7 @@ def crop_partition(
     by_shard = {t.shard_id: t for t in todo}
     single = workers <= 1 or len(todo) <= 1
     n = 1 if single else min(workers, len(todo), os.cpu_count() or 1)
-    init_args = (info.to_json(), spec, part_size)
+    init_args = (info.to_json(), spec)
     ready = _prefetched(todo, prefetch, prefetch_depth)
     # in-process, the worker set-up must not outlive the crop (a later step in the same process, or a
     # caller, would run torch on one thread)
