@@ -611,8 +611,8 @@ class ShardWriter:
     straight from the resampler into the chunk of the file being written
     (see ``ops.npystream``), so a process holds a few megabytes of chips
     whatever a unit's size. :meth:`submit` queues a unit's header and index
-    once its chips are cut, after waiting for the unit before it to be
-    complete (re-raising its error); :meth:`drain` waits for the last.
+    once its chips are cut, then waits for the unit before it to be complete
+    (re-raising its error); :meth:`drain` waits for the last.
     """
 
     def __init__(self, row_shape: tuple[int, ...] = (3, 64, 64)) -> None:
@@ -624,18 +624,17 @@ class ShardWriter:
         folder.mkdir(parents=True, exist_ok=True)
         return self._writer.open(_tmp(shard_paths(folder, shard_id)[0]), max_rows)
 
-    def _wait(self) -> None:
+    def submit(self, stream: NpyStream, folder: Path, shard_id: str, index: pa.Table, meta: dict[str, str]) -> None:
+        """Queue the end of ``stream`` (its last rows and header), then the shard's index; raise the unit before's error."""
+        previous = self._pending
+        self._pending = stream.close(then=functools.partial(publish_shard, folder, shard_id, index, meta))
+        if previous is not None:
+            previous.result()
+
+    def drain(self) -> None:
         pending, self._pending = self._pending, None
         if pending is not None:
             pending.result()
-
-    def submit(self, stream: NpyStream, folder: Path, shard_id: str, index: pa.Table, meta: dict[str, str]) -> None:
-        """Queue the end of ``stream`` (its last rows and header), then the shard's index."""
-        self._wait()
-        self._pending = stream.close(then=functools.partial(publish_shard, folder, shard_id, index, meta))
-
-    def drain(self) -> None:
-        self._wait()
 
     def close(self) -> None:
         self._writer.close()
