@@ -47,7 +47,7 @@ from ops.blocks import BlockReader
 from ops.mosaic import MosaicInfo
 from ops.npystream import NpyStream, NpyWriter, scratch_writer
 from ops.resample import resample_batch
-from ops.schedule import Schedule
+from ops.schedule import Schedule, part_number
 
 STATUSES = ("ok", "no_imagery", "nodata", "invalid_geometry", "error")
 
@@ -174,7 +174,7 @@ class TileSet:
         self.paths = [x.path for x in t]
         self.decoded: list[tuple[int, int, int]] | None = None  # set to a list to record every block decoded
         self.decodes = 0  # blocks decoded so far
-        self.last_shard = ""  # the unit of work cut last: its blocks are kept for the next part of its cell
+        self.last: tuple[str, int] | None = None  # (cell, part) cut last: its blocks are kept for the next part
         self._readers: dict[int, BlockReader] = {}
         self._cache: dict[tuple[int, int, int], np.ndarray] = {}
         self._bottoms: list[tuple[int, tuple[int, int, int]]] = []  # heap of (last row + 1, block key)
@@ -255,9 +255,8 @@ class TileSet:
         Parts of a big cell share the band of blocks along their seam; keeping
         the cache from one part to the next decodes those blocks once.
         """
-        cell, _, part = task.shard_id.partition(".p")
-        last_cell, _, last_part = self.last_shard.partition(".p")
-        return bool(part and last_part) and cell == last_cell and int(part) == int(last_part) + 1
+        # part 0 (a whole cell, or a first part) follows nothing
+        return self.last == (task.cell_id, part_number(task) - 1)
 
     def evict_above(self, row: int) -> None:
         """Forget blocks that end above mosaic row ``row`` (the sweep has passed them)."""
@@ -477,7 +476,7 @@ def cut_cell(tiles: TileSet, info: MosaicInfo, task: CellTask, spec: ChipSpec, s
             flush(npx)
     for npx in list(batches):
         flush(npx)
-    tiles.last_shard = task.shard_id
+    tiles.last = (task.cell_id, part_number(task))
     if task.tile_paths:
         tiles.clear()
         tiles.use_paths(None)  # a prefetched copy is deleted once its cell is cut
@@ -620,8 +619,7 @@ class ShardWriter:
         self._pending: Future | None = None
 
     def open(self, folder: Path, shard_id: str, max_rows: int) -> NpyStream:
-        """The stream to cut a unit of at most ``max_rows`` chips into."""
-        folder.mkdir(parents=True, exist_ok=True)
+        """The stream to cut a unit of at most ``max_rows`` chips into (``folder`` exists: see crop_partition)."""
         return self._writer.open(_tmp(shard_paths(folder, shard_id)[0]), max_rows)
 
     def submit(self, stream: NpyStream, folder: Path, shard_id: str, index: pa.Table, meta: dict[str, str]) -> None:
