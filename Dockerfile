@@ -11,6 +11,7 @@ RUN pip install ${TORCH_INDEX:+--index-url $TORCH_INDEX} torch==${TORCH_VERSION}
 COPY orchestration orchestration
 COPY assets assets
 COPY ops ops
+COPY synthetic synthetic
 COPY resources resources
 COPY dbt dbt
 COPY models models

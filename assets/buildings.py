@@ -10,10 +10,10 @@ from pydantic import Field
 from assets.errors import IO_RETRY, bad_input_fails_fast
 from assets.metadata import counts_table, points_map
 from assets.partitions import departements_partitions
-from ops.departements import check_departement, native_epsg
-from ops.footprints import FootprintStats, iter_building_batches, write_buildings_geoparquet
-from ops.geo import to_wgs84_wkb
-from ops.grid import DEFAULT_CELL_SIZE_M
+from ops.geo.departements import check_departement, native_epsg
+from ops.geo.footprints import FootprintStats, iter_building_batches, write_buildings_geoparquet
+from ops.geo.grid import DEFAULT_CELL_SIZE_M
+from ops.geo.reproject import to_wgs84_wkb
 from resources.imagery import FootprintSource
 from resources.object_store import LocalObjectStore
 from resources.warehouse import WAREHOUSE_POOL, Warehouse

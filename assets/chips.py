@@ -14,9 +14,13 @@ from assets.errors import IO_RETRY, bad_input_fails_fast
 from assets.metadata import counts_table
 from assets.mosaic import load_mosaic_info, ortho_mosaic
 from assets.partitions import departements_partitions
-from ops.chips import STATUSES, CellResult, ChipSpec, crop_partition, list_shards, shard_paths
-from ops.departements import check_departement
-from ops.prefetch import Prefetcher, is_remote
+from ops.crop.partition import crop_partition
+from ops.crop.prefetch import Prefetcher
+from ops.crop.spec import ChipSpec
+from ops.crop.units import CellResult
+from ops.geo.departements import check_departement
+from ops.imagery.remote import is_remote
+from ops.shards import STATUSES, list_shards, shard_paths
 from resources.imagery import OrthoImagery
 from resources.object_store import LocalObjectStore
 

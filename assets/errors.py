@@ -13,11 +13,11 @@ from contextlib import contextmanager
 
 from dagster import Backoff, Failure, RetryPolicy
 
-from ops.crs import UnrecognisedCRSError
-from ops.departements import UnknownDepartementError
-from ops.footprints import FootprintError
-from ops.model import ModelMismatchError
-from ops.mosaic import MosaicError
+from ops.geo.crs import UnrecognisedCRSError
+from ops.geo.departements import UnknownDepartementError
+from ops.geo.footprints import FootprintError
+from ops.imagery.mosaic import MosaicError
+from ops.ml.card import ModelMismatchError
 from resources.imagery import MissingInputError
 from resources.model_store import ModelNotFoundError
 

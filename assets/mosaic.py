@@ -4,8 +4,8 @@ from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, ass
 
 from assets.errors import IO_RETRY, bad_input_fails_fast
 from assets.partitions import departements_partitions
-from ops.departements import check_departement, native_epsg
-from ops.mosaic import MosaicInfo, build_mosaic
+from ops.geo.departements import check_departement, native_epsg
+from ops.imagery.mosaic import MosaicInfo, build_mosaic
 from resources.imagery import OrthoImagery
 from resources.object_store import LocalObjectStore
 

@@ -6,6 +6,6 @@ It lives with the assets (which need it at definition time) rather than in
 
 from dagster import StaticPartitionsDefinition
 
-from ops.departements import DEPARTEMENTS
+from ops.geo.departements import DEPARTEMENTS
 
 departements_partitions = StaticPartitionsDefinition(list(DEPARTEMENTS))

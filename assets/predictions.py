@@ -29,11 +29,11 @@ from assets.metadata import counts_table, points_map
 from assets.partitions import departements_partitions
 from assets.roof_model import MODEL_NAME, roof_model
 from assets.solar_model import SOLAR_MODEL_NAME, solar_model
-from ops.chips import STATUSES, list_shards, open_chips, shard_paths
-from ops.departements import check_departement
-from ops.footprints import split_by_cell
-from ops.geo import to_wgs84_wkb
-from ops.inference import (
+from ops.geo.departements import check_departement
+from ops.geo.footprints import split_by_cell
+from ops.geo.reproject import to_wgs84_wkb
+from ops.ml.card import ModelMismatchError, check_outputs
+from ops.ml.inference import (
     BatchRunner,
     ModelRun,
     forward_fn,
@@ -42,7 +42,7 @@ from ops.inference import (
     reuse_freed_memory,
     tune_batch_size,
 )
-from ops.model import ModelMismatchError, check_outputs
+from ops.shards import STATUSES, list_shards, open_chips, shard_paths
 from resources.model_store import ModelStore
 from resources.object_store import LocalObjectStore
 from resources.warehouse import WAREHOUSE_POOL, Warehouse

@@ -13,7 +13,7 @@ from dagster import AssetExecutionContext, MaterializeResult, asset
 
 from assets.chips import chips
 from assets.training_sets import ModelTrainingConfig, describe, gather, ok_chips, save_and_report
-from ops.training import train_classifier
+from ops.ml.training import train_classifier
 from resources.imagery import FootprintSource
 from resources.model_store import ModelStore
 from resources.object_store import LocalObjectStore

@@ -14,8 +14,8 @@ from pydantic import Field
 
 from assets.chips import chips
 from assets.training_sets import ModelTrainingConfig, describe, gather, ok_chips, save_and_report
-from ops.training import train_segmenter
-from ops.vectorize import rasterize_masks
+from ops.ml.training import train_segmenter
+from ops.ml.vectorize import rasterize_masks
 from resources.imagery import FootprintSource
 from resources.model_store import ModelStore
 from resources.object_store import LocalObjectStore

@@ -16,8 +16,8 @@ from pydantic import Field
 
 from assets.chips import chips_prefix
 from assets.metadata import confusion_figure, confusion_markdown, png_markdown
-from ops.chips import list_shards, open_chips, read_index
-from ops.training import TrainConfig, TrainResult
+from ops.ml.training import TrainConfig, TrainResult
+from ops.shards import list_shards, open_chips, read_index
 from resources.model_store import ModelStore
 from resources.object_store import LocalObjectStore
 

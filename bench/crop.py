@@ -9,9 +9,9 @@ Same files, same run:
   ``--baseline-buildings`` buildings (default 20,000) to keep the run short; chips/s is
   what is compared. rio-tiler's is *the* baseline (``ratio_vs_baseline``); the plain read is reported beside it.
 - **decode floor**: decompress once every raster block that the chips touch, with the fastest
-  decoder we have (``ops.blocks.BlockReader``: libdeflate on these tiles, about 7 % faster per
+  decoder we have (``ops.imagery.blocks.BlockReader``: libdeflate on these tiles, about 7 % faster per
   block than a GDAL windowed read), so the floor is not one our own crop could beat.
-- **ours**: the real `chips` code path (``ops.chips.crop_partition``), writing shards, with 1
+- **ours**: the real `chips` code path (``ops.crop.partition.crop_partition``), writing shards, with 1
   and 2 worker processes.
 - **memory**: peak RSS of the crop (1 worker, in a fresh process) for N and 2N buildings.
 Every contender runs in a fresh process (as the `chips` step does in production: a Dagster step
@@ -40,10 +40,13 @@ import rasterio
 from rasterio.enums import Resampling
 from rasterio.windows import Window
 
-from ops.blocks import BlockReader
-from ops.chips import ChipSpec, TileSet, _intersects_any, chip_windows, crop_partition, write_shard
-from ops.footprints import iter_building_batches, write_buildings_geoparquet
-from ops.mosaic import MosaicInfo, build_mosaic, find_tiles
+from ops.crop.partition import crop_partition
+from ops.crop.spec import ChipSpec, chip_windows, intersects_any
+from ops.crop.tiles import TileSet
+from ops.crop.writer import write_shard
+from ops.geo.footprints import iter_building_batches, write_buildings_geoparquet
+from ops.imagery.blocks import BlockReader
+from ops.imagery.mosaic import MosaicInfo, build_mosaic, find_tiles
 from ops.synth import generate_departement
 
 DEP = "33"
@@ -87,7 +90,7 @@ def windows_in_source_order(parquet: Path, info: MosaicInfo) -> np.ndarray:
     b = shapely.bounds(geoms)
     ok = np.isfinite(b).all(axis=1) & np.isin(status, ("ok", "repaired"))
     w = chip_windows(b[ok], SPEC, info.resolution, (info.bounds[0], info.bounds[3]))
-    return w[_intersects_any(w, info.tile_bounds_array())]
+    return w[intersects_any(w, info.tile_bounds_array())]
 
 
 def _write_chunks(chips: list[np.ndarray], folder: Path, k: int) -> None:

@@ -60,7 +60,7 @@ def prepare(out: Path, n: int, tile_px: int) -> tuple[dict, Path]:
 
 
 def all_chips(folder: Path) -> np.ndarray:
-    from ops.chips import list_shards, open_chips
+    from ops.shards import list_shards, open_chips
 
     return np.concatenate([np.asarray(open_chips(folder, s)) for s in list_shards(folder)])
 
@@ -72,7 +72,7 @@ def forward_only(
 
     With the same allocator setting as the step (freed blocks kept for reuse): the model at its best.
     """
-    from ops.inference import forward_fn, reuse_freed_memory, tune_batch_size
+    from ops.ml.inference import forward_fn, reuse_freed_memory, tune_batch_size
 
     reuse_freed_memory()
     fwd = forward_fn(model, device)
@@ -91,7 +91,7 @@ def forward_only(
 
 def naive(model, card, folder: Path, out_db: Path, limit: int, device: torch.device) -> float:
     """Per chip: read, forward at batch 1, append a row; rows written to the warehouse at the end."""
-    from ops.chips import list_shards, open_chips, read_index
+    from ops.shards import list_shards, open_chips, read_index
 
     rows, n, t0 = [], 0, time.perf_counter()
     for shard in list_shards(folder):

@@ -29,10 +29,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from bench.crop import DEP, SPEC
-from ops.chips import crop_partition
-from ops.footprints import iter_building_batches, write_buildings_geoparquet
-from ops.mosaic import MosaicInfo, build_mosaic
-from ops.prefetch import HttpRangeReader, Prefetcher
+from ops.crop.partition import crop_partition
+from ops.crop.prefetch import Prefetcher
+from ops.geo.footprints import iter_building_batches, write_buildings_geoparquet
+from ops.imagery.mosaic import MosaicInfo, build_mosaic
+from ops.imagery.remote import HttpRangeReader
 from ops.synth import generate_departement
 
 

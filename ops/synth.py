@@ -86,7 +86,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from ops.departements import DEPARTEMENTS, check_departement, native_epsg
+from ops.geo.departements import DEPARTEMENTS, check_departement, native_epsg
 
 ROOF_CLASSES: tuple[str, ...] = ("flat", "gable", "hip")
 COUNT_KEYS: tuple[str, ...] = (

@@ -2,7 +2,7 @@
 
 from dagster import RunRequest, ScheduleEvaluationContext, schedule
 
-from ops.departements import DEPARTEMENTS
+from ops.geo.departements import DEPARTEMENTS
 from orchestration.jobs import enrich_job
 
 

@@ -10,7 +10,7 @@ import json
 
 from dagster import RunRequest, SensorEvaluationContext, SkipReason, sensor
 
-from ops.departements import DEPARTEMENTS
+from ops.geo.departements import DEPARTEMENTS
 from orchestration.jobs import enrich_job
 from resources.imagery import OrthoImagery
 

@@ -30,7 +30,7 @@ from google.api_core.retry import if_transient_error
 from google.cloud import storage
 from pydantic import Field, PrivateAttr
 
-from ops.prefetch import FetchError, TransientFetchError
+from ops.imagery.remote import FetchError, TransientFetchError
 from resources.gcp import client_options, credentials_for
 from resources.object_store import LocalObjectStore
 

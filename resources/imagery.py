@@ -21,8 +21,8 @@ from pathlib import Path
 from dagster import ConfigurableResource
 from pydantic import Field
 
-from ops.mosaic import TILE_SUFFIXES, find_tiles, tiles_digest
-from ops.prefetch import ByPrefixReader, HttpRangeReader, RangeReader
+from ops.imagery.mosaic import TILE_SUFFIXES, find_tiles, tiles_digest
+from ops.imagery.remote import ByPrefixReader, HttpRangeReader, RangeReader
 from resources.gcs import GcsRangeReader, download_prefix, gcs_client, split_gs_uri
 
 ENDPOINT_HELP = "Cloud Storage API endpoint for gs:// roots; None = Google's. http:// = an emulator (tests)"

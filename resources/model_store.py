@@ -20,7 +20,7 @@ from dagster import ConfigurableResource
 from pydantic import Field
 from torch import nn
 
-from ops.model import ModelCard, load_model, save_model
+from ops.ml.card import ModelCard, load_model, save_model
 from resources.object_store import LocalObjectStore
 
 MODELS_PREFIX = "models"

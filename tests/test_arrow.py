@@ -1,4 +1,4 @@
-"""Arrow arrays built from buffers (ops.arrow) are the arrays pyarrow's own converters build."""
+"""Arrow arrays built from buffers (ops.crop.arrow) are the arrays pyarrow's own converters build."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from ops import arrow
+from ops.crop import arrow
 
 
 def test_strings_with_nulls_and_non_ascii_text():
@@ -44,7 +44,7 @@ def test_building_arrays_imports_no_pandas():
     """The point of the module: pyarrow's converters import pandas (0.2-0.3 s in every crop process)."""
     code = (
         "import sys, numpy as np, pyarrow as pa\n"
-        "from ops import arrow\n"
+        "from ops.crop import arrow\n"
         "arrow.strings(['a', None])\n"
         "arrow.to_numpy(arrow.numbers(np.array([1.0, np.nan]), pa.float64(), nan_is_null=True), 'float64')\n"
         "print('pandas' in sys.modules)\n"

@@ -16,7 +16,7 @@ import rasterio
 from rasterio.transform import from_origin
 from rasterio.windows import Window
 
-from ops.blocks import BlockReader
+from ops.imagery.blocks import BlockReader
 from tests.conftest import IGN_ORTHO, SPACENET_TIF
 
 

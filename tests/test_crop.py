@@ -15,10 +15,12 @@ from rasterio.transform import from_origin
 from rasterio.windows import Window
 from shapely.geometry import box
 
-from ops.blocks import block_range
-from ops.chips import ChipSpec, crop_partition, list_shards, open_chips, read_index, shard_paths
-from ops.footprints import iter_building_batches, write_buildings_geoparquet
-from ops.mosaic import build_mosaic, find_tiles
+from ops.crop.partition import crop_partition
+from ops.crop.spec import ChipSpec
+from ops.geo.footprints import iter_building_batches, write_buildings_geoparquet
+from ops.imagery.blocks import block_range
+from ops.imagery.mosaic import build_mosaic, find_tiles
+from ops.shards import list_shards, open_chips, read_index, shard_paths
 
 RES = 0.2
 X0, Y0 = 700_000.0, 6_600_400.0  # upper-left corner of the test raster
@@ -149,7 +151,9 @@ def test_a_shard_that_cannot_be_written_fails_the_crop_naming_it(scene, workers)
 
 def test_parts_of_a_big_cell_decode_their_shared_blocks_once(scene):
     """Cut into parts north to south, a cell decodes each block once, and cuts the chips it cuts whole."""
-    from ops.chips import TileSet, cell_tasks, crop_cell
+    from ops.crop.cut import crop_cell
+    from ops.crop.tiles import TileSet
+    from ops.crop.units import cell_tasks
 
     info = build_mosaic(find_tiles(scene / "tiles"), scene / "parts.vrt", name="parts")
     whole, parts = TileSet(info), TileSet(info)
@@ -199,7 +203,7 @@ def test_work_units_are_the_same_from_the_bbox_column_or_from_the_geometries(sce
     """Buildings files written before the GeoParquet covering column still crop the same."""
     import pyarrow.parquet as pq
 
-    from ops.chips import cell_tasks
+    from ops.crop.units import cell_tasks
 
     old = tmp_path / "no_bbox.parquet"
     pq.write_table(pq.read_table(scene / "b.parquet").drop_columns(["bbox"]), old)

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 from shapely.geometry import MultiPolygon, Polygon, box
 
-from ops.footprints import FootprintError, FootprintStats, iter_building_batches, write_buildings_geoparquet
+from ops.geo.footprints import FootprintError, FootprintStats, iter_building_batches, write_buildings_geoparquet
 from tests.conftest import OLEMPS, SPACENET_LABELS
 
 

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from ops.inference import BatchRunner, forward_fn, prefetch, tune_batch_size
-from ops.model import ModelCard, ModelMismatchError, PanelNet, RoofNet, check_outputs, load_model, save_model
+from ops.ml.card import ModelCard, ModelMismatchError, check_outputs, load_model, save_model
+from ops.ml.inference import BatchRunner, forward_fn, prefetch, tune_batch_size
+from ops.ml.nets import PanelNet, RoofNet
 
 
 def test_prefetch_yields_in_order_while_loading_ahead():

@@ -7,12 +7,15 @@ import pandas as pd
 import pytest
 import torch
 
-from ops.chips import ChipSpec, crop_partition, list_shards, open_chips, read_index
-from ops.footprints import iter_building_batches, write_buildings_geoparquet
-from ops.inference import BatchRunner, forward_fn
-from ops.model import ModelCard, ModelMismatchError, RoofNet, load_model, save_model
-from ops.mosaic import build_mosaic, find_tiles
-from ops.training import TrainConfig, train_classifier
+from ops.crop.partition import crop_partition
+from ops.crop.spec import ChipSpec
+from ops.geo.footprints import iter_building_batches, write_buildings_geoparquet
+from ops.imagery.mosaic import build_mosaic, find_tiles
+from ops.ml.card import ModelCard, ModelMismatchError, load_model, save_model
+from ops.ml.inference import BatchRunner, forward_fn
+from ops.ml.nets import RoofNet
+from ops.ml.training import TrainConfig, train_classifier
+from ops.shards import list_shards, open_chips, read_index
 
 CLASSES = ["flat", "gable", "hip"]
 

@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 
-from ops.npystream import ALIGN, NpyWriter
+from ops.crop.npystream import ALIGN, NpyWriter
 
 
 def _np_save_bytes(arr: np.ndarray) -> bytes:

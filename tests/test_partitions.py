@@ -2,7 +2,7 @@
 
 import pytest
 
-from ops.departements import DEPARTEMENTS, UnknownDepartementError, check_departement, native_epsg
+from ops.geo.departements import DEPARTEMENTS, UnknownDepartementError, check_departement, native_epsg
 from orchestration.partitions import departements_partitions
 
 

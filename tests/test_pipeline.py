@@ -237,7 +237,8 @@ def test_a_model_that_cannot_read_the_chips_fails_before_writing(materialized):
     """A 48 px model made current: predictions fails naming model and shard; the table is untouched."""
     import torch
 
-    from ops.model import ModelCard, RoofNet
+    from ops.ml.card import ModelCard
+    from ops.ml.nets import RoofNet
 
     resources, data, _, _ = materialized
     store = resources["models"]

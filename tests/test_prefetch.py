@@ -17,10 +17,16 @@ import rasterio
 from dagster import DagsterInstance, materialize
 from shapely.geometry import box
 
-from ops.chips import ChipSpec, TileSet, cell_tasks, crop_cell, crop_partition, list_shards, open_chips, read_index
-from ops.footprints import iter_building_batches, write_buildings_geoparquet
-from ops.mosaic import build_mosaic, find_tiles
-from ops.prefetch import FetchError, HttpRangeReader, Prefetcher, RetryPolicy, read_layout
+from ops.crop.cut import crop_cell
+from ops.crop.partition import crop_partition
+from ops.crop.prefetch import Prefetcher
+from ops.crop.spec import ChipSpec
+from ops.crop.tiles import TileSet
+from ops.crop.units import cell_tasks
+from ops.geo.footprints import iter_building_batches, write_buildings_geoparquet
+from ops.imagery.mosaic import build_mosaic, find_tiles
+from ops.imagery.remote import FetchError, HttpRangeReader, RetryPolicy, read_layout
+from ops.shards import list_shards, open_chips, read_index
 from tests.conftest import IGN_ORTHO, SPACENET_LABELS, SPACENET_TIF
 from tests.standins.range_server import range_server
 

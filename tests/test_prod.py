@@ -253,8 +253,10 @@ def test_artefacts_and_model_live_in_the_bucket(materialized):
 
 def test_gs_tiles_are_prefetched_and_give_the_chips_of_a_local_crop(materialized, tmp_path):
     """The chips step fetched the blocks from the bucket (Cloud Storage API, ranges) and cut what a local crop cuts."""
-    from ops.chips import ChipSpec, crop_partition, list_shards, open_chips, read_index
-    from ops.mosaic import build_mosaic, find_tiles
+    from ops.crop.partition import crop_partition
+    from ops.crop.spec import ChipSpec
+    from ops.imagery.mosaic import build_mosaic, find_tiles
+    from ops.shards import list_shards, open_chips, read_index
 
     _, gcs, dep, md = materialized
     assert md["prefetch"] == "on" and md["prefetch_blocks"] > 0 and md["prefetch_requests"] > 0

@@ -10,10 +10,12 @@ import pytest
 import rasterio
 from rasterio.windows import Window
 
-from ops.chips import ChipSpec, crop_partition, list_shards, open_chips, read_index
-from ops.crs import recognise_epsg
-from ops.footprints import FootprintStats, iter_building_batches, write_buildings_geoparquet
-from ops.mosaic import MosaicError, build_mosaic
+from ops.crop.partition import crop_partition
+from ops.crop.spec import ChipSpec
+from ops.geo.crs import recognise_epsg
+from ops.geo.footprints import FootprintStats, iter_building_batches, write_buildings_geoparquet
+from ops.imagery.mosaic import MosaicError, build_mosaic
+from ops.shards import list_shards, open_chips, read_index
 from tests.conftest import IGN_ORTHO, OLEMPS, SPACENET_LABELS, SPACENET_TIF
 
 

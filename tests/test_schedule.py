@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from ops.schedule import Schedule, part_number
+from ops.crop.lanes import Schedule, part_number
 
 
 @dataclass

@@ -6,7 +6,7 @@ import numpy as np
 import pyogrio
 import shapely
 
-from ops.vectorize import chip_transform, polygons_from_probability, rasterize_masks
+from ops.ml.vectorize import chip_transform, polygons_from_probability, rasterize_masks
 
 WINDOW = (660_000.0, 6_360_000.0, 660_019.2, 6_360_019.2)  # 19.2 m square: 0.3 m per pixel at 64 px
 

@@ -8,7 +8,7 @@ from GDAL's own block table, libdeflate inflates it, and the predictor is
 undone with one vectorised cumulative sum. That skips GDAL's block cache (a
 second copy of every block) and its pixel-to-band deinterleaving, and leaves
 the block pixel-interleaved, which is the layout torch's fastest uint8
-resampling kernel wants (see ``ops.resample``). Measured on the crop
+resampling kernel wants (see ``ops.imagery.resample``). Measured on the crop
 benchmark's tiles: about 7 % less time per block than a GDAL windowed read,
 before the resampling gain.
 

@@ -2,7 +2,7 @@
 
 Classification: the argmax class, its probability, every class's probability.
 Segmentation: the pixels of each non-background class are vectorised into
-polygons clipped to the building (:mod:`ops.vectorize`); the label is the class
+polygons clipped to the building (:mod:`ops.ml.vectorize`); the label is the class
 of the largest polygon (the first class, "none", when there is none), the
 score the mean probability of that class over the largest polygon, and the
 probabilities per class the highest pixel probability over the building
@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import shapely
 
-from ops.model import ModelCard
-from ops.vectorize import polygons_from_probability
+from ops.ml.card import ModelCard
+from ops.ml.vectorize import polygons_from_probability
 
 
 @dataclass

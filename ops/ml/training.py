@@ -16,8 +16,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ops.inference import reuse_freed_memory
-from ops.model import ModelCard, PanelNet, RoofNet
+from ops.ml.card import ModelCard
+from ops.ml.inference import reuse_freed_memory
+from ops.ml.nets import PanelNet, RoofNet
 
 
 @dataclass

@@ -25,7 +25,7 @@ import rasterio
 from pyproj import CRS
 from rasterio.enums import Resampling
 
-from ops.crs import recognise_epsg
+from ops.geo.crs import recognise_epsg
 
 TILE_SUFFIXES = (".tif", ".tiff", ".jp2", ".vrt")
 _GDAL_TYPES = {"uint8": "Byte", "uint16": "UInt16", "int16": "Int16", "float32": "Float32"}

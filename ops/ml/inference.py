@@ -24,9 +24,9 @@ import pyarrow as pa
 import torch
 from torch import nn
 
-from ops.chips import open_chips, read_index, shard_meta, shard_paths
-from ops.model import ModelCard
-from ops.postprocess import Columns, classification_columns, segmentation_columns
+from ops.ml.card import ModelCard
+from ops.ml.postprocess import Columns, classification_columns, segmentation_columns
+from ops.shards import open_chips, read_index, shard_meta, shard_paths
 
 T = TypeVar("T")
 U = TypeVar("U")

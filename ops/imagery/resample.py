@@ -7,7 +7,7 @@ windows, against 5-10k in float32), and chips of one window size are resized
 as one batch rather than one call each. Its fastest form takes pixels with
 their bands last (torch's ``channels_last``: 17-29 µs a chip against 22-48 µs
 for planar input, 80-160 px windows), which is how blocks are decoded
-(``ops.blocks``); the output is made planar, the shard's layout, only at the
+(``ops.imagery.blocks``); the output is made planar, the shard's layout, only at the
 model's size.
 """
 

@@ -28,8 +28,8 @@ import pyogrio
 import shapely
 from pyproj import CRS, Transformer
 
-from ops.crs import recognise_epsg
-from ops.grid import DEFAULT_CELL_SIZE_M, NO_CELL, cell_ids
+from ops.geo.crs import recognise_epsg
+from ops.geo.grid import DEFAULT_CELL_SIZE_M, NO_CELL, cell_ids
 
 ID_CANDIDATES = ("cleabs", "id", "osm_id", "building_id", "fid")
 HEIGHT_CANDIDATES = ("hauteur", "height", "height_m")

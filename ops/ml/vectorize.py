@@ -5,7 +5,7 @@ CRS, stored in the chips index) resampled to S×S pixels, so its affine
 transform is known exactly: that is all that is needed to turn a predicted
 mask into georeferenced polygons, and ground-truth polygons into training
 masks. Everything here works in the native CRS; reprojection to WGS84 happens
-once, when rows are written (:func:`ops.geo.to_wgs84_wkb`).
+once, when rows are written (:func:`ops.geo.reproject.to_wgs84_wkb`).
 """
 
 from __future__ import annotations

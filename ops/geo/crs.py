@@ -15,7 +15,7 @@ import math
 
 from pyproj import CRS
 
-from ops.departements import NATIVE_CRS_EPSG
+from ops.geo.departements import NATIVE_CRS_EPSG
 
 
 class UnrecognisedCRSError(ValueError):

@@ -1,0 +1,162 @@
+"""The crop's block cache: a mosaic's tiles read block by block, each block decoded once per unit of work."""
+
+from __future__ import annotations
+
+import heapq
+
+import numpy as np
+
+from ops.crop.lanes import part_number
+from ops.crop.units import CellTask
+from ops.imagery.blocks import BlockReader
+from ops.imagery.mosaic import MosaicInfo
+
+
+class TileSet:
+    """The mosaic's source tiles, read block by block with each block decoded once.
+
+    Buildings are processed in the order of their window's top row; a block
+    is decoded the first time a window needs it and dropped once the sweep
+    has passed below it, so memory holds about one band of blocks, and no
+    block is decompressed twice within a unit of work. Blocks are read from
+    the tiles themselves (not through the VRT) by :class:`ops.imagery.blocks.BlockReader`,
+    bands last; GDAL's own block cache is kept small since it would only
+    duplicate ours.
+    """
+
+    def __init__(self, info: MosaicInfo) -> None:
+        self.info = info
+        res, left, top = info.resolution, info.bounds[0], info.bounds[3]
+        t = info.tiles
+        self.col0 = np.array([round((x.bounds[0] - left) / res) for x in t], dtype=np.int64)
+        self.row0 = np.array([round((top - x.bounds[3]) / res) for x in t], dtype=np.int64)
+        self.width = np.array([x.width for x in t], dtype=np.int64)
+        self.height = np.array([x.height for x in t], dtype=np.int64)
+        self.block = [(int(x.block[0]), int(x.block[1])) for x in t]
+        self.paths = [x.path for x in t]
+        self.decoded: list[tuple[int, int, int]] | None = None  # set to a list to record every block decoded
+        self.decodes = 0  # blocks decoded so far
+        self.last: tuple[str, int] | None = None  # (cell, part) cut last: its blocks are kept for the next part
+        self._readers: dict[int, BlockReader] = {}
+        self._cache: dict[tuple[int, int, int], np.ndarray] = {}
+        self._bottoms: list[tuple[int, tuple[int, int, int]]] = []  # heap of (last row + 1, block key)
+
+    def _reader(self, i: int) -> BlockReader:
+        r = self._readers.get(i)
+        if r is None:
+            r = self._readers[i] = BlockReader(self.paths[i])
+        return r
+
+    def use_paths(self, overrides: dict[int, str] | None) -> None:
+        """Read tile ``i`` from ``overrides[i]`` (a local copy), the others from the mosaic's own paths."""
+        for i, tile in enumerate(self.info.tiles):
+            path = (overrides or {}).get(i, tile.path)
+            if path != self.paths[i]:
+                r = self._readers.pop(i, None)
+                if r is not None:
+                    r.close()
+                self.paths[i] = path
+
+    def touching(self, cols: np.ndarray, rows: np.ndarray, npxs: np.ndarray) -> np.ndarray:
+        """(windows, tiles) bool: which tiles each square window (mosaic pixels) overlaps."""
+        return (
+            (self.col0[None] < (cols + npxs)[:, None])
+            & ((self.col0 + self.width)[None] > cols[:, None])
+            & (self.row0[None] < (rows + npxs)[:, None])
+            & ((self.row0 + self.height)[None] > rows[:, None])
+        )
+
+    def holding(self, cols: np.ndarray, rows: np.ndarray, npxs: np.ndarray) -> np.ndarray:
+        """(windows,) bool: whether one tile holds the whole window (no nodata fill needed)."""
+        return (
+            (self.col0[None] <= cols[:, None])
+            & ((self.col0 + self.width)[None] >= (cols + npxs)[:, None])
+            & (self.row0[None] <= rows[:, None])
+            & ((self.row0 + self.height)[None] >= (rows + npxs)[:, None])
+        ).any(axis=1)
+
+    def blocks(self, cols: np.ndarray, rows: np.ndarray, npxs: np.ndarray) -> dict[int, set[tuple[int, int]]]:
+        """{tile: {(block row, block col)}} of every block the windows touch.
+
+        The same clipping as :meth:`read`: the crop decodes exactly these blocks,
+        and a prefetch of remote imagery fetches exactly these (tested).
+        """
+        out: dict[int, set[tuple[int, int]]] = {}
+        for i in range(len(self.paths)):
+            bh, bw = self.block[i]
+            c0 = np.clip(cols - self.col0[i], 0, self.width[i])
+            c1 = np.clip(cols + npxs - self.col0[i], 0, self.width[i])
+            r0 = np.clip(rows - self.row0[i], 0, self.height[i])
+            r1 = np.clip(rows + npxs - self.row0[i], 0, self.height[i])
+            hit = (c1 > c0) & (r1 > r0)
+            if not hit.any():
+                continue
+            found = out.setdefault(i, set())
+            for a, b, c, d in zip(
+                (r0[hit] // bh).tolist(), ((r1[hit] - 1) // bh).tolist(),
+                (c0[hit] // bw).tolist(), ((c1[hit] - 1) // bw).tolist(), strict=True,
+            ):  # fmt: skip
+                found.update((br, bc) for br in range(a, b + 1) for bc in range(c, d + 1))
+        return out
+
+    def _block(self, i: int, br: int, bc: int) -> np.ndarray:
+        key = (i, br, bc)
+        blk = self._cache.get(key)
+        if blk is None:
+            blk = self._reader(i).read(br, bc)
+            self.decodes += 1
+            if self.decoded is not None:
+                self.decoded.append(key)
+            self._cache[key] = blk
+            heapq.heappush(self._bottoms, (int(self.row0[i]) + br * self.block[i][0] + blk.shape[0], key))
+        return blk
+
+    def continues(self, task: CellTask) -> bool:
+        """Whether ``task`` is the next part (north to south) of the cell cut last, whose blocks it can reuse.
+
+        Parts of a big cell share the band of blocks along their seam; keeping
+        the cache from one part to the next decodes those blocks once.
+        """
+        # part 0 (a whole cell, or a first part) follows nothing
+        return self.last == (task.cell_id, part_number(task) - 1)
+
+    def evict_above(self, row: int) -> None:
+        """Forget blocks that end above mosaic row ``row`` (the sweep has passed them)."""
+        heap = self._bottoms
+        while heap and heap[0][0] <= row:
+            self._cache.pop(heapq.heappop(heap)[1], None)
+
+    def clear(self) -> None:
+        self._cache.clear()
+        self._bottoms.clear()
+
+    def read(self, col: int, row: int, npx: int, out: np.ndarray, hit: list[int]) -> None:
+        """Fill ``out`` (npx, npx, bands), pre-filled with nodata, with the mosaic's pixels.
+
+        ``hit``: indices of the tiles the window touches (see :meth:`touching`).
+        """
+        for i in hit:
+            tc0, tr0 = int(self.col0[i]), int(self.row0[i])
+            # the window in the tile's pixel coordinates, clipped to the tile
+            c0, r0 = max(col - tc0, 0), max(row - tr0, 0)
+            c1, r1 = min(col + npx - tc0, int(self.width[i])), min(row + npx - tr0, int(self.height[i]))
+            bh, bw = self.block[i]
+            cache = self._cache
+            for br in range(r0 // bh, (r1 - 1) // bh + 1):
+                for bc in range(c0 // bw, (c1 - 1) // bw + 1):
+                    blk = cache.get((i, br, bc))
+                    if blk is None:
+                        blk = self._block(i, br, bc)
+                    # intersection of the block and the window, in tile pixels
+                    y0, y1 = max(r0, br * bh), min(r1, br * bh + blk.shape[0])
+                    x0, x1 = max(c0, bc * bw), min(c1, bc * bw + blk.shape[1])
+                    out[y0 + tr0 - row : y1 + tr0 - row, x0 + tc0 - col : x1 + tc0 - col] = blk[
+                        y0 - br * bh : y1 - br * bh, x0 - bc * bw : x1 - bc * bw
+                    ]
+
+    def close(self) -> None:
+        for r in self._readers.values():
+            r.close()
+        self._readers.clear()
+        self.clear()
+        self.use_paths(None)
