@@ -2,7 +2,6 @@
 
 import time
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 from dagster import AssetExecutionContext, Config, MaterializeResult, MetadataValue, asset
 from pydantic import Field
@@ -13,9 +12,10 @@ from assets.partitions import departements_partitions
 from ops.geo.departements import check_departement, native_epsg
 from ops.geo.footprints import FootprintStats, iter_building_batches, write_buildings_geoparquet
 from ops.geo.grid import DEFAULT_CELL_SIZE_M
-from ops.geo.reproject import to_wgs84_wkb
+from ops.geo.reproject import wgs84_batches
+from resources import keys
 from resources.imagery import FootprintSource
-from resources.object_store import LocalObjectStore
+from resources.object_store import ObjectStore
 from resources.warehouse import WAREHOUSE_POOL, Warehouse
 
 
@@ -23,18 +23,6 @@ class BuildingsConfig(Config):
     layer: str | None = Field(default=None, description="Layer to read (default: the file's first layer)")
     id_column: str | None = Field(default=None, description="Id column (default: cleabs, ID, osm_id, ... found first)")
     cell_size_m: float = Field(default=DEFAULT_CELL_SIZE_M, description="Side of the work grid's cells, metres")
-
-
-def buildings_key(dep: str) -> str:
-    return f"buildings/{dep}/buildings.parquet"
-
-
-def wgs84_batches(path, epsg: int, batch_size: int = 50_000):
-    """The GeoParquet's batches with geometry reprojected to WGS84 for the warehouse."""
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size):
-        geom = to_wgs84_wkb(batch.column("geometry").to_numpy(zero_copy_only=False), epsg)
-        i = batch.schema.get_field_index("geometry")
-        yield batch.set_column(i, "geometry", pa.array(geom, pa.binary()))
 
 
 @asset(
@@ -50,7 +38,7 @@ def buildings(
     context: AssetExecutionContext,
     config: BuildingsConfig,
     footprints: FootprintSource,
-    store: LocalObjectStore,
+    store: ObjectStore,
     warehouse: Warehouse,
 ) -> MaterializeResult:
     with bad_input_fails_fast():
@@ -60,7 +48,7 @@ def buildings(
         context.log.info(f"partition {dep}: reading {src} into EPSG:{epsg}")
         t0 = time.perf_counter()
         stats = FootprintStats()
-        out = store.path(buildings_key(dep))
+        out = store.path(keys.buildings(dep))
         batches = iter_building_batches(
             src, dep, epsg, layer=config.layer, id_column=config.id_column, cell_size_m=config.cell_size_m, stats=stats
         )

@@ -1,7 +1,6 @@
 """`chips`: one fixed-size image chip per building, stored as per-cell shards."""
 
 import contextlib
-import hashlib
 import time
 from pathlib import Path
 from typing import Literal
@@ -9,20 +8,22 @@ from typing import Literal
 from dagster import AssetExecutionContext, Config, MaterializeResult, MetadataValue, asset
 from pydantic import Field
 
-from assets.buildings import buildings, buildings_key
+from assets.buildings import buildings
 from assets.errors import IO_RETRY, bad_input_fails_fast
 from assets.metadata import counts_table
-from assets.mosaic import load_mosaic_info, ortho_mosaic
+from assets.mosaic import ortho_mosaic
 from assets.partitions import departements_partitions
 from ops.crop.partition import crop_partition
 from ops.crop.prefetch import Prefetcher
-from ops.crop.spec import ChipSpec
+from ops.crop.spec import CROP_VERSION, ChipSpec, file_digest
 from ops.crop.units import CellResult
 from ops.geo.departements import check_departement
+from ops.imagery.mosaic import MosaicInfo
 from ops.imagery.remote import is_remote
 from ops.shards import STATUSES, list_shards, shard_paths
+from resources import keys
 from resources.imagery import OrthoImagery
-from resources.object_store import LocalObjectStore
+from resources.object_store import ObjectStore
 
 
 class ChipsConfig(Config):
@@ -44,36 +45,25 @@ class ChipsConfig(Config):
     )
 
 
-def chips_prefix(dep: str) -> str:
-    return f"chips/{dep}"
-
-
-def file_fingerprint(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
-
-
 @asset(
     partitions_def=departements_partitions,
     deps=[buildings, ortho_mosaic],
     group_name="imagery",
     kinds={"numpy"},
-    code_version="1",
+    # the crop's own version: a new one marks the asset stale in the UI, as it makes stored shards be recut
+    code_version=f"crop-{CROP_VERSION}",
     retry_policy=IO_RETRY,
     description="Image chips cut around every building from the mosaic, one shard per grid cell.",
 )
 def chips(
-    context: AssetExecutionContext, config: ChipsConfig, store: LocalObjectStore, imagery: OrthoImagery
+    context: AssetExecutionContext, config: ChipsConfig, store: ObjectStore, imagery: OrthoImagery
 ) -> MaterializeResult:
     with bad_input_fails_fast():
         dep = check_departement(context.partition_key)
         spec = ChipSpec(config.size, config.margin_m, config.margin_ratio, config.min_valid_fraction)
-        info = load_mosaic_info(store, dep)
-        bpath = store.path(buildings_key(dep))
-        out = store.folder(chips_prefix(dep))
+        info = MosaicInfo.from_json(store.path(keys.mosaic_info(dep)).read_text())
+        bpath = store.path(keys.buildings(dep))
+        out = store.folder(keys.chips(dep))
         t0 = time.perf_counter()
         totals = dict.fromkeys(STATUSES, 0)
         done_chips = {"n": 0, "reused": 0, "blocks": 0}
@@ -112,7 +102,7 @@ def chips(
                 info,
                 out,
                 spec,
-                buildings_fingerprint=file_fingerprint(bpath),
+                buildings_fingerprint=file_digest(bpath),
                 workers=config.workers,
                 resume=config.resume,
                 progress=progress,

@@ -26,11 +26,6 @@ DBT_DIR = Path(__file__).resolve().parent.parent / "dbt"
 dbt_project = DbtProject(project_dir=DBT_DIR, profiles_dir=DBT_DIR)
 
 
-def dbt_env(warehouse_path: str) -> dict[str, str]:
-    """Environment dbt's `local` target needs: where the DuckDB file is, and the spatial extension file."""
-    return DuckDBWarehouse(path=warehouse_path).dbt_env()
-
-
 def ensure_manifest(project_dir: Path = DBT_DIR) -> Path:
     """Parse the dbt project if its manifest is missing or older than its sources.
 
@@ -57,7 +52,10 @@ def _manifest_is_stale(project_dir: Path, manifest: Path) -> bool:
 
 
 def _parse_into(project_dir: Path, manifest: Path) -> None:
-    env = {**os.environ, **dbt_env(os.environ.get("BATIVISION_DUCKDB_PATH", "data/warehouse.duckdb"))}
+    env = {
+        **os.environ,
+        **DuckDBWarehouse(path=os.environ.get("BATIVISION_DUCKDB_PATH", "data/warehouse.duckdb")).dbt_env(),
+    }
     dbt = Path(sys.executable).parent / "dbt"
     with tempfile.TemporaryDirectory(dir=manifest.parent, prefix=".parse-") as scratch:
         args = [

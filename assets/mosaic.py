@@ -5,17 +5,10 @@ from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, ass
 from assets.errors import IO_RETRY, bad_input_fails_fast
 from assets.partitions import departements_partitions
 from ops.geo.departements import check_departement, native_epsg
-from ops.imagery.mosaic import MosaicInfo, build_mosaic
+from ops.imagery.mosaic import build_mosaic
+from resources import keys
 from resources.imagery import OrthoImagery
-from resources.object_store import LocalObjectStore
-
-
-def mosaic_keys(dep: str) -> tuple[str, str]:
-    return f"mosaic/{dep}/mosaic.vrt", f"mosaic/{dep}/mosaic.json"
-
-
-def load_mosaic_info(store: LocalObjectStore, dep: str) -> MosaicInfo:
-    return MosaicInfo.from_json(store.path(mosaic_keys(dep)[1]).read_text())
+from resources.object_store import ObjectStore
 
 
 @asset(
@@ -26,12 +19,12 @@ def load_mosaic_info(store: LocalObjectStore, dep: str) -> MosaicInfo:
     retry_policy=IO_RETRY,
     description="Virtual mosaic (VRT) over the département's orthophoto tiles, in its native CRS.",
 )
-def ortho_mosaic(context: AssetExecutionContext, imagery: OrthoImagery, store: LocalObjectStore) -> MaterializeResult:
+def ortho_mosaic(context: AssetExecutionContext, imagery: OrthoImagery, store: ObjectStore) -> MaterializeResult:
     with bad_input_fails_fast():
         dep = check_departement(context.partition_key)
         tiles = imagery.tiles(dep)
         context.log.info(f"partition {dep}: building a mosaic over {len(tiles)} tiles")
-        vrt_key, info_key = mosaic_keys(dep)
+        vrt_key, info_key = keys.mosaic_vrt(dep), keys.mosaic_info(dep)
         info = build_mosaic(tiles, store.path(vrt_key), name=f"ortho-{dep}", target_epsg=native_epsg(dep))
         store.path(info_key).write_text(info.to_json())
         w, h = info.bounds[2] - info.bounds[0], info.bounds[3] - info.bounds[1]

@@ -1,25 +1,24 @@
-"""What the two training assets share: their config, and gathering ground truth across départements.
+"""What the two training assets share: their config, which départements to train on, saving and reporting a model.
 
-Each model asset says where a département's ground truth is and how to turn
-it into arrays aligned with the chips; this module walks the départements,
-caps the sample deterministically and names what is missing.
+The compute (reading labels, aligning them with chips, gathering across
+départements) is ``ops.ml.datasets``; this module is the Dagster side: config,
+logs, the model store and the metadata a user wants to see.
 """
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 from dagster import AssetExecutionContext, Config, DataVersion, MaterializeResult
 from pydantic import Field
 
-from assets.chips import chips_prefix
 from assets.metadata import confusion_figure, confusion_markdown, png_markdown
+from ops.ml.datasets import gather
 from ops.ml.training import TrainConfig, TrainResult
-from ops.shards import list_shards, open_chips, read_index
+from resources import keys
 from resources.model_store import ModelStore
-from resources.object_store import LocalObjectStore
+from resources.object_store import ObjectStore
 
 
 class ModelTrainingConfig(Config):
@@ -43,53 +42,31 @@ class ModelTrainingConfig(Config):
         )
 
 
-def ok_chips(store: LocalObjectStore, dep: str) -> Iterator[tuple[str, pd.DataFrame, np.ndarray]]:
-    """Per shard of a partition: (shard id, index rows of the chips with status ok, the chip array)."""
-    folder = store.folder(chips_prefix(dep))
-    for cell in list_shards(folder):
-        idx = read_index(folder, cell).to_pandas()
-        idx = idx[idx["status"] == "ok"]
-        if not idx.empty:
-            yield cell, idx, open_chips(folder, cell)
-
-
-def gather(
+def training_arrays(
     context: AssetExecutionContext,
     config: ModelTrainingConfig,
-    store: LocalObjectStore,
+    store: ObjectStore,
     truth_of: Callable[[str], Path | None],
-    arrays_of: Callable[[str, Path], tuple[np.ndarray, ...]],
+    arrays_of: Callable[[Path, str, Path], tuple[np.ndarray, ...]],
     what: str,
 ) -> tuple[tuple[np.ndarray, ...], list[str]]:
-    """Concatenated training arrays (chips first, cell groups last) and the départements used.
+    """Training arrays over the configured départements (default: every cropped one with ``what``).
 
-    ``truth_of(dep)`` is the ground-truth file or None; ``arrays_of(dep, path)``
-    returns aligned arrays for that département. Départements named in the
-    config must have ground truth; by default every cropped one that has it is used.
+    ``arrays_of(chips folder, dep, ground truth)`` aligns one département's ground truth with its chips.
     """
-    chip_root = store.folder("chips")
+    chip_root = store.folder(keys.CHIPS_ROOT)
     deps = config.departements or sorted(p.name for p in chip_root.iterdir() if p.is_dir())
-    parts, used = [], []
-    for dep in deps:
-        path = truth_of(dep)
-        if path is None:
-            if config.departements:
-                raise FileNotFoundError(f"partition {dep}: no {what} for training")
-            continue
-        arrays = arrays_of(dep, path)
-        context.log.info(f"partition {dep}: {len(arrays[0]):,} chips with {what}")
-        if len(arrays[0]):
-            parts.append(arrays)
-            used.append(dep)
-    if not parts:
-        raise RuntimeError(
-            f"no chips with {what} under {chip_root} for {deps or 'any département'}: materialize chips first"
-        )
-    out = tuple(np.concatenate(col) for col in zip(*parts, strict=True))
-    if len(out[0]) > config.max_samples:
-        keep = np.sort(np.random.default_rng(config.seed).choice(len(out[0]), config.max_samples, replace=False))
-        out = tuple(a[keep] for a in out)
-    return out, used
+    return gather(
+        deps,
+        truth_of,
+        lambda dep, path: arrays_of(store.folder(keys.chips(dep)), dep, path),
+        what,
+        required=bool(config.departements),
+        max_samples=config.max_samples,
+        seed=config.seed,
+        log=context.log.info,
+        where=str(chip_root),
+    )
 
 
 def describe(result: TrainResult, used: list[str], labels: str) -> None:

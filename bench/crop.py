@@ -47,7 +47,7 @@ from ops.crop.writer import write_shard
 from ops.geo.footprints import iter_building_batches, write_buildings_geoparquet
 from ops.imagery.blocks import BlockReader
 from ops.imagery.mosaic import MosaicInfo, build_mosaic, find_tiles
-from ops.synth import generate_departement
+from synthetic import generate_departement
 
 DEP = "33"
 SPEC = ChipSpec()

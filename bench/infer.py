@@ -43,9 +43,9 @@ def prepare(out: Path, n: int, tile_px: int) -> tuple[dict, Path]:
     os.environ["BATIVISION_SOURCE_DIR"] = str(out / "src")
     from dagster import DagsterInstance, materialize
 
-    from ops.synth import generate_departement
     from orchestration.definitions import all_assets
     from orchestration.environment import local_resources
+    from synthetic import generate_departement
 
     generate_departement(out / "src", DEP, n, seed=0, tile_px=tile_px, verbose=True)
     res = local_resources()

@@ -34,7 +34,7 @@ from ops.crop.prefetch import Prefetcher
 from ops.geo.footprints import iter_building_batches, write_buildings_geoparquet
 from ops.imagery.mosaic import MosaicInfo, build_mosaic
 from ops.imagery.remote import HttpRangeReader
-from ops.synth import generate_departement
+from synthetic import generate_departement
 
 
 def contender(kind: str, work: Path, parquet: Path, threads: int, depth: int) -> dict:

@@ -16,8 +16,10 @@ from pathlib import Path
 
 from dagster import AssetKey, DagsterInstance, execute_job, reconstructable
 
-from ops.synth import generate_departement
+from ops.ml.catalog import MODELS
+from ops.shards import STATUSES
 from orchestration.environment import REPO_ROOT, data_dir, source_dir
+from synthetic import generate_departement
 
 DEMO_DEPARTEMENTS = ("12", "2A")
 STAGE_CROP = ["buildings", "ortho_mosaic", "chips"]
@@ -84,7 +86,7 @@ def summary(dep: str, crop: dict, pred: dict, seconds: float) -> str:
     )
     meta = pred["predictions"]
     lines = [f"département {dep}", f"  buildings      {b:,}"]
-    for name in ("roof_type", "solar_panels"):
+    for name in MODELS:
         version = meta.get(f"{name}_model_version")
         cur = rows[(rows.model_name == name) & (rows.model_version == version)]
         if cur.empty:
@@ -92,10 +94,7 @@ def summary(dep: str, crop: dict, pred: dict, seconds: float) -> str:
         cur = cur.iloc[0]
         lines += [
             f"  {name:<14} {int(cur.predicted):,} rows from {name}@{version} ({cur.task})",
-            "    statuses     "
-            + ", ".join(
-                f"{s} {int(cur['n_' + s]):,}" for s in ("ok", "no_imagery", "nodata", "invalid_geometry", "error")
-            ),
+            "    statuses     " + ", ".join(f"{s} {int(cur['n_' + s]):,}" for s in STATUSES),
             f"    labels       {cur.label_distribution}   (mean score {cur.mean_score:.3f}, coverage {cur.coverage:.1%})",
         ]
         if f"{name}_area_m2" in meta:
@@ -110,7 +109,7 @@ def summary(dep: str, crop: dict, pred: dict, seconds: float) -> str:
 def model_lines(models) -> list[str]:
     """Each current model's version and held-out metrics, from its model card."""
     out = []
-    for name in ("roof_type", "solar_panels"):
+    for name in MODELS:
         card = models.card(name)
         m = card.metrics
         if card.task == "segmentation":
@@ -160,9 +159,7 @@ def main(argv: list[str] | None = None) -> None:
         print()
     print(f"done in {time.perf_counter() - t_start:.0f} s. Tables in {data_dir() / 'warehouse.duckdb'}.")
     print("Open the Dagster UI with `make ui` (then http://127.0.0.1:3000) to browse assets, runs and lineage.")
-    versions = {
-        n: pred[args.departements[0]]["predictions"].get(f"{n}_model_version") for n in ("roof_type", "solar_panels")
-    }
+    versions = {n: pred[args.departements[0]]["predictions"].get(f"{n}_model_version") for n in MODELS}
     print(json.dumps({"demo": "ok", "departements": args.departements, "models": versions}))
 
 

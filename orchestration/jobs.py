@@ -1,4 +1,4 @@
-"""Jobs: the per-département enrichment, and the training of the models."""
+"""Jobs: the per-département enrichment, and the training of the models (the assets of the `model` group)."""
 
 from dagster import AssetSelection, define_asset_job
 
@@ -6,16 +6,16 @@ from assets.partitions import departements_partitions
 
 ENRICH_JOB = "enrich_departement"
 TRAIN_JOB = "train_models"
-MODEL_ASSETS = ("roof_model", "solar_model")
+MODEL_GROUP = "model"  # the training assets' group: not partitioned, trained on demand
 
 enrich_job = define_asset_job(
     ENRICH_JOB,
-    selection=AssetSelection.all() - AssetSelection.assets(*MODEL_ASSETS),
+    selection=AssetSelection.all() - AssetSelection.groups(MODEL_GROUP),
     partitions_def=departements_partitions,
     description="Footprints → buildings → mosaic → chips → predictions → dbt models, for one département.",
 )
 train_job = define_asset_job(
     TRAIN_JOB,
-    selection=AssetSelection.assets(*MODEL_ASSETS),
+    selection=AssetSelection.groups(MODEL_GROUP),
     description="Train new versions of the roof-type classifier and the solar-panel segmenter from labelled chips.",
 )

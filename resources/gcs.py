@@ -1,4 +1,4 @@
-"""Cloud Storage as the production object store, behind the local-folder interface assets use.
+"""Cloud Storage as the production object store, behind the ``ObjectStore`` interface assets use.
 
 Assets only ever see local paths (``store.path(key)``, ``store.folder(prefix)``):
 GDAL, Parquet and numpy memory maps all want files. :class:`GcsObjectStore` is
@@ -32,7 +32,7 @@ from pydantic import Field, PrivateAttr
 
 from ops.imagery.remote import FetchError, TransientFetchError
 from resources.gcp import client_options, credentials_for
-from resources.object_store import LocalObjectStore
+from resources.object_store import ObjectStore
 
 TRANSIENT_SUFFIXES = (".tmp",)
 
@@ -70,7 +70,7 @@ def download_prefix(client: storage.Client, bucket: str, prefix: str, dest: Path
     return out
 
 
-class GcsObjectStore(LocalObjectStore):
+class GcsObjectStore(ObjectStore):
     """``gs://<bucket>/<prefix>/`` as object store, through a per-execution local cache under ``root``."""
 
     root: str = Field(
@@ -135,7 +135,7 @@ class GcsObjectStore(LocalObjectStore):
         blob.download_to_filename(str(local))
         self._synced[key] = self._signature(local)
 
-    # -- the LocalObjectStore interface ----------------------------------------------------
+    # -- the ObjectStore interface ----------------------------------------------------
 
     def path(self, key: str) -> Path:
         """Local path of ``key``, holding the bucket's copy if there is one (its parent folder is created)."""

@@ -21,9 +21,8 @@ from pydantic import Field
 from torch import nn
 
 from ops.ml.card import ModelCard, load_model, save_model
-from resources.object_store import LocalObjectStore
-
-MODELS_PREFIX = "models"
+from resources import keys
+from resources.object_store import ObjectStore
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -33,18 +32,18 @@ class ModelNotFoundError(FileNotFoundError):
 class ModelStore(ConfigurableResource):
     root: str = Field(default="data/store/models", description="Folder of the model store")
     shipped: str = Field(default="models", description="Models shipped in the repository, used when the store has none")
-    store: LocalObjectStore | None = Field(
+    store: ObjectStore | None = Field(
         default=None, description="Object store holding the models under models/ (then `root` is not used)"
     )
 
     def _root(self) -> Path:
         if self.store is None:
             return Path(self.root)
-        return self.store.local(MODELS_PREFIX)
+        return self.store.local(keys.MODELS_ROOT)
 
     def _version_dir(self, name: str, version: str) -> Path:
         if self.store is not None:
-            return self.store.folder(f"{MODELS_PREFIX}/{name}/{version}")
+            return self.store.folder(keys.model_version(name, version))
         return Path(self.root) / name / version
 
     def save(self, model: nn.Module, card: ModelCard, *, make_current: bool = True) -> str:
@@ -55,7 +54,7 @@ class ModelStore(ConfigurableResource):
 
     def _pointer(self, name: str) -> Path:
         if self.store is not None:
-            return self.store.path(f"{MODELS_PREFIX}/{name}/CURRENT")
+            return self.store.path(keys.model_pointer(name))
         p = Path(self.root) / name / "CURRENT"
         p.parent.mkdir(parents=True, exist_ok=True)
         return p
@@ -88,4 +87,4 @@ class ModelStore(ConfigurableResource):
         return ModelCard(**json.loads((self._version_dir(name, version) / "model_card.json").read_text()))
 
     def where(self) -> str:
-        return self.store.uri(MODELS_PREFIX) if self.store is not None else str(Path(self.root).resolve())
+        return self.store.uri(keys.MODELS_ROOT) if self.store is not None else str(Path(self.root).resolve())

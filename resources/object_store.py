@@ -1,39 +1,70 @@
-"""Where intermediate artefacts live: building GeoParquet, mosaics, chip shards, models.
+"""Where intermediate artefacts live: building GeoParquet, mosaics, chip shards, staged rows, models.
 
-Keys are relative paths (``chips/12/E0660000_N6360000.chips.npy``). The
-embedded default is a local folder; assets only use keys and the methods
-below, so a bucket-backed store can take its place without touching them.
+Keys are relative paths laid out by ``resources.keys`` (``chips/12`` ...).
+:class:`ObjectStore` is what assets depend on; the embedded default is
+:class:`LocalObjectStore` (a folder), production's is
+``resources.gcs.GcsObjectStore`` (a bucket behind a per-step local cache).
+Every method hands back a *local* path, since GDAL, Parquet and numpy memory
+maps all want files: a bucket-backed store fetches on demand and uploads what
+a step wrote when the step ends.
 """
 
 from __future__ import annotations
 
 import shutil
+from abc import abstractmethod
 from pathlib import Path
 
 from dagster import ConfigurableResource
 from pydantic import Field
 
 
-class LocalObjectStore(ConfigurableResource):
-    """A local folder as object store."""
+class ObjectStore(ConfigurableResource):
+    """What assets need from an object store, whichever is behind it (assets annotate with this base)."""
+
+    @abstractmethod
+    def path(self, key: str) -> Path:
+        """Local path of the file ``key``, holding the stored copy if there is one (its parent folder is created)."""
+
+    @abstractmethod
+    def local(self, key: str) -> Path:
+        """Local folder ``key`` to write new content to: nothing is fetched (the folder is created)."""
+
+    @abstractmethod
+    def folder(self, key: str) -> Path:
+        """Local folder of the prefix ``key``, holding every stored object under it (created)."""
+
+    @abstractmethod
+    def uri(self, key: str) -> str:
+        """Where ``key`` lives, for people (``file://``, ``gs://``)."""
+
+    @abstractmethod
+    def exists(self, key: str) -> bool:
+        """Whether ``key`` is a stored object or a prefix holding some."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove ``key``, or everything under the prefix ``key``."""
+
+
+class LocalObjectStore(ObjectStore):
+    """A local folder as object store (the embedded default)."""
 
     root: str = Field(default="data/store", description="Folder holding every artefact")
 
+    def _abs(self, key: str) -> Path:
+        return Path(self.root).resolve() / key
+
     def path(self, key: str) -> Path:
-        """Local path of ``key`` (its parent folder is created)."""
-        p = Path(self.root).resolve() / key
+        p = self._abs(key)
         p.parent.mkdir(parents=True, exist_ok=True)
         return p
 
     def local(self, key: str) -> Path:
-        """Local path of ``key`` to write new content to (nothing is fetched; the folder is created)."""
-        p = Path(self.root).resolve() / key
-        p.mkdir(parents=True, exist_ok=True)
-        return p
+        return self.folder(key)
 
     def folder(self, key: str) -> Path:
-        """Local folder of the prefix ``key`` (created)."""
-        p = Path(self.root).resolve() / key
+        p = self._abs(key)
         p.mkdir(parents=True, exist_ok=True)
         return p
 
@@ -41,10 +72,10 @@ class LocalObjectStore(ConfigurableResource):
         return self.path(key).as_uri()
 
     def exists(self, key: str) -> bool:
-        return (Path(self.root) / key).exists()
+        return self._abs(key).exists()
 
     def delete(self, key: str) -> None:
-        p = Path(self.root) / key
+        p = self._abs(key)
         if p.is_dir():
             shutil.rmtree(p)
         else:

@@ -1,4 +1,4 @@
-"""Shared fixtures: paths to the real data shipped with the tests, and small synthetic départements."""
+"""Shared fixtures: small synthetic départements, no telemetry. Paths to real data are in ``tests/realdata.py``."""
 
 from __future__ import annotations
 
@@ -6,12 +6,6 @@ import os
 from pathlib import Path
 
 import pytest
-
-REAL = Path(__file__).parent / "data" / "real"
-OLEMPS = REAL / "bdtopo_v3_olemps" / "BATIMENT.shp"
-IGN_ORTHO = REAL / "ign_ortho_20cm" / "test_data_rgb.tif"
-SPACENET_TIF = REAL / "spacenet_atlanta" / "sample_geotiff.tif"
-SPACENET_LABELS = REAL / "spacenet_atlanta" / "geotiff_labels.geojson"
 
 
 @pytest.fixture(scope="session")
@@ -23,7 +17,7 @@ def synth_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def small_dep(synth_root):
     """A synthetic département '12' of a few hundred buildings (generated once per session)."""
-    from ops.synth import generate_departement
+    from synthetic import generate_departement
 
     return generate_departement(synth_root, "12", 400, seed=3, tile_px=1000)
 

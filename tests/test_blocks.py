@@ -17,7 +17,7 @@ from rasterio.transform import from_origin
 from rasterio.windows import Window
 
 from ops.imagery.blocks import BlockReader
-from tests.conftest import IGN_ORTHO, SPACENET_TIF
+from tests.realdata import IGN_ORTHO, SPACENET_TIF
 
 
 def _texture(bands: int, h: int, w: int, dtype: str = "uint8") -> np.ndarray:

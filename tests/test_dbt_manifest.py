@@ -13,7 +13,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from assets.dbt import DBT_DIR
+
+pytestmark = pytest.mark.slow  # several dbt parses at once
 
 READ_AFTER_ENSURE = """
 import json, sys

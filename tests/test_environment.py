@@ -41,6 +41,7 @@ def test_tables_are_clustered_by_departement():
     assert "geometry GEOGRAPHY" in ddl and ddl.rstrip().endswith("CLUSTER BY departement")
 
 
+@pytest.mark.slow
 def test_the_code_location_loads_in_prod():
     """What the user-code deployment does at start: import the definitions with BATIVISION_ENV=prod."""
     env = {**os.environ, **PROD, "BATIVISION_ENV": "prod"}

@@ -1,10 +1,13 @@
 """Bad input fails once, with a message naming the culprit; it is not retried like flaky I/O."""
 
 import geopandas as gpd
+import pytest
 from dagster import DagsterInstance, materialize
 from shapely.geometry import box
 
 from orchestration.definitions import all_assets
+
+pytestmark = pytest.mark.slow  # materializes assets
 
 
 def _run(tmp_path, monkeypatch, selection):

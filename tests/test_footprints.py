@@ -8,7 +8,7 @@ import pytest
 from shapely.geometry import MultiPolygon, Polygon, box
 
 from ops.geo.footprints import FootprintError, FootprintStats, iter_building_batches, write_buildings_geoparquet
-from tests.conftest import OLEMPS, SPACENET_LABELS
+from tests.realdata import OLEMPS, SPACENET_LABELS
 
 
 def _read(path, epsg=2154, **kw):

@@ -23,7 +23,7 @@ CLASSES = ["flat", "gable", "hip"]
 @pytest.fixture(scope="module")
 def labelled(tmp_path_factory):
     """Chips and labels of a synthetic département of 1,500 buildings."""
-    from ops.synth import generate_departement
+    from synthetic import generate_departement
 
     root = tmp_path_factory.mktemp("model")
     dep = generate_departement(root / "src", "2A", 1500, seed=11, tile_px=1500)
@@ -42,6 +42,7 @@ def labelled(tmp_path_factory):
     return np.concatenate(xs), np.concatenate(ys), np.concatenate(gs)
 
 
+@pytest.mark.slow
 def test_trained_model_clearly_beats_chance(labelled):
     x, y, g = labelled
     result = train_classifier(x, y, CLASSES, g, config=TrainConfig(epochs=8, seed=0), log=lambda _: None)

@@ -2,8 +2,8 @@
 
 import pytest
 
+from assets.partitions import departements_partitions
 from ops.geo.departements import DEPARTEMENTS, UnknownDepartementError, check_departement, native_epsg
-from orchestration.partitions import departements_partitions
 
 
 def test_the_101_insee_codes_are_the_partitions():

@@ -18,9 +18,9 @@ import pytest
 from dagster import DagsterInstance, materialize
 
 from orchestration.definitions import all_assets
-from resources.warehouse import spatial_extension_path
+from resources.warehouse import DuckDBWarehouse, spatial_extension_path
 
-pytestmark = pytest.mark.xdist_group("pipeline")
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("pipeline")]
 
 CROP = ["buildings", "ortho_mosaic", "chips"]
 PREDICT = ["predictions", "stg_buildings", "stg_predictions", "building_attributes", "departement_summary"]
@@ -171,7 +171,7 @@ def test_dbt_invariant_test_fails_when_a_prediction_is_missing(materialized):
     import subprocess
     import sys
 
-    from assets.dbt import DBT_DIR, dbt_env
+    from assets.dbt import DBT_DIR
 
     _, data, _, _ = materialized
     db = data / "warehouse.duckdb"
@@ -190,7 +190,7 @@ def test_dbt_invariant_test_fails_when_a_prediction_is_missing(materialized):
         "--profiles-dir",
         str(DBT_DIR),
     ]
-    env = {**os.environ, **dbt_env(str(db))}
+    env = {**os.environ, **DuckDBWarehouse(path=str(db)).dbt_env()}
     broken = subprocess.run(
         [*dbt, "--target-path", str(data / "dbt_target")], env=env, cwd=DBT_DIR, capture_output=True, text=True
     )

@@ -17,7 +17,7 @@ from orchestration.definitions import all_assets
 from orchestration.environment import REPO_ROOT
 from tests.standins.servers import postgres_server
 
-pytestmark = [pytest.mark.postgres, pytest.mark.xdist_group("postgres")]
+pytestmark = [pytest.mark.postgres, pytest.mark.slow, pytest.mark.xdist_group("postgres")]
 
 PROD_YAML = REPO_ROOT / "orchestration" / "instance" / "prod.yaml"
 

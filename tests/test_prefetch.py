@@ -27,7 +27,7 @@ from ops.geo.footprints import iter_building_batches, write_buildings_geoparquet
 from ops.imagery.mosaic import build_mosaic, find_tiles
 from ops.imagery.remote import FetchError, HttpRangeReader, RetryPolicy, read_layout
 from ops.shards import list_shards, open_chips, read_index
-from tests.conftest import IGN_ORTHO, SPACENET_LABELS, SPACENET_TIF
+from tests.realdata import IGN_ORTHO, SPACENET_LABELS, SPACENET_TIF
 from tests.standins.range_server import range_server
 
 FAST_RETRY = RetryPolicy(attempts=4, base_s=0.01, cap_s=0.05)
@@ -209,6 +209,7 @@ def test_real_stripped_rasters_through_the_prefetch(raster, tmp_path):
     assert sum(r.counts["ok"] for r in results) >= 4
 
 
+@pytest.mark.slow
 def test_the_chips_asset_reports_its_prefetch(small_dep, tmp_path, monkeypatch):
     """`prefetch: always` on local tiles (a slow network mount) goes through the same copies as gs:// would."""
     from orchestration.definitions import all_assets

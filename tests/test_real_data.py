@@ -16,7 +16,7 @@ from ops.geo.crs import recognise_epsg
 from ops.geo.footprints import FootprintStats, iter_building_batches, write_buildings_geoparquet
 from ops.imagery.mosaic import MosaicError, build_mosaic
 from ops.shards import list_shards, open_chips, read_index
-from tests.conftest import IGN_ORTHO, OLEMPS, SPACENET_LABELS, SPACENET_TIF
+from tests.realdata import IGN_ORTHO, OLEMPS, SPACENET_LABELS, SPACENET_TIF
 
 
 def _crop(footprints: Path, tiles: list[Path], epsg: int, tmp: Path, spec: ChipSpec | None = None):

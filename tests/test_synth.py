@@ -1,15 +1,18 @@
 """The sample generator: deterministic, BD TOPO-shaped, with the defects it promises."""
 
 import filecmp
+from pathlib import Path
 
 import geopandas as gpd
 import pandas as pd
+import pytest
 import rasterio
 
-from ops.mosaic import find_tiles
-from ops.synth import generate_departement
+from ops.imagery.mosaic import find_tiles
+from synthetic import generate_departement
 
 
+@pytest.mark.slow
 def test_same_seed_same_data_and_ids_unique_across_departements(tmp_path):
     a = generate_departement(tmp_path / "a", "12", 300, seed=5, tile_px=1000)
     b = generate_departement(tmp_path / "b", "12", 300, seed=5, tile_px=1000)
@@ -19,6 +22,27 @@ def test_same_seed_same_data_and_ids_unique_across_departements(tmp_path):
     assert ga.geometry.to_wkb().equals(gb.geometry.to_wkb())
     ids_c = set(pd.read_csv(c.labels, dtype=str)["cleabs"])
     assert not set(ga["cleabs"]) & ids_c
+
+
+def _files(root: Path) -> list[str]:
+    """Every file under ``root``, as sorted paths relative to it."""
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+
+
+@pytest.mark.slow
+def test_same_seed_gives_byte_identical_files_another_seed_other_footprints(tmp_path):
+    a = generate_departement(tmp_path / "a", "12", 300, seed=7, tile_px=1000)
+    b = generate_departement(tmp_path / "b", "12", 300, seed=7, tile_px=1000)
+    names = _files(a.root)
+    assert names == _files(b.root)
+    assert {"manifest.json", "labels.csv", "footprints/batiment.gpkg", "solar_panels.gpkg"} <= set(names)
+    assert any(n.startswith("ortho/") and n.endswith(".tif") for n in names)
+    assert [n for n in names if not filecmp.cmp(a.root / n, b.root / n, shallow=False)] == []
+
+    d = generate_departement(tmp_path / "d", "12", 300, seed=8, tile_px=1000)
+    ga, gd = gpd.read_file(a.footprints, layer="batiment"), gpd.read_file(d.footprints, layer="batiment")
+    assert not ga.geometry.to_wkb().equals(gd.geometry.to_wkb())
+    assert not filecmp.cmp(a.footprints, d.footprints, shallow=False)
 
 
 def test_footprints_look_like_bd_topo_with_counted_defects(small_dep):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.xdist_group("ui")
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ui")]
 
 REPO = Path(__file__).resolve().parent.parent
 ASSETS = ["buildings", "ortho_mosaic", "chips"]
@@ -46,7 +46,7 @@ def _graphql(port: int, query: str, variables: dict | None = None) -> dict:
 
 @pytest.fixture(scope="module")
 def dagster_dev(tmp_path_factory):
-    from ops.synth import generate_departement
+    from synthetic import generate_departement
 
     root = tmp_path_factory.mktemp("ui")
     for k, dep in enumerate(("12", "2A")):

@@ -14,10 +14,12 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
 from ops.crop.units import CellTask
+from ops.geo.footprints import USABLE_GEOMETRY
 from ops.imagery.mosaic import MosaicInfo
 
 CROP_VERSION = 2  # bump when the chip geometry or pixels change, so stored shards are recut
@@ -87,7 +89,7 @@ class Placement:
 def place(task: CellTask, info: MosaicInfo, spec: ChipSpec) -> Placement:
     """The chip windows of a unit of work (shared by the crop and the prefetch of its blocks)."""
     n = len(task.building_ids)
-    has_geom = np.isfinite(task.bounds).all(axis=1) & np.isin(task.geometry_status, ("ok", "repaired"))
+    has_geom = np.isfinite(task.bounds).all(axis=1) & np.isin(task.geometry_status, USABLE_GEOMETRY)
     windows = np.full((n, 4), np.nan)
     left, top, res = info.bounds[0], info.bounds[3], info.resolution
     if has_geom.any():
@@ -99,3 +101,12 @@ def place(task: CellTask, info: MosaicInfo, spec: ChipSpec) -> Placement:
     rows = np.rint((top - windows[idx, 3]) / res).astype(np.int64)
     npxs = np.rint((windows[idx, 2] - windows[idx, 0]) / res).astype(np.int64)
     return Placement(has_geom, windows, idx, cols, rows, npxs)
+
+
+def file_digest(path: Path) -> str:
+    """A short SHA-256 of a file's bytes: the buildings' part of a shard's fingerprint."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]

@@ -35,7 +35,9 @@ ID_CANDIDATES = ("cleabs", "id", "osm_id", "building_id", "fid")
 HEIGHT_CANDIDATES = ("hauteur", "height", "height_m")
 USAGE_CANDIDATES = ("usage_1", "usage1", "usage")
 
-STATUSES = ("ok", "repaired", "invalid", "empty")
+#: Every footprint gets one (docs/DESIGN.md, `buildings.geometry_status`); the usable ones can be cropped.
+GEOMETRY_STATUSES = ("ok", "repaired", "invalid", "empty")
+USABLE_GEOMETRY = ("ok", "repaired")
 
 BUILDINGS_SCHEMA = pa.schema(
     [
@@ -66,7 +68,7 @@ class FootprintStats:
     """What happened to the rows of one source, for logs and asset metadata."""
 
     rows: int = 0
-    statuses: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STATUSES, 0))
+    statuses: dict[str, int] = field(default_factory=lambda: dict.fromkeys(GEOMETRY_STATUSES, 0))
     generated_ids: int = 0
     source_epsg: int | None = None
     cells: set[str] = field(default_factory=set)
@@ -260,7 +262,7 @@ def iter_building_batches(
             areas[status == "empty"] = np.nan
             heights = batch.column(height_col).cast(pa.float64()) if height_col else pa.nulls(n, pa.float64())
             usages = batch.column(usage_col).cast(pa.string()) if usage_col else pa.nulls(n, pa.string())
-            for s in STATUSES:
+            for s in GEOMETRY_STATUSES:
                 stats.statuses[s] += int((status == s).sum())
             stats.rows += n
             offset += n

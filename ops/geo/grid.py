@@ -29,10 +29,3 @@ def cell_ids(x: np.ndarray, y: np.ndarray, cell_size_m: float = DEFAULT_CELL_SIZ
     ny = (np.floor(y[ok] / cell_size_m) * cell_size_m).astype("int64")
     out[ok] = [f"E{a:07d}_N{b:07d}" for a, b in zip(ex.tolist(), ny.tolist(), strict=True)]
     return out
-
-
-def cell_bounds(cell_id: str, cell_size_m: float = DEFAULT_CELL_SIZE_M) -> tuple[float, float, float, float]:
-    """(minx, miny, maxx, maxy) of a cell id made by :func:`cell_ids`."""
-    e, n = cell_id.split("_")
-    x0, y0 = float(e[1:]), float(n[1:])
-    return x0, y0, x0 + cell_size_m, y0 + cell_size_m

@@ -1,4 +1,4 @@
-"""Batched inference over stored chip shards: a prefetching loader and an OOM-proof runner.
+"""Batched inference: a prefetching loader, an OOM-proof runner, the forward pass, the batch-size measurement.
 
 Chips are memory-mapped and read into batches by a background thread while
 the device works on the previous batch (a bounded queue: memory is a few
@@ -6,7 +6,9 @@ batches, whatever the size of the partition). Batches come out in storage
 order, so the output order is deterministic. On CUDA the forward runs under
 autocast from pinned memory; when it runs out of memory the batch is halved
 and the run carries on. On CPU the best batch size is small and depends on the
-machine, so :func:`tune_batch_size` measures it instead of assuming it.
+machine, so :func:`tune_batch_size` measures it instead of assuming it
+(``ops.ml.batch_size`` decides when). A partition's shards go through the
+models in ``ops.ml.predict``.
 """
 
 from __future__ import annotations
@@ -15,18 +17,11 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
-import pyarrow as pa
 import torch
 from torch import nn
-
-from ops.ml.card import ModelCard
-from ops.ml.postprocess import Columns, classification_columns, segmentation_columns
-from ops.shards import open_chips, read_index, shard_meta, shard_paths
 
 T = TypeVar("T")
 U = TypeVar("U")
@@ -202,110 +197,3 @@ def tune_batch_size(
     final = {bs: measure(bs, max(4 * min_images, bs * 4)) for bs in finalists}
     rates.update(final)
     return max(final, key=final.get), rates
-
-
-# --- a partition's shards through every model ----------------------------------------
-
-
-@dataclass
-class ModelRun:
-    """One model in a partition run: its card and its (OOM-proof) forward."""
-
-    card: ModelCard
-    runner: BatchRunner
-
-
-@dataclass
-class ShardPredictions:
-    """Every index row of one shard, with each model's columns (None / NaN where no chip)."""
-
-    shard: str
-    index: pa.Table
-    meta: dict[str, str]
-    columns: dict[str, Columns]
-    n_chips: int
-
-
-def _empty_columns(n: int, segmentation: bool) -> Columns:
-    return Columns([None] * n, np.full(n, np.nan), [None] * n, [None] * n if segmentation else None)
-
-
-def predict_shards(
-    folder: Path,
-    shards: Sequence[str],
-    models: Sequence[ModelRun],
-    batch_size: int,
-    *,
-    footprints: Callable[[str], dict[str, bytes]] | None = None,
-    pin_memory: bool = False,
-    depth: int = 3,
-) -> Iterator[ShardPredictions]:
-    """Run ``models`` over the chips of ``shards`` in storage order, one result per shard.
-
-    A background thread reads each shard's index and its chips batch by
-    batch (memory-mapped, copied into pinned memory on CUDA), so the device
-    never waits on the disk. ``footprints(cell)`` gives building id → WKB
-    (native CRS) for a cell; segmentation needs it to keep each building's
-    own polygons.
-    """
-
-    def items() -> Iterator[tuple]:
-        for k, shard in enumerate(shards):
-            idx = read_index(folder, shard)
-            yield ("shard", k, idx, shard_meta(shard_paths(folder, shard)[1]))
-            arr = open_chips(folder, shard)
-            for i in range(0, len(arr), batch_size):
-                t = torch.from_numpy(np.array(arr[i : i + batch_size]))
-                yield ("batch", k, i, t.pin_memory() if pin_memory else t)
-            del arr
-
-    seg = [m.card.task == "segmentation" for m in models]
-    current: dict | None = None
-
-    def finish(state: dict) -> ShardPredictions:
-        return ShardPredictions(state["shard"], state["index"], state["meta"], state["cols"], state["n_chips"])
-
-    for item in prefetch(items(), lambda x: x, depth):
-        if item[0] == "shard":
-            if current is not None:
-                yield finish(current)
-            _, k, idx, meta = item
-            shard = shards[k]
-            status = np.array(idx.column("status").to_pylist(), dtype=object)
-            ok = np.flatnonzero(status == "ok")
-            rows = idx.column("row").to_numpy()[ok]
-            if not np.array_equal(np.sort(rows), np.arange(len(ok))):
-                raise RuntimeError(f"{folder.name}/{shard}: chips index does not match its array")
-            at_row = ok[np.argsort(rows)]  # index position of the chip stored at each row
-            fp = footprints(shard.split(".")[0]) if footprints is not None and any(seg) else {}
-            ids = idx.column("building_id").to_pylist()
-            current = {
-                "shard": shard,
-                "index": idx,
-                "meta": meta,
-                "at_row": at_row,
-                "windows": np.column_stack([idx.column(c).to_numpy(False) for c in ("minx", "miny", "maxx", "maxy")]),
-                "footprints": [fp.get(ids[i]) for i in at_row] if fp else [None] * len(at_row),
-                "cols": {m.card.name: _empty_columns(idx.num_rows, s) for m, s in zip(models, seg, strict=True)},
-                "n_chips": len(at_row),
-            }
-            continue
-        _, k, start, xb = item
-        pos = current["at_row"][start : start + len(xb)]
-        for m, is_seg in zip(models, seg, strict=True):
-            probs = m.runner(xb)
-            if is_seg:
-                got = segmentation_columns(
-                    probs, current["windows"][pos], current["footprints"][start : start + len(xb)], m.card
-                )
-            else:
-                got = classification_columns(probs, m.card)
-            col = current["cols"][m.card.name]
-            for j, p in enumerate(pos.tolist()):
-                col.labels[p] = got.labels[j]
-                col.probabilities[p] = got.probabilities[j]
-                if is_seg:
-                    col.geometries[p] = got.geometries[j]
-            col.scores[pos] = got.scores
-    if current is not None:
-        yield finish(current)

@@ -93,10 +93,3 @@ def polygons_from_probability(
     inside = features.rasterize([(big, 1)], out_shape=(size, size), transform=tr, dtype="uint8").astype(bool)
     score = float(prob[inside].mean()) if inside.any() else float(prob[mask.astype(bool)].mean())
     return ChipPolygons(shapely.multipolygons(list(geoms)), float(areas.max()), score)
-
-
-def iou(pred: np.ndarray, truth: np.ndarray) -> float:
-    """Intersection over union of two boolean masks (1.0 when both are empty)."""
-    p, t = pred.astype(bool), truth.astype(bool)
-    union = np.logical_or(p, t).sum()
-    return float(np.logical_and(p, t).sum() / union) if union else 1.0

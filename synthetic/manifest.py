@@ -1,0 +1,128 @@
+"""The vocabulary of a generated sample and its ``manifest.json``.
+
+Holds what a reader of a sample relies on: the roof classes and defect
+categories (with the integer codes the stages use for them), the generator
+version that decides whether a sample on disk is stale, the file names, and
+:class:`SampleManifest` with :func:`load_manifest`. It imports nothing from the
+rest of the package (only the model catalog's roof classes), so every stage can use these names.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# the roof_type model's classes, defined once: the truth drawn is what the model learns
+from ops.ml.catalog import ROOF_CLASSES as ROOF_CLASSES
+
+COUNT_KEYS: tuple[str, ...] = (
+    "invalid_repairable",
+    "invalid_unrepairable",
+    "empty",
+    "outside_imagery",
+    "nodata_area",
+    "normal",
+)
+#: Bumped whenever the output for given parameters changes, so stale samples are regenerated.
+#: 3: the GeoPackages' ``gpkg_contents.last_change`` is a fixed date instead of the time of writing.
+GENERATOR_VERSION = 3
+#: Margin around a footprint's bounding box that defines its image chip (used for ``nodata_area``).
+CHIP_MARGIN_M = 2.0
+ORTHO_YEAR = 2024
+MANIFEST_NAME = "manifest.json"
+#: Share of the eligible roofs (imaged, rectangular, room for a 2 × 1.6 m array) that carry solar panels.
+PANEL_SHARE = 0.33
+PANEL_LAYER = "solar_panels"
+
+#: Roof class codes, in ROOF_CLASSES order.
+FLAT, GABLE, HIP = 0, 1, 2
+#: Category codes, in COUNT_KEYS order.
+CAT_REPAIRABLE, CAT_UNREPAIRABLE, CAT_EMPTY, CAT_OUTSIDE, CAT_NODATA, CAT_NORMAL = range(6)
+
+
+@dataclass
+class SampleManifest:
+    """Where a generated département lives and what a reader should find in it.
+
+    ``counts`` are the expected per-category building counts (they sum to
+    ``n_buildings``), so tests can check a pipeline's statuses exactly.
+    """
+
+    departement: str
+    root: Path
+    footprints: Path
+    ortho_dir: Path
+    labels: Path
+    epsg: int
+    n_buildings: int
+    counts: dict[str, int]
+    classes: list[str]
+    seed: int
+    tile_px: int = 2500
+    resolution: float = 0.2
+    n_tiles: int = 0
+    area_km2: float = 0.0
+    density_per_km2: float = 0.0
+    imagery_bounds: list[float] = field(default_factory=list)
+    nodata_hole: dict[str, Any] | None = None
+    class_counts: dict[str, int] = field(default_factory=dict)
+    panels: Path | None = None
+    panel_count: int = 0
+    generator_version: int = GENERATOR_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON form with paths relative to ``root`` so the folder can be moved or copied."""
+        return {
+            "departement": self.departement,
+            "root": ".",
+            "footprints": self.footprints.relative_to(self.root).as_posix(),
+            "ortho_dir": self.ortho_dir.relative_to(self.root).as_posix(),
+            "labels": self.labels.relative_to(self.root).as_posix(),
+            "epsg": self.epsg,
+            "n_buildings": self.n_buildings,
+            "counts": dict(self.counts),
+            "classes": list(self.classes),
+            "seed": self.seed,
+            "tile_px": self.tile_px,
+            "resolution": self.resolution,
+            "n_tiles": self.n_tiles,
+            "area_km2": self.area_km2,
+            "density_per_km2": self.density_per_km2,
+            "imagery_bounds": list(self.imagery_bounds),
+            "nodata_hole": self.nodata_hole,
+            "class_counts": dict(self.class_counts),
+            "panels": self.panels.relative_to(self.root).as_posix() if self.panels else None,
+            "panel_count": self.panel_count,
+            "generator_version": self.generator_version,
+        }
+
+
+def load_manifest(dep_root: Path) -> SampleManifest:
+    """Read ``dep_root/manifest.json`` (written last by :func:`generate_departement`)."""
+    root = Path(dep_root)
+    data = json.loads((root / MANIFEST_NAME).read_text(encoding="utf-8"))
+    return SampleManifest(
+        departement=str(data["departement"]),
+        root=root,
+        footprints=root / data["footprints"],
+        ortho_dir=root / data["ortho_dir"],
+        labels=root / data["labels"],
+        epsg=int(data["epsg"]),
+        n_buildings=int(data["n_buildings"]),
+        counts={k: int(v) for k, v in data["counts"].items()},
+        classes=list(data["classes"]),
+        seed=int(data["seed"]),
+        tile_px=int(data.get("tile_px", 2500)),
+        resolution=float(data.get("resolution", 0.2)),
+        n_tiles=int(data.get("n_tiles", 0)),
+        area_km2=float(data.get("area_km2", 0.0)),
+        density_per_km2=float(data.get("density_per_km2", 0.0)),
+        imagery_bounds=list(data.get("imagery_bounds", [])),
+        nodata_hole=data.get("nodata_hole"),
+        class_counts={k: int(v) for k, v in data.get("class_counts", {}).items()},
+        panels=root / data["panels"] if data.get("panels") else None,
+        panel_count=int(data.get("panel_count", 0)),
+        generator_version=int(data.get("generator_version", 0)),
+    )
