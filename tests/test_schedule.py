@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from ops.crop.lanes import Schedule, part_number
+from ops.crop.lanes import Schedule
+from ops.crop.units import part_number
 
 
 @dataclass

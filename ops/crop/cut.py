@@ -17,10 +17,9 @@ import numpy as np
 import pyarrow as pa
 
 from ops.crop import arrow
-from ops.crop.lanes import part_number
 from ops.crop.spec import ChipSpec, place
 from ops.crop.tiles import TileSet
-from ops.crop.units import CellTask
+from ops.crop.units import CellTask, part_number
 from ops.imagery.mosaic import MosaicInfo
 from ops.imagery.resample import resample_batch
 from ops.shards import INDEX_SCHEMA

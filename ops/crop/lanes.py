@@ -19,17 +19,7 @@ one seam. No lane ever waits while a unit is ready.
 
 from __future__ import annotations
 
-from typing import Protocol
-
-
-class Unit(Protocol):
-    cell_id: str
-    shard_id: str  # the cell, or "<cell>.pNNN" for part NNN of a big cell
-
-
-def part_number(unit: Unit) -> int:
-    _, _, part = unit.shard_id.partition(".p")
-    return int(part) if part else 0
+from ops.crop.units import Unit, part_number
 
 
 class Schedule:

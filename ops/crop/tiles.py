@@ -6,8 +6,7 @@ import heapq
 
 import numpy as np
 
-from ops.crop.lanes import part_number
-from ops.crop.units import CellTask
+from ops.crop.units import CellTask, part_number
 from ops.imagery.blocks import BlockReader
 from ops.imagery.mosaic import MosaicInfo
 

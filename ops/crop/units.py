@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -18,6 +19,24 @@ import pyarrow.parquet as pq
 import shapely
 
 from ops.crop import arrow
+
+
+class Unit(Protocol):
+    """What identifies a unit of work (a :class:`CellTask`, or anything shaped like one)."""
+
+    cell_id: str
+    shard_id: str  # the cell, or "<cell>.pNNN" for part NNN of a big cell
+
+
+def shard_id(cell_id: str, part: int, parts: int) -> str:
+    """The id of part ``part`` of ``parts`` of a cell: the cell itself when it is not cut."""
+    return cell_id if parts == 1 else f"{cell_id}.p{part:03d}"
+
+
+def part_number(unit: Unit) -> int:
+    """Which part of its cell a unit is, north to south (0 for a whole cell)."""
+    _, _, part = unit.shard_id.partition(".p")
+    return int(part) if part else 0
 
 
 @dataclass
@@ -92,6 +111,6 @@ def cell_tasks(buildings_parquet: Path, part_size: int = 4096, batch_size: int =
         parts = max(1, -(-len(sel) // part_size))
         for k in range(parts):
             part = sel[k * part_size : (k + 1) * part_size]
-            shard = cell if parts == 1 else f"{cell}.p{k:03d}"
-            tasks.append(CellTask(cell, [ids[i] for i in part], [gstat[i] for i in part], b[part], shard))
+            ids_k, status_k = [ids[i] for i in part], [gstat[i] for i in part]
+            tasks.append(CellTask(cell, ids_k, status_k, b[part], shard_id(cell, k, parts)))
     return tasks
