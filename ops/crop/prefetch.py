@@ -103,6 +103,7 @@ class Prefetcher:
         self._whole: dict[int, str] = {}
         self._locks = {i: threading.Lock() for i in range(len(info.tiles))}
         self.fetched: list[tuple[int, int, int]] | None = None  # set to a list to record (tile, row, col) fetched
+        self._fetched_lock = threading.Lock()
 
     def __enter__(self) -> Prefetcher:
         return self
@@ -190,7 +191,7 @@ class Prefetcher:
             paths[i] = str(local)
             n_blocks += len(blocks)
             if self.fetched is not None:
-                with self.stats._lock:
+                with self._fetched_lock:
                     self.fetched.extend((i, br, bc) for br, bc in blocks)
         seconds = time.perf_counter() - t0
         self.stats.add(units=1, blocks=n_blocks, seconds=seconds)
