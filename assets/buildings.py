@@ -52,7 +52,7 @@ def buildings(
         batches = iter_building_batches(
             src, dep, epsg, layer=config.layer, id_column=config.id_column, cell_size_m=config.cell_size_m, stats=stats
         )
-        rows = write_buildings_geoparquet(batches, out, epsg)
+        rows = write_buildings_geoparquet(batches, out, epsg, source=src, layer=config.layer)
         loaded = warehouse.replace_partition("buildings", dep, wgs84_batches(out, epsg))
         if loaded != rows:
             raise RuntimeError(f"partition {dep}: {rows} buildings read but {loaded} loaded into the warehouse")

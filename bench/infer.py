@@ -90,7 +90,8 @@ def forward_only(
 
 
 def naive(model, card, folder: Path, out_db: Path, limit: int, device: torch.device) -> float:
-    """Per chip: read, forward at batch 1, append a row; rows written to the warehouse at the end."""
+    """Per chip: read, forward at batch 1 (a segmenter's mask traced into polygons), append a row; rows written at the end."""
+    from ops.ml.vectorize import polygons_from_probability
     from ops.shards import list_shards, open_chips, read_index
 
     rows, n, t0 = [], 0, time.perf_counter()
@@ -103,14 +104,17 @@ def naive(model, card, folder: Path, out_db: Path, limit: int, device: torch.dev
             x = torch.from_numpy(np.array(arr[r["row"]]))[None].to(device)
             with torch.no_grad():
                 p = torch.softmax(model(x).float(), 1)[0].cpu().numpy()
-            k = int(p.argmax())
+            if card.task == "segmentation":  # per-pixel classes: trace the panel pixels of this chip alone
+                window = [r["minx"], r["miny"], r["maxx"], r["maxy"]]
+                found = polygons_from_probability(p[1], window, threshold=card.postprocess.get("threshold", 0.5))
+                label, score = card.classes[int(found.geometry is not None)], found.score
+                probabilities = json.dumps({card.classes[1]: float(p[1].max())})
+            else:
+                k = int(p.argmax())
+                label, score = card.classes[k], float(p[k])
+                probabilities = json.dumps({c: float(v) for c, v in zip(card.classes, p, strict=True)})
             rows.append(
-                {
-                    "building_id": r["building_id"],
-                    "label": card.classes[k],
-                    "score": float(p[k]),
-                    "probabilities": json.dumps({c: float(v) for c, v in zip(card.classes, p, strict=True)}),
-                }
+                {"building_id": r["building_id"], "label": label, "score": score, "probabilities": probabilities}
             )
             n += 1
     import duckdb

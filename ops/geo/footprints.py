@@ -314,11 +314,28 @@ def geoparquet_metadata(epsg: int) -> dict[bytes, bytes]:
     return {b"geo": json.dumps(geo).encode()}
 
 
-def write_buildings_geoparquet(batches: Iterator[pa.RecordBatch], out: Path, epsg: int) -> int:
-    """Stream batches into one GeoParquet file; returns the row count."""
+SOURCE_KEY = b"bativision:source"  # GeoParquet file metadata: the footprint source the rows were read from
+
+
+def write_buildings_geoparquet(
+    batches: Iterator[pa.RecordBatch],
+    out: Path,
+    epsg: int,
+    *,
+    source: Path | None = None,
+    layer: str | int | None = None,
+) -> int:
+    """Stream batches into one GeoParquet file; returns the row count.
+
+    ``source`` and ``layer`` (where the rows come from) are kept in the file's
+    metadata, so a later check can count the source's features (:func:`read_source`).
+    """
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
-    schema = BUILDINGS_SCHEMA.with_metadata(geoparquet_metadata(epsg))
+    meta = geoparquet_metadata(epsg)
+    if source is not None:
+        meta[SOURCE_KEY] = json.dumps({"path": str(source), "layer": layer}).encode()
+    schema = BUILDINGS_SCHEMA.with_metadata(meta)
     rows = 0
     with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
         for b in batches:
@@ -326,6 +343,25 @@ def write_buildings_geoparquet(batches: Iterator[pa.RecordBatch], out: Path, eps
             rows += b.num_rows
     tmp.replace(out)  # readers never see a half-written file
     return rows
+
+
+def read_source(buildings_parquet: Path) -> tuple[Path, str | int | None] | None:
+    """(source file, layer) a buildings GeoParquet was read from, if it says."""
+    raw = (pq.read_schema(buildings_parquet).metadata or {}).get(SOURCE_KEY)
+    if raw is None:
+        return None
+    d = json.loads(raw)
+    return Path(d["path"]), d["layer"]
+
+
+def count_features(path: Path, layer: str | int | None = None) -> int:
+    """How many features (rows) a footprint source holds, counted by its reader, not by ours."""
+    if path.suffix.lower() in (".parquet", ".geoparquet"):
+        return pq.ParquetFile(path).metadata.num_rows
+    try:
+        return int(pyogrio.read_info(path, layer=layer, force_feature_count=True)["features"])
+    except Exception as exc:
+        raise FootprintError(f"{path}: cannot count its features ({exc})") from exc
 
 
 def split_by_cell(buildings_parquet: Path, out_dir: Path, batch_size: int = 65_536) -> dict[str, Path]:
