@@ -31,6 +31,7 @@ def _warehouse_buildings(warehouse: Warehouse, dep: str) -> int:
 
 
 @asset_check(
+    name="match_source",
     asset=buildings,
     partitions_def=departements_partitions,
     blocking=True,
@@ -52,6 +53,7 @@ def buildings_match_source(
 
 
 @asset_check(
+    name="index_has_every_building",
     asset=chips,
     partitions_def=departements_partitions,
     blocking=True,
@@ -89,6 +91,7 @@ class StatusSharesConfig(Config):
 
 
 @asset_check(
+    name="status_shares",
     asset=chips,
     partitions_def=departements_partitions,
     blocking=True,
@@ -100,7 +103,7 @@ def chips_status_shares(
 ) -> AssetCheckResult:
     dep = check_departement(context.partition_key)
     for name in {*config.warn_above, *config.fail_above} - set(STATUSES):
-        raise ValueError(f"chips_status_shares config names status {name!r}; statuses are {STATUSES}")
+        raise ValueError(f"chips status_shares check: config names status {name!r}; statuses are {STATUSES}")
     folder = store.folder(keys.chips(dep))
     counts = dict.fromkeys(STATUSES, 0)
     for shard in list_shards(folder):
@@ -124,6 +127,7 @@ def chips_status_shares(
 
 
 @asset_check(
+    name="account_for_every_building",
     asset=predictions,
     partitions_def=departements_partitions,
     blocking=True,
@@ -174,6 +178,7 @@ def predictions_account_for_every_building(
 
 
 @asset_check(
+    name="scores_are_probabilities",
     asset=predictions,
     partitions_def=departements_partitions,
     blocking=True,
