@@ -8,12 +8,14 @@ from pydantic import Field
 
 from assets.errors import IO_RETRY, bad_input_fails_fast
 from assets.metadata import counts_table, points_map
+from assets.owners import PIPELINE
 from assets.partitions import departements_partitions
 from ops.geo.departements import check_departement, native_epsg
 from ops.geo.footprints import FootprintStats, iter_building_batches, write_buildings_geoparquet
 from ops.geo.grid import DEFAULT_CELL_SIZE_M
 from ops.geo.reproject import wgs84_batches
 from resources import keys
+from resources.env import kinds
 from resources.imagery import FootprintSource
 from resources.object_store import ObjectStore
 from resources.warehouse import WAREHOUSE_POOL, Warehouse
@@ -28,7 +30,8 @@ class BuildingsConfig(Config):
 @asset(
     partitions_def=departements_partitions,
     group_name="ingest",
-    kinds={"duckdb", "parquet"},
+    kinds=kinds("parquet", warehouse=True),
+    owners=PIPELINE,
     pool=WAREHOUSE_POOL,
     code_version="1",
     retry_policy=IO_RETRY,

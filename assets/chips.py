@@ -12,6 +12,7 @@ from assets.buildings import buildings
 from assets.errors import IO_RETRY, bad_input_fails_fast
 from assets.metadata import counts_table
 from assets.mosaic import ortho_mosaic
+from assets.owners import PIPELINE
 from assets.partitions import departements_partitions
 from ops.crop.partition import crop_partition
 from ops.crop.prefetch import Prefetcher
@@ -22,6 +23,7 @@ from ops.imagery.mosaic import MosaicInfo
 from ops.imagery.remote import is_remote
 from ops.shards import STATUSES, list_shards, shard_paths
 from resources import keys
+from resources.env import kinds
 from resources.imagery import OrthoImagery
 from resources.object_store import ObjectStore
 
@@ -49,7 +51,8 @@ class ChipsConfig(Config):
     partitions_def=departements_partitions,
     deps=[buildings, ortho_mosaic],
     group_name="imagery",
-    kinds={"numpy"},
+    kinds=kinds("numpy"),
+    owners=PIPELINE,
     # the crop's own version: a new one marks the asset stale in the UI, as it makes stored shards be recut
     code_version=f"crop-{CROP_VERSION}",
     retry_policy=IO_RETRY,

@@ -12,14 +12,16 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from dagster import AssetExecutionContext, AssetKey
+from dagster import AssetExecutionContext, AssetKey, AssetSpec
 from dagster_dbt import DagsterDbtTranslator, DbtCliResource, DbtProject, dbt_assets
 
+from assets.owners import ANALYTICS
 from assets.partitions import departements_partitions
+from resources.env import kinds
 from resources.warehouse import WAREHOUSE_POOL, DuckDBWarehouse, Warehouse
 
 DBT_DIR = Path(__file__).resolve().parent.parent / "dbt"
@@ -81,6 +83,15 @@ class BativisionDbtTranslator(DagsterDbtTranslator):
 
     def get_group_name(self, dbt_resource_props: Mapping[str, Any]) -> str | None:
         return "warehouse_models"
+
+    def get_owners(self, dbt_resource_props: Mapping[str, Any]) -> Sequence[str] | None:
+        return ANALYTICS
+
+    def get_asset_spec(self, manifest: Mapping[str, Any], unique_id: str, project: DbtProject | None) -> AssetSpec:
+        """The engine in the kinds is this environment's warehouse, not the adapter the manifest was parsed with."""
+        spec = super().get_asset_spec(manifest, unique_id, project)
+        adapter = manifest.get("metadata", {}).get("adapter_type")
+        return spec.replace_attributes(kinds=(spec.kinds - {adapter}) | kinds(warehouse=True, store=False))
 
 
 @dbt_assets(

@@ -3,10 +3,12 @@
 from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
 
 from assets.errors import IO_RETRY, bad_input_fails_fast
+from assets.owners import PIPELINE
 from assets.partitions import departements_partitions
 from ops.geo.departements import check_departement, native_epsg
 from ops.imagery.mosaic import build_mosaic
 from resources import keys
+from resources.env import kinds
 from resources.imagery import OrthoImagery
 from resources.object_store import ObjectStore
 
@@ -14,7 +16,8 @@ from resources.object_store import ObjectStore
 @asset(
     partitions_def=departements_partitions,
     group_name="ingest",
-    kinds={"gdal"},
+    kinds=kinds("gdal"),
+    owners=PIPELINE,
     code_version="1",
     retry_policy=IO_RETRY,
     description="Virtual mosaic (VRT) over the département's orthophoto tiles, in its native CRS.",

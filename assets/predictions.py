@@ -20,6 +20,7 @@ from pydantic import Field
 from assets.chips import chips
 from assets.errors import IO_RETRY, bad_input_fails_fast
 from assets.metadata import counts_table, points_map
+from assets.owners import ML
 from assets.partitions import departements_partitions
 from assets.roof_model import roof_model
 from assets.solar_model import solar_model
@@ -31,6 +32,7 @@ from ops.ml.inference import BatchRunner, forward_fn, pick_device, reuse_freed_m
 from ops.ml.predict import ModelRun, PartitionPredictions, ShardPredictions, check_partition, predict_partition
 from ops.shards import list_shards
 from resources import keys
+from resources.env import kinds
 from resources.model_store import ModelStore
 from resources.object_store import ObjectStore
 from resources.warehouse import WAREHOUSE_POOL, Warehouse
@@ -55,7 +57,8 @@ class PredictionsConfig(Config):
     partitions_def=departements_partitions,
     deps=[chips, roof_model, solar_model],
     group_name="inference",
-    kinds={"pytorch", "duckdb"},
+    kinds=kinds("pytorch", "parquet", warehouse=True),
+    owners=ML,
     pool=WAREHOUSE_POOL,
     code_version="2",
     retry_policy=IO_RETRY,

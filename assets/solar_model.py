@@ -8,10 +8,12 @@ from dagster import AssetExecutionContext, MaterializeResult, asset
 from pydantic import Field
 
 from assets.chips import chips
+from assets.owners import ML
 from assets.training_sets import ModelTrainingConfig, describe, save_and_report, training_arrays
 from ops.ml.catalog import PANEL_CLASSES, SOLAR_PANELS
 from ops.ml.datasets import panel_training_set, read_polygons
 from ops.ml.training import train_segmenter
+from resources.env import kinds
 from resources.imagery import FootprintSource
 from resources.model_store import ModelStore
 from resources.object_store import ObjectStore
@@ -27,7 +29,8 @@ class SolarModelConfig(ModelTrainingConfig):
 @asset(
     deps=[chips],
     group_name="model",
-    kinds={"pytorch"},
+    kinds=kinds("pytorch"),
+    owners=ML,
     code_version="1",
     description="Solar-panel segmenter (per-pixel none/solar_panel) trained on ground-truth polygons; versioned by weights hash.",
 )

@@ -28,6 +28,7 @@ from dagster_k8s import k8s_job_executor
 
 from assets.dbt import DBT_DIR
 from resources.bigquery import BigQueryWarehouse
+from resources.env import current_env
 from resources.gcs import GcsObjectStore
 from resources.imagery import FootprintSource, OrthoImagery
 from resources.model_store import ModelStore
@@ -35,7 +36,6 @@ from resources.object_store import LocalObjectStore
 from resources.warehouse import DuckDBWarehouse
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-ENVIRONMENTS = ("local", "prod")
 
 # BATIVISION_ENV=prod: variable → what it sets (required ones have no default).
 PROD_ENV = {
@@ -72,13 +72,6 @@ PROD_STEP_K8S_CONFIG = {
     "roof_model": _GPU_STEP,
     "solar_model": _GPU_STEP,
 }
-
-
-def current_env() -> str:
-    env = os.environ.get("BATIVISION_ENV", "local")
-    if env not in ENVIRONMENTS:
-        raise ValueError(f"BATIVISION_ENV={env!r}: expected one of {ENVIRONMENTS}")
-    return env
 
 
 def data_dir() -> Path:

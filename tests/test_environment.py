@@ -53,3 +53,36 @@ def test_the_code_location_loads_in_prod():
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO_ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split() == ["BigQueryWarehouse", "bativision_k8s"]
+
+
+KINDS_CODE = (
+    "import json; from orchestration.definitions import defs; g = defs.resolve_asset_graph(); "
+    "print(json.dumps({k.to_user_string(): sorted(g.get(k).kinds) for k in g.get_all_asset_keys()}))"
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "env,engines,absent",
+    [("local", {"duckdb"}, {"bigquery", "gcs"}), ("prod", {"bigquery", "gcs"}, {"duckdb"})],
+)
+def test_kinds_name_the_engines_of_the_environment(env, engines, absent):
+    """What the UI shows: the warehouse and object store this environment really writes to."""
+    import json
+
+    out = subprocess.run(
+        [sys.executable, "-c", KINDS_CODE],
+        env={**os.environ, **PROD, "BATIVISION_ENV": env},
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    kinds = json.loads(out.stdout.strip().splitlines()[-1])
+    warehouse = "duckdb" if env == "local" else "bigquery"
+    for key in ("buildings", "predictions", "building_attributes", "departement_summary"):
+        assert warehouse in kinds[key], (key, kinds[key])
+    assert engines <= set().union(*kinds.values())
+    assert not absent & set().union(*kinds.values())
+    if env == "prod":
+        assert "gcs" in kinds["chips"] and "gcs" in kinds["roof_model"]

@@ -1,0 +1,40 @@
+"""Which environment this process runs in (``BATIVISION_ENV``), and the engines that implies.
+
+The switch itself — which resources and executor each environment gets — is
+``orchestration/environment.py``. What lives here is what must be known
+where definitions are built, below the orchestration layer: the assets
+declare as their ``kinds`` the engines they really write to (DuckDB or
+BigQuery, a folder or Cloud Storage), so the UI says the truth in each
+environment.
+"""
+
+from __future__ import annotations
+
+import os
+
+ENVIRONMENTS = ("local", "prod")
+
+#: Each environment's engines: the warehouse (a dbt adapter name) and the object store.
+ENGINES = {
+    "local": {"warehouse": "duckdb", "store": "filesystem"},
+    "prod": {"warehouse": "bigquery", "store": "gcs"},
+}
+
+
+def current_env() -> str:
+    """``BATIVISION_ENV`` (default ``local``); anything else is an error naming the variable."""
+    env = os.environ.get("BATIVISION_ENV", "local")
+    if env not in ENVIRONMENTS:
+        raise ValueError(f"BATIVISION_ENV={env!r}: expected one of {ENVIRONMENTS}")
+    return env
+
+
+def kinds(*own: str, warehouse: bool = False, store: bool = True) -> set[str]:
+    """An asset's ``kinds``: its own (``pytorch``, ``parquet``...) plus the engines it writes to here."""
+    engines = ENGINES[current_env()]
+    out = set(own)
+    if warehouse:
+        out.add(engines["warehouse"])
+    if store and engines["store"] != "filesystem":
+        out.add(engines["store"])
+    return out
