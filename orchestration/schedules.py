@@ -8,7 +8,11 @@ from orchestration.jobs import enrich_job
 
 @schedule(job=enrich_job, cron_schedule="0 2 1 * *", execution_timezone="Europe/Paris")
 def monthly_reprocessing(context: ScheduleEvaluationContext):
-    """On the 1st of each month at 02:00, one run per département (the run queue limits concurrency)."""
+    """On the 1st of each month at 02:00, one run per département, tagged so the run queue lets a few at a time.
+
+    ``orchestration/instance/*.yaml`` limit the runs carrying ``bativision/reprocessing``: 8 at once in
+    production, 1 locally, leaving slots for what users launch meanwhile.
+    """
     month = context.scheduled_execution_time.strftime("%Y-%m")
     for dep in DEPARTEMENTS:
         yield RunRequest(run_key=f"{month}-{dep}", partition_key=dep, tags={"bativision/reprocessing": month})

@@ -50,3 +50,63 @@ def test_imagery_sensor_fires_once_per_changed_departement(tmp_path):
         instance=DagsterInstance.ephemeral(), cursor=ctx2.cursor, resources={"imagery": imagery}
     )
     assert [r.partition_key for r in new_imagery_sensor(ctx3)] == ["12"]
+
+
+def test_a_new_model_version_rolls_out_to_every_departement_with_chips_and_crops_nothing():
+    from dagster import AssetMaterialization
+
+    from orchestration.jobs import PREDICT_JOB
+    from orchestration.sensors import model_rollout_sensor
+
+    instance = DagsterInstance.ephemeral()
+    repo = defs.get_repository_def()
+
+    def evaluate(cursor):
+        ctx = build_sensor_context(instance=instance, cursor=cursor, repository_def=repo)
+        return model_rollout_sensor.evaluate_tick(ctx)
+
+    for dep in ("12", "2A", "33"):
+        instance.report_runless_asset_event(AssetMaterialization("chips", partition=dep))
+    first = evaluate(None)  # the sensor starts watching: nothing is rolled out
+    assert not first.run_requests
+    assert not evaluate(first.cursor).run_requests  # nothing new since
+    instance.report_runless_asset_event(AssetMaterialization("roof_model"))
+    tick = evaluate(first.cursor)
+    assert sorted(r.partition_key for r in tick.run_requests) == ["12", "2A", "33"]
+    assert len({r.run_key for r in tick.run_requests}) == 3
+    job = defs.resolve_job_def(PREDICT_JOB)
+    assert model_rollout_sensor.job_name == PREDICT_JOB
+    selected = {k.to_user_string() for k in job.asset_layer.executable_asset_keys}
+    assert {"predictions", "building_attributes", "departement_summary"} <= selected
+    assert not selected & {"buildings", "ortho_mosaic", "chips", "roof_model", "solar_model"}
+    assert not evaluate(tick.cursor).run_requests  # once per new version
+    instance.report_runless_asset_event(AssetMaterialization("solar_model"))
+    assert len(evaluate(tick.cursor).run_requests) == 3
+
+
+def test_the_run_queue_limits_a_months_reprocessing_and_a_rollout(tmp_path):
+    """The instance's run queue holds the 101 monthly runs and lets a few through, keyed on the tags they carry."""
+    import shutil
+
+    import yaml
+
+    from orchestration.environment import REPO_ROOT
+    from orchestration.sensors import ROLLOUT_TAG
+
+    ctx = build_schedule_context(
+        instance=DagsterInstance.ephemeral(), scheduled_execution_time=datetime.datetime(2026, 12, 1, 2, 0)
+    )
+    monthly_tags = {k for r in monthly_reprocessing(ctx) for k in r.tags}
+    assert "bativision/reprocessing" in monthly_tags
+    shutil.copy(REPO_ROOT / "orchestration" / "instance" / "local.yaml", tmp_path / "dagster.yaml")
+    with DagsterInstance.from_config(str(tmp_path)) as instance:
+        queue = instance.get_concurrency_config().run_queue_config
+        limits = {t["key"]: t["limit"] for t in queue.tag_concurrency_limits}
+        assert limits == {"bativision/reprocessing": 1, ROLLOUT_TAG: 1}
+        assert queue.max_concurrent_runs > limits["bativision/reprocessing"]  # a slot stays free for users
+    prod = yaml.safe_load((REPO_ROOT / "orchestration" / "instance" / "prod.yaml").read_text())
+    runs = prod["concurrency"]["runs"]
+    prod_limits = {t["key"]: t["limit"] for t in runs["tag_concurrency_limits"]}
+    assert set(prod_limits) == {"bativision/reprocessing", ROLLOUT_TAG}
+    assert max(prod_limits.values()) < runs["max_concurrent_runs"]
+    assert prod["run_coordinator"]["class"] == "QueuedRunCoordinator"
