@@ -7,6 +7,7 @@ from dagster import AssetExecutionContext, Config, MaterializeResult, MetadataVa
 from pydantic import Field
 
 from assets.errors import IO_RETRY, bad_input_fails_fast
+from assets.inputs import footprint_files
 from assets.metadata import counts_table, points_map
 from assets.owners import PIPELINE
 from assets.partitions import departements_partitions
@@ -29,6 +30,7 @@ class BuildingsConfig(Config):
 
 @asset(
     partitions_def=departements_partitions,
+    deps=[footprint_files],
     group_name="ingest",
     kinds=kinds("parquet", warehouse=True),
     owners=PIPELINE,

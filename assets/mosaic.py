@@ -3,6 +3,7 @@
 from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
 
 from assets.errors import IO_RETRY, bad_input_fails_fast
+from assets.inputs import orthophoto_tiles
 from assets.owners import PIPELINE
 from assets.partitions import departements_partitions
 from ops.geo.departements import check_departement, native_epsg
@@ -15,6 +16,7 @@ from resources.object_store import ObjectStore
 
 @asset(
     partitions_def=departements_partitions,
+    deps=[orthophoto_tiles],
     group_name="ingest",
     kinds=kinds("gdal"),
     owners=PIPELINE,

@@ -123,6 +123,19 @@ class FootprintSource(ConfigurableResource):
             blob.download_to_filename(str(dest / name))
         return dest
 
+    def fingerprint(self, departement: str) -> str | None:
+        """Changes when the département's footprint files do (None: it has none); read without downloading them."""
+        if is_gs(self.root):
+            bucket, prefix = split_gs_uri(self.root)
+            key = "/".join(p for p in (prefix, departement, self.subdir) if p) + "/"
+            blobs = gcs_client(self.api_endpoint).list_blobs(bucket, prefix=key)
+            found = sorted(f"{b.name}:{b.size}:{b.generation}" for b in blobs if not b.name.endswith("/"))
+        else:
+            folder = Path(self.root) / departement / self.subdir
+            files = sorted(folder.iterdir()) if folder.is_dir() else []
+            found = [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files if f.is_file()]
+        return hashlib.sha256("\n".join(found).encode()).hexdigest()[:16] if found else None
+
     def footprints(self, departement: str) -> Path:
         folder = self._local_dep(departement) / self.subdir
         files = sorted(p for p in folder.glob("*") if p.suffix.lower() in FOOTPRINT_SUFFIXES) if folder.is_dir() else []

@@ -110,3 +110,38 @@ def test_the_run_queue_limits_a_months_reprocessing_and_a_rollout(tmp_path):
     assert set(prod_limits) == {"bativision/reprocessing", ROLLOUT_TAG}
     assert max(prod_limits.values()) < runs["max_concurrent_runs"]
     assert prod["run_coordinator"]["class"] == "QueuedRunCoordinator"
+
+
+def test_inputs_are_observed_assets_where_lineage_starts(tmp_path):
+    """A new imagery vintage in one département is a new data version of that partition of `orthophoto_tiles`."""
+    from dagster._core.definitions.observe import observe  # not exported by dagster 1.13
+
+    from assets.inputs import footprint_files, orthophoto_tiles
+    from resources.imagery import FootprintSource
+
+    graph = defs.resolve_asset_graph()
+    assert AssetKey("footprint_files") in graph.get(AssetKey("buildings")).parent_keys
+    assert AssetKey("orthophoto_tiles") in graph.get(AssetKey("ortho_mosaic")).parent_keys
+    for dep in ("12", "2A"):
+        (tmp_path / dep / "ortho").mkdir(parents=True)
+        (tmp_path / dep / "ortho" / f"{dep}-2021-0660-6360-LA93-0M20.tif").write_bytes(b"tile of 2021")
+        (tmp_path / dep / "footprints").mkdir()
+        (tmp_path / dep / "footprints" / "batiment.gpkg").write_bytes(b"footprints")
+    instance = DagsterInstance.ephemeral()
+    resources = {"imagery": OrthoImagery(root=str(tmp_path)), "footprints": FootprintSource(root=str(tmp_path))}
+
+    def versions(key: str) -> dict[str, str]:
+        observe([footprint_files, orthophoto_tiles], instance=instance, resources=resources)
+        records = instance.fetch_observations(AssetKey(key), limit=1000).records
+        out: dict[str, str] = {}
+        for r in sorted(records, key=lambda r: r.storage_id):
+            obs = r.asset_observation
+            out[obs.partition] = obs.tags["dagster/data_version"]
+        return out
+
+    before = versions("orthophoto_tiles")
+    assert set(before) == {"12", "2A"}  # départements without imagery have no version
+    (tmp_path / "12" / "ortho" / "12-2024-0660-6360-LA93-0M20.tif").write_bytes(b"tile of 2024")  # a new vintage
+    after = versions("orthophoto_tiles")
+    assert after["12"] != before["12"] and after["2A"] == before["2A"]
+    assert set(versions("footprint_files")) == {"12", "2A"}
