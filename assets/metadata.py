@@ -22,16 +22,29 @@ def png_markdown(fig) -> MetadataValue:
     return MetadataValue.md(f"![preview](data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()})")
 
 
-def points_map(x, y, categories, title: str, max_points: int = 5_000) -> MetadataValue:
-    """A scatter map of buildings coloured by category (status, label), for the asset's metadata.
+def points_map(
+    x,
+    y,
+    categories,
+    title: str,
+    max_points: int = 5_000,
+    *,
+    polygons=(),
+    tiles=(),
+) -> MetadataValue:
+    """A map of buildings coloured by category (status, label), for the asset's metadata.
 
-    Subsampled deterministically to ``max_points`` so large partitions stay cheap.
+    Subsampled deterministically to ``max_points``. ``polygons`` (shapely, same
+    CRS) are drawn filled on top, e.g. a segmenter's panels; ``tiles`` are
+    (minx, miny, maxx, maxy) boxes drawn as outlines underneath: the imagery's extent.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.patches import Polygon as Patch
+    from matplotlib.patches import Rectangle
 
     x, y, cat = np.asarray(x, float), np.asarray(y, float), np.asarray(categories, dtype=object)
     keep = np.isfinite(x) & np.isfinite(y)
@@ -40,13 +53,41 @@ def points_map(x, y, categories, title: str, max_points: int = 5_000) -> Metadat
         sel = np.random.default_rng(0).choice(len(x), max_points, replace=False)
         x, y, cat = x[sel], y[sel], cat[sel]
     fig, ax = plt.subplots(figsize=(5, 4))
+    for minx, miny, maxx, maxy in tiles:
+        ax.add_patch(Rectangle((minx, miny), maxx - minx, maxy - miny, fill=False, lw=0.4, ec="0.6"))
     for name in sorted(set(cat.tolist())):
         m = cat == name
         ax.scatter(x[m], y[m], s=2, label=f"{name} ({m.sum():,})")
+    for g in polygons:
+        ax.add_patch(Patch(np.asarray(g.exterior.coords), closed=True, fc="red", ec="darkred", lw=0.3))
+    handles, _ = ax.get_legend_handles_labels()
+    if len(polygons):
+        handles.append(Patch([[0, 0]], fc="red", ec="darkred", label=f"polygons ({len(polygons):,} drawn)"))
+    ax.autoscale_view()
     ax.set_aspect("equal")
     ax.set_title(title, fontsize=9)
     ax.tick_params(labelsize=6)
-    ax.legend(fontsize=6, markerscale=4, loc="best")
+    ax.legend(handles=handles, fontsize=6, markerscale=4, loc="best")
+    return png_markdown(fig)
+
+
+def chip_grid(examples: dict[str, list[tuple]], title: str) -> MetadataValue:
+    """Example chips per class: one row per label, each chip (3, S, S uint8) titled with its score."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = sorted(examples)
+    cols = max((len(v) for v in examples.values()), default=1)
+    fig, axes = plt.subplots(max(len(labels), 1), cols, figsize=(1.2 * cols, 1.35 * max(len(labels), 1)), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for r, label in enumerate(labels):
+        for c, (chip, score) in enumerate(examples[label]):
+            axes[r][c].imshow(chip.transpose(1, 2, 0))
+            axes[r][c].set_title(f"{label} {score:.2f}", fontsize=6)
+    fig.suptitle(title, fontsize=8)
     return png_markdown(fig)
 
 

@@ -19,18 +19,19 @@ from pydantic import Field
 
 from assets.chips import chips
 from assets.errors import IO_RETRY, bad_input_fails_fast
-from assets.metadata import counts_table, points_map
+from assets.metadata import chip_grid, counts_table, points_map
 from assets.owners import ML
 from assets.partitions import departements_partitions
 from assets.roof_model import roof_model
 from assets.solar_model import solar_model
 from ops.geo.departements import check_departement
+from ops.imagery.mosaic import MosaicInfo
 from ops.ml.batch_size import CPU_DEFAULT_BATCH, CUDA_DEFAULT_BATCH, choose_batch_size, machine_key, models_key
 from ops.ml.card import check_outputs
 from ops.ml.catalog import MODELS
 from ops.ml.inference import BatchRunner, forward_fn, pick_device, reuse_freed_memory
 from ops.ml.predict import ModelRun, PartitionPredictions, ShardPredictions, check_partition, predict_partition
-from ops.shards import list_shards
+from ops.shards import list_shards, open_chips
 from resources import keys
 from resources.env import kinds
 from resources.model_store import ModelStore
@@ -145,6 +146,7 @@ def predictions(
                 f"partition {dep}: {tally.statuses['error']} buildings with status error (see chips index messages)"
             )
         xs, ys = tally.centres()
+        tiles = [t.bounds for t in MosaicInfo.from_json(store.path(keys.mosaic_info(dep)).read_text()).tiles]
         metadata = {
             "rows": sum(loaded.values()),
             "predicted": tally.chips,
@@ -167,7 +169,14 @@ def predictions(
                 ys,
                 tally.map_categories.get(c.name, []),
                 f"{c.name}@{c.version} in {dep}: label, or status when not predicted",
+                polygons=tally.polygons.get(c.name, []),
+                tiles=tiles,
             )
+            examples = {
+                label: [(open_chips(folder, shard)[row], score) for shard, row, score in found]
+                for label, found in tally.examples.get(c.name, {}).items()
+            }
+            metadata[f"{c.name}_examples"] = chip_grid(examples, f"{c.name}@{c.version} in {dep}: examples and scores")
             metadata[f"{c.name}_staged"] = MetadataValue.path(str(staged[c.name]))
             if c.name in tally.area_m2:
                 metadata[f"{c.name}_area_m2"] = round(tally.area_m2[c.name], 1)

@@ -181,3 +181,12 @@ def test_a_score_outside_zero_one_fails_the_score_check(env, sound):
     finally:
         sql(env, "update predictions set score = score - 1 where score > 1")
     assert evaluations(run(env, checks_only(name)))[name].passed
+
+
+def test_predictions_show_a_map_and_example_chips_of_each_label(sound):
+    """What a user opens in the UI: per model, a map (labels, panel polygons, tiles) and example chips per label."""
+    pred = next(e for e in sound.get_asset_materialization_events() if e.asset_key.to_user_string() == "predictions")
+    md = pred.step_materialization_data.materialization.metadata
+    for model in ("roof_type", "solar_panels"):
+        for key in (f"{model}_map", f"{model}_examples"):
+            assert str(md[key].value).startswith("![preview](data:image/png;base64,"), key

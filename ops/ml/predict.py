@@ -163,19 +163,36 @@ def check_partition(
     return n_chips
 
 
+#: What the step keeps for its pictures, whatever the partition's size: map points, polygons, example chips.
+MAP_POINTS = 5_000
+MAP_POLYGONS = 2_000
+EXAMPLES_PER_CLASS = 6
+
+
 @dataclass
 class PartitionPredictions:
-    """What a partition's predictions came to: for the step's checks, logs and metadata."""
+    """What a partition's predictions came to: for the step's checks, logs and metadata.
 
+    Counts cover every building; what is kept for pictures is bounded: about
+    :data:`MAP_POINTS` chip centres (every ``stride``-th building), a seeded
+    reservoir of :data:`MAP_POLYGONS` segmentation polygons per model, and the
+    first :data:`EXAMPLES_PER_CLASS` chips of each label (shard, row, score).
+    """
+
+    stride: int = 1  # one building in `stride` is kept for the map
     statuses: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STATUSES, 0))
     labels: dict[str, dict[str, int]] = field(default_factory=dict)  # model → label → buildings
     rows: dict[str, int] = field(default_factory=dict)  # model → rows staged
     area_m2: dict[str, float] = field(default_factory=dict)  # segmentation model → polygon area
     chips: int = 0  # chips predicted
     seconds: float = 0.0
-    map_x: list[np.ndarray] = field(default_factory=list)  # chip-window centres, native CRS
+    seen: int = 0  # buildings counted so far
+    map_x: list[np.ndarray] = field(default_factory=list)  # sampled chip-window centres, native CRS
     map_y: list[np.ndarray] = field(default_factory=list)
     map_categories: dict[str, list[str]] = field(default_factory=dict)  # model → label, or status without one
+    polygons: dict[str, list] = field(default_factory=dict)  # segmentation model → sampled polygons, native CRS
+    polygons_seen: dict[str, int] = field(default_factory=dict)
+    examples: dict[str, dict[str, list[tuple[str, int, float]]]] = field(default_factory=dict)
 
     def add(self, res: ShardPredictions, cards: Sequence[ModelCard]) -> list[str]:
         """Count one shard's results; returns its status column."""
@@ -184,20 +201,49 @@ class PartitionPredictions:
         for s in status:
             self.statuses[s] += 1
         self.chips += res.n_chips
-        self.map_x.append((idx.column("minx").to_numpy(False) + idx.column("maxx").to_numpy(False)) / 2)
-        self.map_y.append((idx.column("miny").to_numpy(False) + idx.column("maxy").to_numpy(False)) / 2)
+        keep = np.flatnonzero(np.arange(self.seen, self.seen + idx.num_rows) % self.stride == 0)
+        self.seen += idx.num_rows
+        minx, maxx = idx.column("minx").to_numpy(False), idx.column("maxx").to_numpy(False)
+        miny, maxy = idx.column("miny").to_numpy(False), idx.column("maxy").to_numpy(False)
+        self.map_x.append(((minx + maxx) / 2)[keep])
+        self.map_y.append(((miny + maxy) / 2)[keep])
+        chip_rows = idx.column("row").to_numpy()
         for card in cards:
             cols = res.columns[card.name]
             counts = self.labels.setdefault(card.name, {})
-            for lab in cols.labels:
-                if lab is not None:
-                    counts[lab] = counts.get(lab, 0) + 1
+            examples = self.examples.setdefault(card.name, {})
+            for i, lab in enumerate(cols.labels):
+                if lab is None:
+                    continue
+                counts[lab] = counts.get(lab, 0) + 1
+                got = examples.setdefault(lab, [])
+                if len(got) < EXAMPLES_PER_CLASS:
+                    got.append((res.shard, int(chip_rows[i]), float(cols.scores[i])))
             if card.task == "segmentation":
                 self.area_m2[card.name] = self.area_m2.get(card.name, 0.0) + polygon_area_m2(cols)
+                self._sample_polygons(card.name, cols)
             self.map_categories.setdefault(card.name, []).extend(
-                lab if lab is not None else st for lab, st in zip(cols.labels, status, strict=True)
+                cols.labels[i] if cols.labels[i] is not None else status[i] for i in keep.tolist()
             )
         return status
+
+    def _sample_polygons(self, model: str, cols: Columns) -> None:
+        """Reservoir sampling (seeded, so the picture is the same run to run) of the model's polygons."""
+        kept = self.polygons.setdefault(model, [])
+        rng = np.random.default_rng(self.polygons_seen.get(model, 0))
+        n = self.polygons_seen.get(model, 0)
+        for g in cols.geometries or ():
+            if g is None:
+                continue
+            for part in getattr(g, "geoms", [g]):
+                if len(kept) < MAP_POLYGONS:
+                    kept.append(part)
+                else:
+                    j = int(rng.integers(0, n + 1))
+                    if j < MAP_POLYGONS:
+                        kept[j] = part
+                n += 1
+        self.polygons_seen[model] = n
 
     def centres(self) -> tuple[np.ndarray, np.ndarray]:
         if not self.map_x:
@@ -232,7 +278,7 @@ def predict_partition(
     cards = [r.card for r in runs]
     expected = pq.ParquetFile(buildings).metadata.num_rows
     now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
-    tally = PartitionPredictions(rows=dict.fromkeys(staged, 0))
+    tally = PartitionPredictions(stride=max(1, -(-expected // MAP_POINTS)), rows=dict.fromkeys(staged, 0))
     writers = {
         n: pq.ParquetWriter(p.with_suffix(".tmp"), PREDICTIONS_SCHEMA, compression="zstd") for n, p in staged.items()
     }
