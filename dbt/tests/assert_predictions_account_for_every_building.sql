@@ -5,6 +5,7 @@
   Returns one row per violation with its kind: missing (a building without a prediction
   row), duplicated (a building with several rows), unexpected (a row whose building is
   not a building of that département, or has no building_id).
+  A partition run (var('departement')) checks that département only.
 -#}
 
 with
@@ -12,12 +13,14 @@ with
 buildings as (
 
     select building_id, departement from {{ ref('stg_buildings') }}
+    where {{ bativision.in_partition() }}
 
 ),
 
 predictions as (
 
     select building_id, departement, model_name, model_version from {{ ref('stg_predictions') }}
+    where {{ bativision.in_partition() }}
 
 ),
 

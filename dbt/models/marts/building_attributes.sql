@@ -2,7 +2,12 @@
   One row per building with, for each attribute model of var('attribute_models'), the
   prediction of its latest model version for that building: the model_version with the most
   recent predicted_at (ties broken by model_version), whatever its status.
+  A partition run (var('departement')) rebuilds that département's rows only.
 -#}
+{{ config(
+    partition_by=bativision.mart_partition_by() if target.type == 'bigquery' else none,
+    partitions=bativision.mart_partitions() if target.type == 'bigquery' else none,
+) }}
 {%- set attribute_models = bativision.attribute_models() -%}
 
 with
@@ -10,6 +15,7 @@ with
 buildings as (
 
     select * from {{ ref('stg_buildings') }}
+    where {{ bativision.in_partition() }}
 
 ),
 
@@ -26,10 +32,11 @@ latest_attribute_predictions as (
 
     from {{ ref('stg_predictions') }}
 
+    where {{ bativision.in_partition() }}
     {% if attribute_models | length > 0 -%}
-    where model_name in {{ bativision.sql_string_list(attribute_models) }}
+    and model_name in {{ bativision.sql_string_list(attribute_models) }}
     {%- else -%}
-    where 1 = 0
+    and 1 = 0
     {%- endif %}
 
     qualify row_number() over (
@@ -42,6 +49,7 @@ latest_attribute_predictions as (
 select
     buildings.building_id,
     buildings.departement,
+    {{ bativision.departement_key('buildings.departement') }} as departement_key,
     buildings.cell_id,
     buildings.geometry,
     buildings.geometry_wkt,

@@ -1,7 +1,12 @@
 {#-
   One row per (département, model_name, model_version) present in predictions: how the
   département's buildings were accounted for by that model version.
+  A partition run (var('departement')) rebuilds that département's rows only.
 -#}
+{{ config(
+    partition_by=bativision.mart_partition_by() if target.type == 'bigquery' else none,
+    partitions=bativision.mart_partitions() if target.type == 'bigquery' else none,
+) }}
 {%- set statuses = ['ok', 'no_imagery', 'nodata', 'invalid_geometry', 'error'] -%}
 
 with
@@ -9,12 +14,14 @@ with
 buildings as (
 
     select * from {{ ref('stg_buildings') }}
+    where {{ bativision.in_partition() }}
 
 ),
 
 predictions as (
 
     select * from {{ ref('stg_predictions') }}
+    where {{ bativision.in_partition() }}
 
 ),
 
@@ -108,6 +115,7 @@ label_distributions as (
 
 select
     prediction_counts.departement,
+    {{ bativision.departement_key('prediction_counts.departement') }} as departement_key,
     prediction_counts.model_name,
     prediction_counts.model_version,
     prediction_counts.task,
