@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 
-.PHONY: install install-emulators demo test ui lint sample clean bench-crop bench-infer bench-prefetch
+.PHONY: install install-emulators install-browser demo test ui lint sample clean bench-crop bench-infer bench-prefetch
 
 $(BIN)/python:
 	@command -v $(PY) >/dev/null || { echo "$(PY) not found: install Python 3.11"; exit 1; }
@@ -39,10 +39,18 @@ $(BQ_STAMP): requirements-bigquery-emulator.lock tests/standins/install_duckdb_e
 
 install-emulators: $(BQ_STAMP)
 
+# The UI test drives Debian's Chromium through its ChromeDriver (nothing downloads a browser at run
+# time): installed from the distribution's packages when missing (as root, or through sudo).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+install-browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  command -v apt-get >/dev/null || { echo "install chromium and chromedriver (Debian: chromium chromium-driver)"; exit 1; }; \
+	  $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends chromium chromium-driver; }
+
 demo: install
 	$(BIN)/python -m orchestration.demo
 
-test: install install-emulators
+test: install install-emulators install-browser
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -n 2 --dist loadgroup
 

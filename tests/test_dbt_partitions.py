@@ -80,7 +80,10 @@ def test_a_broken_departement_fails_its_own_run_only_and_keeps_its_rows(env):
     env, _ = env
     before_12, before_2a = mart_rows(env, "12"), mart_rows(env, "2A")
     query(env, "create table _lost as select * from predictions where departement = '2A' limit 1")
-    query(env, "delete from predictions p using _lost l where p.building_id = l.building_id and p.model_name = l.model_name")
+    query(
+        env,
+        "delete from predictions p using _lost l where p.building_id = l.building_id and p.model_name = l.model_name",
+    )
     try:
         other = run(env, DBT_MODELS, "12")
         assert other.success, "a broken 2A failed 12's dbt run"
