@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 
-.PHONY: install install-emulators install-browser demo test ui lint sample clean bench-crop bench-infer bench-prefetch
+.PHONY: install install-emulators install-browser demo test ui lint sample clean bench-crop bench-infer bench-prefetch bench-pods capacity
 
 $(BIN)/python:
 	@command -v $(PY) >/dev/null || { echo "$(PY) not found: install Python 3.11"; exit 1; }
@@ -76,6 +76,14 @@ bench-prefetch: install
 
 bench-infer: install
 	$(BIN)/python -m bench.infer
+
+# memory and scratch of each step, measured: the figures orchestration/pods.py sizes the step pods from
+bench-pods: install
+	$(BIN)/python -m bench.pods
+
+# what enriching France takes on a GKE node pool (k8s/README.md, "Capacity plan")
+capacity: install
+	$(BIN)/python -m orchestration.capacity --france --estimate-only
 
 clean:
 	rm -rf data .dagster_home dbt/target dbt/logs $(BQ_VENV)

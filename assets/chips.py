@@ -14,6 +14,7 @@ from assets.metadata import counts_table
 from assets.mosaic import ortho_mosaic
 from assets.owners import PIPELINE
 from assets.partitions import departements_partitions
+from ops.cpus import available_cpus
 from ops.crop.partition import crop_partition
 from ops.crop.prefetch import Prefetcher
 from ops.crop.spec import CROP_VERSION, ChipSpec, file_digest
@@ -33,7 +34,11 @@ class ChipsConfig(Config):
     margin_m: float = Field(default=2.0, description="Minimum margin around the building's bounding box, metres")
     margin_ratio: float = Field(default=0.15, description="Margin as a fraction of the building's extent, if larger")
     min_valid_fraction: float = Field(default=0.5, description="Below this share of valid pixels a chip is `nodata`")
-    workers: int = Field(default=1, description="Worker processes cropping cells in parallel")
+    workers: int = Field(
+        default=0,
+        description="Worker processes cropping cells in parallel; 0 = the CPUs this step may use "
+        "(in a pod: its CPU limit, read from the cgroup quota, so the pod's size sets the workers)",
+    )
     resume: bool = Field(default=True, description="Reuse cells whose shard was cut from the same inputs")
     prefetch: Literal["auto", "always", "never"] = Field(
         default="auto",
@@ -106,7 +111,7 @@ def chips(
                 out,
                 spec,
                 buildings_fingerprint=file_digest(bpath),
-                workers=config.workers,
+                workers=config.workers or available_cpus(),
                 resume=config.resume,
                 progress=progress,
                 prefetch=prefetcher,

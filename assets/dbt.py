@@ -7,11 +7,14 @@ invariant among them) after that département's predictions landed.
 """
 
 import fcntl
+import hashlib
 import json
 import os
 import subprocess
 import sys
 import tempfile
+import uuid
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,23 +31,67 @@ DBT_DIR = Path(__file__).resolve().parent.parent / "dbt"
 dbt_project = DbtProject(project_dir=DBT_DIR, profiles_dir=DBT_DIR)
 
 
+def scratch_dir() -> Path:
+    """This process's writable scratch folder: ``$BATIVISION_CACHE_DIR/bativision``, else the temp dir's.
+
+    The production image's root filesystem is read-only: its pods mount a
+    scratch volume there (and point ``TMPDIR`` at it too).
+    """
+    return Path(os.environ.get("BATIVISION_CACHE_DIR") or tempfile.gettempdir()) / "bativision"
+
+
 def ensure_manifest(project_dir: Path = DBT_DIR) -> Path:
     """Parse the dbt project if its manifest is missing or older than its sources.
 
     Dagster builds the dbt assets from the manifest at import time; a fresh
     clone has none, and a stale one would show models that no longer exist.
-    Several processes import this module at once (test workers, the code
-    server and its run workers), so the parse runs under a file lock, into a
-    private target folder, and the manifest is swapped in whole: a reader
-    never sees half a file.
+    A current manifest is only read: importing the code location writes
+    nothing (the image parses at build time and runs on a read-only root
+    filesystem). Several processes may import this module at once (test
+    workers, the code server and its run workers), so a parse runs under a
+    file lock, into a private target folder, and the manifest is swapped in
+    whole: a reader never sees half a file. Where the project cannot be
+    written, a stale manifest is parsed into the scratch folder instead.
     """
     manifest = project_dir / "target" / "manifest.json"
+    if not _manifest_is_stale(project_dir, manifest):
+        return manifest
+    if not _writable(manifest.parent):
+        key = hashlib.sha256(str(project_dir.resolve()).encode()).hexdigest()[:12]
+        warnings.warn(
+            f"{manifest} is missing or stale and {project_dir} is read-only: parsing into the scratch folder",
+            stacklevel=2,
+        )
+        manifest = scratch_dir() / "dbt-manifest" / key / "manifest.json"
     manifest.parent.mkdir(parents=True, exist_ok=True)
     with open(manifest.parent / ".parse.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if _manifest_is_stale(project_dir, manifest):
             _parse_into(project_dir, manifest)
     return manifest
+
+
+def run_target_dir(project_dir: Path = DBT_DIR) -> Path:
+    """The folder under which each dbt invocation gets its own target folder, which also holds its logs.
+
+    ``DBT_TARGET_PATH`` when set (dbt's own variable; relative to the project,
+    as in dbt); else the scratch folder when ``BATIVISION_CACHE_DIR`` is set
+    (a pod's scratch volume); else the project's ``target/`` where it can be
+    written (a checkout: the demo and the tests); else the temp dir's scratch.
+    """
+    if os.environ.get("DBT_TARGET_PATH"):
+        return project_dir / os.environ["DBT_TARGET_PATH"]
+    if os.environ.get("BATIVISION_CACHE_DIR"):
+        return scratch_dir() / "dbt-target"
+    target = project_dir / "target"
+    return target if _writable(target) else scratch_dir() / "dbt-target"
+
+
+def _writable(folder: Path) -> bool:
+    """Whether files can be created in `folder`, or in its nearest existing parent (it would be created)."""
+    while not folder.exists() and folder.parent != folder:
+        folder = folder.parent
+    return os.access(folder, os.W_OK)
 
 
 def _manifest_is_stale(project_dir: Path, manifest: Path) -> bool:
@@ -67,6 +114,8 @@ def _parse_into(project_dir: Path, manifest: Path) -> None:
             "--profiles-dir",
             str(project_dir),
             "--target-path",
+            scratch,
+            "--log-path",
             scratch,
         ]
         subprocess.run([str(dbt), *args, "--quiet"], check=True, env=env, cwd=project_dir)
@@ -104,4 +153,6 @@ class BativisionDbtTranslator(DagsterDbtTranslator):
 def bativision_dbt_models(context: AssetExecutionContext, dbt: DbtCliResource, warehouse: Warehouse):
     os.environ.update(warehouse.dbt_env())
     args = ["build", "--vars", json.dumps({"departement": context.partition_key})]
-    yield from dbt.cli(args, context=context).stream()
+    # a folder of its own per invocation (dagster-dbt's naming), outside the project where it is read-only
+    name = f"{context.op_execution_context.op.name}-{context.run.run_id[:7]}-{uuid.uuid4().hex[:7]}"
+    yield from dbt.cli(args, context=context, target_path=run_target_dir() / name).stream()

@@ -9,7 +9,6 @@ transaction, so a re-run never duplicates and readers never see half a
 partition), and reports.
 """
 
-import os
 import time
 
 import pyarrow.parquet as pq
@@ -24,6 +23,7 @@ from assets.owners import ML
 from assets.partitions import departements_partitions
 from assets.roof_model import roof_model
 from assets.solar_model import solar_model
+from ops.cpus import available_cpus
 from ops.geo.departements import check_departement
 from ops.imagery.mosaic import MosaicInfo
 from ops.ml.batch_size import CPU_DEFAULT_BATCH, CUDA_DEFAULT_BATCH, choose_batch_size, machine_key, models_key
@@ -33,10 +33,10 @@ from ops.ml.inference import BatchRunner, forward_fn, pick_device, reuse_freed_m
 from ops.ml.predict import ModelRun, PartitionPredictions, ShardPredictions, check_partition, predict_partition
 from ops.shards import list_shards, open_chips
 from resources import keys
-from resources.env import kinds
+from resources.env import inference_pool, kinds
 from resources.model_store import ModelStore
 from resources.object_store import ObjectStore
-from resources.warehouse import WAREHOUSE_POOL, Warehouse
+from resources.warehouse import Warehouse
 
 
 class PredictionsConfig(Config):
@@ -51,7 +51,7 @@ class PredictionsConfig(Config):
     )
     device: str = Field(default="auto", description="torch device: auto (CUDA if present), cpu, cuda")
     prefetch_batches: int = Field(default=3, description="Batches read ahead by the background loader")
-    threads: int = Field(default=0, description="torch CPU threads; 0 = every core this process may use")
+    threads: int = Field(default=0, description="torch CPU threads; 0 = the CPUs this step may use (a pod's CPU limit)")
 
 
 @asset(
@@ -60,7 +60,7 @@ class PredictionsConfig(Config):
     group_name="inference",
     kinds=kinds("pytorch", "parquet", warehouse=True),
     owners=ML,
-    pool=WAREHOUSE_POOL,
+    pool=inference_pool(),
     code_version="2",
     retry_policy=IO_RETRY,
     description="Roof type (classification) and solar panels (segmentation, polygons) of every building, "
@@ -77,7 +77,7 @@ def predictions(
     with bad_input_fails_fast():
         dep = check_departement(context.partition_key)
         device = pick_device(config.device)
-        torch.set_num_threads(config.threads or len(os.sched_getaffinity(0)))
+        torch.set_num_threads(config.threads or available_cpus())
         reuse_freed_memory()
         unknown = sorted(set(config.model_versions) - set(config.models))
         if unknown:

@@ -8,12 +8,13 @@ model version (a hash of the weights), so a new model marks every
 from dagster import AssetExecutionContext, MaterializeResult, asset
 
 from assets.chips import chips
+from assets.errors import IO_RETRY
 from assets.owners import ML
 from assets.training_sets import ModelTrainingConfig, describe, save_and_report, training_arrays
 from ops.ml.catalog import ROOF_CLASSES, ROOF_TYPE
 from ops.ml.datasets import labelled_chips, read_labels
 from ops.ml.training import train_classifier
-from resources.env import kinds
+from resources.env import GPU_POOL, kinds
 from resources.imagery import FootprintSource
 from resources.model_store import ModelStore
 from resources.object_store import ObjectStore
@@ -28,6 +29,8 @@ class RoofModelConfig(ModelTrainingConfig):
     group_name="model",
     kinds=kinds("pytorch"),
     owners=ML,
+    pool=GPU_POOL,
+    retry_policy=IO_RETRY,  # also a pod preempted on a spot GPU node: the health check fails, the step is retried
     code_version="1",
     description="Roof-type classifier (flat/gable/hip) trained on labelled chips; versioned by weights hash.",
 )

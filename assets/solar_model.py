@@ -8,12 +8,13 @@ from dagster import AssetExecutionContext, MaterializeResult, asset
 from pydantic import Field
 
 from assets.chips import chips
+from assets.errors import IO_RETRY
 from assets.owners import ML
 from assets.training_sets import ModelTrainingConfig, describe, save_and_report, training_arrays
 from ops.ml.catalog import PANEL_CLASSES, SOLAR_PANELS
 from ops.ml.datasets import panel_training_set, read_polygons
 from ops.ml.training import train_segmenter
-from resources.env import kinds
+from resources.env import GPU_POOL, kinds
 from resources.imagery import FootprintSource
 from resources.model_store import ModelStore
 from resources.object_store import ObjectStore
@@ -31,6 +32,8 @@ class SolarModelConfig(ModelTrainingConfig):
     group_name="model",
     kinds=kinds("pytorch"),
     owners=ML,
+    pool=GPU_POOL,
+    retry_policy=IO_RETRY,  # also a pod preempted on a spot GPU node: the health check fails, the step is retried
     code_version="1",
     description="Solar-panel segmenter (per-pixel none/solar_panel) trained on ground-truth polygons; versioned by weights hash.",
 )

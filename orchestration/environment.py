@@ -27,6 +27,7 @@ from dagster_dbt import DbtCliResource
 from dagster_k8s import k8s_job_executor
 
 from assets.dbt import DBT_DIR
+from orchestration.pods import POD_ENV, k8s_executor_config
 from resources.bigquery import BigQueryWarehouse
 from resources.env import current_env
 from resources.gcs import GcsObjectStore
@@ -49,28 +50,7 @@ PROD_ENV = {
     "BATIVISION_BQ_API_ENDPOINT": "BigQuery endpoint override (unset in production; tests: the emulator)",
     "BATIVISION_GCS_API_ENDPOINT": "Cloud Storage endpoint override (unset in production; tests: the emulator)",
     "BATIVISION_EXECUTOR": "k8s (default) or multiprocess (prod resources without a cluster)",
-}
-
-# Per-step pod resources under the k8s executor (op names): cropping is CPU/memory-heavy,
-# inference wants a GPU (a node pool with the NVIDIA device plugin, tainted for GPU work).
-_GPU_STEP = {
-    "container_config": {
-        "resources": {
-            "requests": {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": "1"},
-            "limits": {"memory": "16Gi", "nvidia.com/gpu": "1"},
-        }
-    },
-    "pod_spec_config": {
-        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
-    },
-}
-PROD_STEP_K8S_CONFIG = {
-    "chips": {
-        "container_config": {"resources": {"requests": {"cpu": "4", "memory": "16Gi"}, "limits": {"memory": "16Gi"}}}
-    },
-    "predictions": _GPU_STEP,
-    "roof_model": _GPU_STEP,
-    "solar_model": _GPU_STEP,
+    **POD_ENV,
 }
 
 
@@ -148,11 +128,10 @@ def executor_for(env: str | None = None):
     """Locally, multiprocess: each step in its own process. In prod, one Kubernetes pod per step.
 
     The pods take the image, namespace and environment of the run launcher
-    (``k8s/values.yaml``); GPU and memory requests go to the steps that need them.
+    (``k8s/values.yaml``); what each pod asks for, where it runs and as whom is in
+    :mod:`orchestration.pods`.
     ``BATIVISION_EXECUTOR=multiprocess`` keeps prod's resources on one machine (a VM, no cluster).
     """
     if (env or current_env()) == "prod" and os.environ.get("BATIVISION_EXECUTOR", "k8s") != "multiprocess":
-        return k8s_job_executor.configured(
-            {"max_concurrent": 8, "per_step_k8s_config": PROD_STEP_K8S_CONFIG}, name="bativision_k8s"
-        )
+        return k8s_job_executor.configured(k8s_executor_config(), name="bativision_k8s")
     return multiprocess_executor.configured({"max_concurrent": 2})

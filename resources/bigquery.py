@@ -13,27 +13,36 @@ never duplicates rows:
 
 Tables are created on first use, clustered by ``departement``, so reading a
 partition scans only its blocks. Concurrent writers to one table would abort
-each other's transactions: the assets that write here share the ``warehouse``
-Dagster pool, limited to one in ``orchestration/instance/prod.yaml``.
+each other's transactions: ``buildings`` and the dbt models share the ``warehouse``
+Dagster pool, limited to one in ``orchestration/instance/prod.yaml``; ``predictions``,
+whose steps hold GPUs and run side by side, retries a transaction that BigQuery
+aborted for a concurrent update of the same table (:func:`run_transaction`): the
+script replaces only its own partition, so running it again is safe.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import random
 import tempfile
+import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TypeVar
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from dagster import get_dagster_logger
+from google.api_core.exceptions import GoogleAPICallError
 from google.cloud import bigquery
 from pydantic import Field, PrivateAttr
 
 from resources.gcp import client_options, credentials_for
 from resources.warehouse import TABLE_COLUMNS, Warehouse
+
+T = TypeVar("T")
 
 _BQ_TYPES = {"string": "STRING", "float": "FLOAT64", "geometry": "GEOGRAPHY", "timestamp": "TIMESTAMP"}
 # Column name → (BigQuery type, required), from the one description of the tables.
@@ -72,6 +81,29 @@ def query_parameter(name: str | None, value) -> bigquery.ScalarQueryParameter:
     if typ is None:
         raise TypeError(f"query parameter {name or ''} = {value!r}: unsupported type {type(value).__name__}")
     return bigquery.ScalarQueryParameter(name, typ, value)
+
+
+#: BigQuery's message when two transactions on one table collide: the later one is aborted, not queued.
+CONCURRENT_UPDATE = "concurrent update"
+TRANSACTION_ATTEMPTS = 8
+
+
+def run_transaction(
+    run: Callable[[], T], what: str, attempts: int = TRANSACTION_ATTEMPTS, first_wait_s: float = 2.0
+) -> T:
+    """Run a partition's replace-transaction, again with growing jittered waits while a concurrent one aborts it."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return run()
+        except GoogleAPICallError as exc:
+            if CONCURRENT_UPDATE not in str(exc).lower() or attempt == attempts:
+                raise
+            wait = first_wait_s * 2 ** (attempt - 1) * (0.5 + random.random())
+            get_dagster_logger().warning(
+                f"{what}: transaction aborted by a concurrent one (attempt {attempt}/{attempts}); again in {wait:.0f} s"
+            )
+            time.sleep(wait)
+    raise AssertionError("unreachable")
 
 
 class BigQueryWarehouse(Warehouse):
@@ -193,7 +225,10 @@ END;"""
         params = [query_parameter(f"w_{k}", v) for k, v in filters.items()] + [query_parameter("expected", n)]
         client = self.client()
         try:
-            client.query_and_wait(script, job_config=bigquery.QueryJobConfig(query_parameters=params))
+            run_transaction(
+                lambda: client.query_and_wait(script, job_config=bigquery.QueryJobConfig(query_parameters=params)),
+                f"{table}[{departement}]",
+            )
         finally:
             if stage_id:
                 client.delete_table(stage_id, not_found_ok=True)

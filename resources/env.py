@@ -38,3 +38,20 @@ def kinds(*own: str, warehouse: bool = False, store: bool = True) -> set[str]:
     if store and engines["store"] != "filesystem":
         out.add(engines["store"])
     return out
+
+
+#: The Dagster pool of the steps that hold a GPU (training, inference): its limit is the GPUs there are.
+GPU_POOL = "gpu"
+
+
+def inference_pool() -> str:
+    """The pool of ``predictions``, which both holds a GPU and writes the warehouse.
+
+    Locally it writes DuckDB, which one process at a time may open for writing: the ``warehouse``
+    pool, with ``buildings`` and the dbt models. In production the GPU is what is scarce, and
+    BigQuery takes writes of different partitions at once (a transaction aborted by a concurrent
+    one is retried: ``resources/bigquery.py``): the ``gpu`` pool.
+    """
+    from resources.warehouse import WAREHOUSE_POOL
+
+    return GPU_POOL if current_env() == "prod" else WAREHOUSE_POOL

@@ -24,12 +24,18 @@ MAY_IMPORT: dict[str, set[str]] = {
     "ops.geo": set(),
     "ops.imagery": {"ops.geo"},
     "ops.shards": set(),
-    "ops.crop": {"ops.geo", "ops.imagery", "ops.shards"},
-    "ops.ml": {"ops.geo", "ops.shards"},
+    "ops.cpus": set(),
+    "ops.crop": {"ops.geo", "ops.imagery", "ops.shards", "ops.cpus"},
+    "ops.ml": {"ops.geo", "ops.shards", "ops.cpus"},
     "resources": {"ops.geo", "ops.imagery", "ops.crop", "ops.ml", "ops.shards"},
     "synthetic": {"ops.geo", "ops.ml"},
-    "assets": {"ops.geo", "ops.imagery", "ops.crop", "ops.ml", "ops.shards", "resources"},
-    "orchestration": {"assets", "ops.geo", "ops.imagery", "ops.crop", "ops.ml", "ops.shards", "resources", "synthetic"},
+    "assets": {"ops.geo", "ops.imagery", "ops.crop", "ops.ml", "ops.shards", "ops.cpus", "resources"},
+    "orchestration": {
+        "assets",
+        *("ops.geo", "ops.imagery", "ops.crop", "ops.ml", "ops.shards", "ops.cpus"),
+        "resources",
+        "synthetic",
+    },
 }
 FRAMEWORK_FREE = ("ops", "synthetic")  # no Dagster: importable, testable and benchmarkable on their own
 

@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 import rasterio
 import torch
 
+from ops.cpus import available_cpus
 from ops.crop.cut import cut_cell
 from ops.crop.lanes import Schedule
 from ops.crop.spec import ChipSpec
@@ -224,7 +225,7 @@ def crop_partition(
     todo.sort(key=lambda t: -size[t.cell_id])  # stable: cells come from cell_tasks grouped, parts in order
     by_shard = {t.shard_id: t for t in todo}
     single = workers <= 1 or len(todo) <= 1
-    n = 1 if single else min(workers, len(todo), os.cpu_count() or 1)
+    n = 1 if single else min(workers, len(todo), available_cpus())
     init_args = (info.to_json(), spec)
     ready = _prefetched(todo, prefetch, prefetch_depth)
     # in-process, the worker set-up must not outlive the crop (a later step in the same process, or a

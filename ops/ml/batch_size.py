@@ -11,7 +11,6 @@ partition measures again.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ops.cpus import available_cpus
 from ops.ml.card import ModelCard
 from ops.ml.inference import Forward, tune_batch_size
 from ops.shards import open_chips
@@ -34,7 +34,7 @@ def machine_key(device: torch.device) -> str:
     """What the best batch size depends on: the device model, or the CPU count and torch threads."""
     if device.type == "cuda":
         return "cuda-" + "".join(c if c.isalnum() else "_" for c in torch.cuda.get_device_name(device))
-    return f"cpu{os.cpu_count()}-threads{torch.get_num_threads()}"
+    return f"cpu{available_cpus()}-threads{torch.get_num_threads()}"
 
 
 def models_key(cards: Sequence[ModelCard]) -> str:

@@ -1,0 +1,496 @@
+"""Capacity plan: core-hours, GPU-hours, wall time and cost of enriching départements or France.
+
+    python -m orchestration.capacity                       # all of France (the default)
+    python -m orchestration.capacity --departements 75 2A  # a table per département, then the total
+    python -m orchestration.capacity --gpu-nodes 14 --gpu-images-per-s roof_type=9000 --measured
+
+Why a module of its own: sizing a node pool, or answering "what does France cost?", should take
+seconds and say which of its inputs were measured and which are only stated. Every figure below is
+a named constant whose comment gives its source; what was measured on this project's 2-core VM is
+labelled measured, what nobody has measured here (anything on a GPU, prices) is labelled stated.
+
+The arithmetic (:func:`plan`) is pure: frozen inputs (:class:`Rates`, :class:`Pool`,
+:class:`Prices`) and a frozen :class:`Plan`. Only the command line looks at footprint files, and
+imports Dagster-backed resources for it lazily, so this module stays a plain one.
+
+Work model (one chip per building; every model runs on every chip; no building is skipped, so this
+is an upper bound where some chips end ``no_imagery`` or ``nodata``):
+
+- crop core-hours = buildings / (chips/s per core) / 3600;
+- GPU-hours = buildings × Σ over models (1 / images/s of that model on one GPU) / 3600;
+- wall time = max(crop core-hours / crop cores, GPU-hours / GPUs)  (the bottleneck stage: crop and
+  inference of *different* départements overlap, since each run's ``predictions`` waits only for
+  its own ``chips``)
+  + the other stage's time for the largest département alone (the pipeline's fill or drain: the
+  first partition's crop before any GPU work, or the last one's inference after the last crop)
+  + ceil(partitions / concurrent runs) × a per-partition overhead (pods scheduled, images pulled,
+  ``buildings``, ``ortho_mosaic``, model loading, dbt: nothing measured it, so it is stated).
+  Crop cores and GPUs are what the pool can really keep busy: crop cores = min(nodes × usable cores,
+  concurrent runs × crop workers per run, partitions × crop workers per run), GPUs = min(GPU nodes,
+  concurrent runs, predictions steps allowed at once, partitions), since one ``predictions`` step
+  holds one GPU. A single département is therefore crop + inference + overhead, one after the other.
+- cost = crop core-hours × price per vCPU-hour + GPU-hours × price per GPU node-hour (the work,
+  with nodes that scale to it); pool cost = wall time × the whole pool's hourly price (nodes held
+  for the whole run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from types import MappingProxyType
+
+from ops.geo.departements import DEPARTEMENTS, check_departement
+from ops.ml.catalog import MODELS, ROOF_TYPE, SOLAR_PANELS
+
+# --- Buildings -----------------------------------------------------------------------------------
+# France ≈ 35 million buildings: the product's stated figure for IGN BD TOPO (not counted here).
+# Without a better stated basis it is spread evenly over the 101 départements (Paris has far fewer,
+# large rural départements more): per-département estimates are rough, their sum is the figure.
+FRANCE_BUILDINGS = 35_000_000
+
+COUNTED = "counted"
+ESTIMATE = "estimate"
+
+# --- Rates ---------------------------------------------------------------------------------------
+# Measured: `make bench-crop` (README "Benchmarks"), the real `chips` code path with 1 worker on the
+# project's 2-core VM, 100,000 buildings over DEFLATE GeoTIFF tiles on local disk: 5.0-5.6k chips/s
+# (commit 1cbff92; 6.1-6.9k in other rounds, d758857). 5,000 is the low end. Remote tiles (prefetch)
+# and JPEG / JPEG 2000 tiles (decoded by GDAL, not the fast path) are slower; nothing measured them.
+CROP_CHIPS_PER_S_PER_CORE = 5_000.0
+
+# Stated, not measured: no GPU has ever run this code. Plausible images/s of each shipped model on
+# one NVIDIA L4 (g2-standard-8), 64 × 64 chips, batch 512 under autocast, from stored shards to rows.
+GPU_IMAGES_PER_S: Mapping[str, float] = MappingProxyType({ROOF_TYPE: 8_000.0, SOLAR_PANELS: 2_000.0})
+
+# Measured: `make bench-infer` (README "Benchmarks"), the real `predictions` step on CPU, 50,000
+# buildings, 2 torch threads on the 2-core VM: roof_type 1,139 images/s, solar_panels ≈ 220.
+# Only a reference (CPU inference core-hours); the plan's inference runs on GPUs.
+CPU_IMAGES_PER_S: Mapping[str, float] = MappingProxyType({ROOF_TYPE: 1_139.0, SOLAR_PANELS: 220.0})
+CPU_BENCH_CORES = 2
+
+# Stated: per-partition work outside crop and inference (pod scheduling and image pull, `buildings`,
+# `ortho_mosaic`, model loading and batch-size choice, the dbt build). Not measured.
+PARTITION_OVERHEAD_S = 600.0
+
+# --- Pool (defaults: the production configuration of this repository) ----------------------------
+CROP_NODES = 2
+CROP_NODE_CPUS = 6  # n2-standard-8 (orchestration/pods.py CPU_NODE): one 6-CPU chips pod fits its allocatable CPU
+GPU_NODES = 8  # g2-standard-8, one L4 each; Dagster's `gpu` pool limit must be set to this (k8s/values.yaml)
+CONCURRENT_RUNS = 8  # orchestration/instance/prod.yaml: tag limit of bativision/reprocessing
+CROP_WORKERS_PER_RUN = 6  # BATIVISION_CROP_WORKERS' default: the chips pod's CPU request = limit = workers
+
+# --- Prices --------------------------------------------------------------------------------------
+# Stated GKE spot list prices as of 2026, not fetched: plausible figures to check against Google
+# Cloud's pricing page before budgeting (European regions run some 10-20 % above us-central1).
+CROP_VCPU_HOUR_USD = 0.0125  # n2-standard-8 spot ≈ $0.10/hour (c3-standard-8 similar), per vCPU-hour
+CROP_NODE_VCPUS = 8  # n2-standard-8
+GPU_NODE_HOUR_USD = 0.32  # g2-standard-8 (8 vCPUs, 32 GB, 1 NVIDIA L4) spot, per node-hour
+
+STATED = "stated, not measured"
+MEASURED = "measured"
+
+
+def _positive(name: str, value: float) -> None:
+    if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Rates:
+    """How fast the work goes: crop chips/s per core, inference images/s per model on one GPU.
+
+    ``gpu_measured`` says whether the GPU figures come from a measurement (only the caller knows);
+    the plan prints it beside every GPU figure.
+    """
+
+    crop_chips_per_s_per_core: float = CROP_CHIPS_PER_S_PER_CORE
+    gpu_images_per_s: Mapping[str, float] = field(default_factory=lambda: GPU_IMAGES_PER_S, hash=False)
+    gpu_measured: bool = False
+    partition_overhead_s: float = PARTITION_OVERHEAD_S
+
+    def __post_init__(self) -> None:
+        _positive("crop chips/s per core", self.crop_chips_per_s_per_core)
+        if not self.gpu_images_per_s:
+            raise ValueError("gpu_images_per_s names no model")
+        for model, rate in self.gpu_images_per_s.items():
+            _positive(f"GPU images/s of {model}", rate)
+        if not (math.isfinite(self.partition_overhead_s) and self.partition_overhead_s >= 0):
+            raise ValueError(f"partition overhead must be >= 0 s, got {self.partition_overhead_s!r}")
+        object.__setattr__(self, "gpu_images_per_s", MappingProxyType(dict(self.gpu_images_per_s)))
+
+    @property
+    def gpu_label(self) -> str:
+        return MEASURED if self.gpu_measured else STATED
+
+    @property
+    def gpu_s_per_chip(self) -> float:
+        """GPU-seconds per chip: every model runs on every chip, so their times add up."""
+        return sum(1.0 / r for r in self.gpu_images_per_s.values())
+
+
+@dataclass(frozen=True)
+class Pool:
+    """The node pools and the limits that decide how much of them one can keep busy."""
+
+    crop_nodes: int = CROP_NODES
+    crop_node_cpus: int = CROP_NODE_CPUS
+    gpu_nodes: int = GPU_NODES
+    concurrent_runs: int = CONCURRENT_RUNS
+    crop_workers_per_run: int = CROP_WORKERS_PER_RUN
+    predictions_at_once: int | None = None  # the `gpu` pool's limit; None: as many as concurrent runs
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not (value is None and f.name == "predictions_at_once") and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{f.name} must be an integer >= 1, got {value!r}")
+
+    def crop_cores(self, partitions: int) -> int:
+        """Cores the crop can keep busy with ``partitions`` départements to cut."""
+        per_run = min(self.crop_workers_per_run, self.crop_nodes * self.crop_node_cpus)
+        return min(self.crop_nodes * self.crop_node_cpus, per_run * min(self.concurrent_runs, partitions))
+
+    def gpus(self, partitions: int) -> int:
+        """GPUs inference can keep busy: one per ``predictions`` step running."""
+        at_once = self.predictions_at_once or self.concurrent_runs
+        return min(self.gpu_nodes, self.concurrent_runs, at_once, partitions)
+
+
+@dataclass(frozen=True)
+class Prices:
+    """Stated prices (USD): a crop vCPU-hour, the crop node's vCPUs, a GPU node-hour."""
+
+    crop_vcpu_hour_usd: float = CROP_VCPU_HOUR_USD
+    crop_node_vcpus: int = CROP_NODE_VCPUS
+    gpu_node_hour_usd: float = GPU_NODE_HOUR_USD
+
+    def __post_init__(self) -> None:
+        _positive("crop vCPU-hour price", self.crop_vcpu_hour_usd)
+        _positive("crop node vCPUs", self.crop_node_vcpus)
+        _positive("GPU node-hour price", self.gpu_node_hour_usd)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Départements run together on a pool: the work, what the pool keeps busy, wall time, cost."""
+
+    departements: tuple[str, ...]
+    buildings: int
+    crop_core_hours: float
+    gpu_hours: float
+    gpu_label: str
+    cpu_inference_core_hours: float  # reference only: the same inference on CPU at the measured rates
+    crop_cores: int
+    gpus: int
+    crop_wall_hours: float
+    gpu_wall_hours: float
+    fill_hours: float
+    overhead_hours: float
+    wall_hours: float
+    cost_usd: float
+    pool_cost_usd: float
+
+    def totals(self) -> dict:
+        """The totals as plain JSON values (the command's last line)."""
+        return {
+            "departements": len(self.departements),
+            "buildings": self.buildings,
+            "crop_core_hours": round(self.crop_core_hours, 3),
+            "gpu_hours": round(self.gpu_hours, 3),
+            "gpu_rates": self.gpu_label,
+            "cpu_inference_core_hours": round(self.cpu_inference_core_hours, 1),
+            "crop_cores": self.crop_cores,
+            "gpus": self.gpus,
+            "wall_hours": round(self.wall_hours, 3),
+            "cost_usd": round(self.cost_usd, 2),
+            "pool_cost_usd": round(self.pool_cost_usd, 2),
+        }
+
+
+def plan(
+    buildings_by_dep: Mapping[str, int],
+    rates: Rates | None = None,
+    pool: Pool | None = None,
+    prices: Prices | None = None,
+) -> Plan:
+    """Plan these départements run together on ``pool`` (the model is in the module docstring).
+
+    One département alone is ``plan({dep: n}, ...)``: its crop, then its inference, then overhead.
+    """
+    rates, pool, prices = rates or Rates(), pool or Pool(), prices or Prices()
+    if not buildings_by_dep:
+        raise ValueError("no département to plan")
+    for dep, n in buildings_by_dep.items():
+        check_departement(dep)
+        if not isinstance(n, int) or n < 0:
+            raise ValueError(f"département {dep}: buildings must be an integer >= 0, got {n!r}")
+    total, parts = sum(buildings_by_dep.values()), len(buildings_by_dep)
+    crop_h = total / rates.crop_chips_per_s_per_core / 3600
+    gpu_h = total * rates.gpu_s_per_chip / 3600
+    crop_wall, gpu_wall = crop_h / pool.crop_cores(parts), gpu_h / pool.gpus(parts)
+    # fill or drain: the stage that is not the bottleneck, for the largest département on its own share
+    largest = max(buildings_by_dep.values())
+    if crop_wall >= gpu_wall:
+        fill = largest * rates.gpu_s_per_chip / 3600 / pool.gpus(1)
+    else:
+        fill = largest / rates.crop_chips_per_s_per_core / 3600 / pool.crop_cores(1)
+    overhead = math.ceil(parts / pool.concurrent_runs) * rates.partition_overhead_s / 3600
+    wall = max(crop_wall, gpu_wall) + fill + overhead
+    pool_hourly = pool.crop_nodes * prices.crop_node_vcpus * prices.crop_vcpu_hour_usd
+    pool_hourly += pool.gpu_nodes * prices.gpu_node_hour_usd
+    return Plan(
+        departements=tuple(buildings_by_dep),
+        buildings=total,
+        crop_core_hours=crop_h,
+        gpu_hours=gpu_h,
+        gpu_label=rates.gpu_label,
+        cpu_inference_core_hours=total * sum(CPU_BENCH_CORES / r for r in CPU_IMAGES_PER_S.values()) / 3600,
+        crop_cores=pool.crop_cores(parts),
+        gpus=pool.gpus(parts),
+        crop_wall_hours=crop_wall,
+        gpu_wall_hours=gpu_wall,
+        fill_hours=fill,
+        overhead_hours=overhead,
+        wall_hours=wall,
+        cost_usd=crop_h * prices.crop_vcpu_hour_usd + gpu_h * prices.gpu_node_hour_usd,
+        pool_cost_usd=wall * pool_hourly,
+    )
+
+
+def select_departements(codes: Iterable[str] | None) -> tuple[str, ...]:
+    """The départements asked for, in order, without repeats (None: France); an unknown code raises naming it."""
+    if codes is None:
+        return DEPARTEMENTS
+    chosen = tuple(dict.fromkeys(check_departement(c.strip().upper()) for c in codes))
+    if not chosen:
+        raise ValueError("no département given")
+    return chosen
+
+
+def estimate_buildings(departements: Iterable[str], france: int = FRANCE_BUILDINGS) -> dict[str, int]:
+    """``france`` spread evenly over the 101 départements, the remainder to the first: all 101 add up to it."""
+    base, extra = divmod(france, len(DEPARTEMENTS))
+    rank = {d: i for i, d in enumerate(DEPARTEMENTS)}
+    return {d: base + (1 if rank[check_departement(d)] < extra else 0) for d in departements}
+
+
+def buildings_by_departement(
+    departements: Sequence[str],
+    locate: Callable[[str], Path] | None,
+    count: Callable[[Path], int] | None,
+    france: int = FRANCE_BUILDINGS,
+) -> tuple[dict[str, int], dict[str, str], dict[str, str]]:
+    """(buildings, basis, why not counted) per département: counted from its footprint file where
+    ``locate`` finds one and ``count`` can read it, else the even-spread estimate.
+
+    ``locate=None`` estimates them all. A missing or unreadable file is not an error: the plan falls
+    back to the estimate and says so (the third dict holds the reason).
+    """
+    estimates = estimate_buildings(departements, france)
+    counts: dict[str, int] = {}
+    basis: dict[str, str] = {}
+    why: dict[str, str] = {}
+    for dep in departements:
+        if locate is not None and count is not None:
+            try:
+                counts[dep] = int(count(locate(dep)))
+                basis[dep] = COUNTED
+                continue
+            except (OSError, ValueError) as exc:  # MissingInputError is an OSError, FootprintError a ValueError
+                why[dep] = str(exc)
+        counts[dep] = estimates[dep]
+        basis[dep] = ESTIMATE
+    return counts, basis, why
+
+
+def footprint_counter(source_dir: str) -> tuple[Callable[[str], Path], Callable[[Path], int]]:
+    """The real locate and count: ``FootprintSource.footprints`` and ``count_features``.
+
+    Imported here, not at the top: ``resources.imagery`` brings Dagster (seconds to import), which the
+    arithmetic does not need.
+    """
+    from ops.geo.footprints import count_features
+    from resources.imagery import FootprintSource
+
+    return FootprintSource(root=source_dir).footprints, lambda path: count_features(path, None)
+
+
+def default_source_dir() -> str:
+    """Where the pipeline reads its inputs (``BATIVISION_SOURCE_DIR``); imports Dagster, so only when counting."""
+    from orchestration.environment import source_dir
+
+    return str(source_dir())
+
+
+# --- Command line --------------------------------------------------------------------------------
+
+
+def _number(cast: type, minimum: float, strict: bool) -> Callable[[str], float]:
+    """An argparse type: ``cast(text)``, finite, above ``minimum`` (or equal when not ``strict``)."""
+    want = f"{'an integer' if cast is int else 'a number'} {'>' if strict else '>='} {minimum:g}"
+
+    def parse(text: str) -> float:
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}") from None
+        if not math.isfinite(value) or value < minimum or (strict and value == minimum):
+            raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}")
+        return value
+
+    return parse
+
+
+_count, _rate, _seconds = _number(int, 1, False), _number(float, 0, True), _number(float, 0, False)
+
+
+def parse_model_rates(text: str) -> dict[str, float]:
+    """``roof_type=8000,solar_panels=2000`` → {model: images/s}; models not named keep their default."""
+    rates: dict[str, float] = {}
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, value = (x.strip() for x in item.partition("="))
+        if not sep:
+            raise argparse.ArgumentTypeError(f"expected model=images_per_s, got {item!r}")
+        if name not in MODELS:
+            raise argparse.ArgumentTypeError(f"unknown model {name!r}: expected one of {', '.join(MODELS)}")
+        rates[name] = _rate(value)
+    if not rates:
+        raise argparse.ArgumentTypeError("expected model=images_per_s[,model=images_per_s]")
+    return rates
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m orchestration.capacity",
+        description="Capacity plan: crop core-hours, GPU-hours, wall time and cost for départements or France.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    scope = p.add_mutually_exclusive_group()
+    scope.add_argument("--departements", nargs="+", metavar="CODE", help="INSEE codes (01, 2A, 974, ...)")
+    scope.add_argument("--france", action="store_true", help="all 101 départements (the default)")
+    b = p.add_argument_group("buildings")
+    b.add_argument(
+        "--source-dir",
+        help="folder with one sub-folder per département (a gs:// URI downloads the footprints); "
+        "default: BATIVISION_SOURCE_DIR, as the pipeline reads it",
+    )
+    b.add_argument("--estimate-only", action="store_true", help="do not look for footprint files")
+    b.add_argument("--france-buildings", type=_count, default=FRANCE_BUILDINGS, help="basis of the estimates")
+    r = p.add_argument_group("rates")
+    r.add_argument("--crop-chips-per-s-per-core", type=_rate, default=CROP_CHIPS_PER_S_PER_CORE, help="measured")
+    default_gpu = ",".join(f"{k}={v:g}" for k, v in GPU_IMAGES_PER_S.items())
+    r.add_argument(
+        "--gpu-images-per-s",
+        type=parse_model_rates,
+        metavar="MODEL=N[,MODEL=N]",
+        help=f"images/s of each model on one GPU (default {default_gpu}, stated)",
+    )
+    r.add_argument("--measured", action="store_true", help="the GPU images/s given were measured")
+    r.add_argument("--partition-overhead-s", type=_seconds, default=PARTITION_OVERHEAD_S, help="stated")
+    n = p.add_argument_group("node pool")
+    n.add_argument("--crop-nodes", type=_count, default=CROP_NODES)
+    n.add_argument("--crop-node-cpus", type=_count, default=CROP_NODE_CPUS, help="cores usable for workers per node")
+    n.add_argument("--gpu-nodes", type=_count, default=GPU_NODES, help="nodes with one GPU each")
+    n.add_argument("--concurrent-runs", type=_count, default=CONCURRENT_RUNS, help="départements at once")
+    n.add_argument("--crop-workers-per-run", type=_count, default=CROP_WORKERS_PER_RUN)
+    n.add_argument(
+        "--predictions-at-once",
+        type=_count,
+        help="predictions steps at once (the `gpu` pool's limit, 1 unless set); default: concurrent runs",
+    )
+    c = p.add_argument_group("prices (USD, stated GKE spot list prices)")
+    c.add_argument("--crop-vcpu-hour-usd", type=_rate, default=CROP_VCPU_HOUR_USD)
+    c.add_argument("--crop-node-vcpus", type=_count, default=CROP_NODE_VCPUS, help="vCPUs billed per crop node")
+    c.add_argument("--gpu-node-hour-usd", type=_rate, default=GPU_NODE_HOUR_USD)
+    return p
+
+
+def _duration(hours: float) -> str:
+    return f"{hours * 60:.1f} min" if hours < 1 else f"{hours:.2f} h"
+
+
+def render(
+    result: Plan, each: Sequence[Plan], basis: Mapping[str, str], inputs: tuple[Rates, Pool, Prices], notes: list[str]
+) -> str:
+    """The report: the inputs and their labels, one row per département (``each``), the total."""
+    rates, pool, prices = inputs
+    gpu = ", ".join(f"{k} {v:,.0f}" for k, v in rates.gpu_images_per_s.items())
+    at_once = f", {pool.predictions_at_once} predictions at once" if pool.predictions_at_once else ""
+    lines = [
+        f"  crop: {rates.crop_chips_per_s_per_core:,.0f} chips/s per core (measured: bench-crop, local DEFLATE tiles)",
+        f"  GPU: {gpu} images/s on one GPU ({rates.gpu_label}); every model runs on every chip",
+        f"  pool: {pool.crop_nodes} crop nodes × {pool.crop_node_cpus} cores, {pool.gpu_nodes} GPU nodes, "
+        f"{pool.concurrent_runs} runs at once, {pool.crop_workers_per_run} crop workers per run{at_once}",
+        f"  overhead: {rates.partition_overhead_s:,.0f} s per partition (stated)",
+        f"  prices: ${prices.crop_vcpu_hour_usd}/vCPU-hour crop, ${prices.gpu_node_hour_usd}/hour GPU node (stated spot)",
+        *(f"  {note}" for note in notes),
+        "",
+    ]
+    if each:
+        head = f"{'dep':>4} {'buildings':>11} {'basis':>9} {'crop core-h':>12} {'GPU-h':>9} {'wall':>10} {'cost $':>9}"
+        lines += [head, "-" * len(head)]
+        for d in each:
+            (dep,) = d.departements
+            lines.append(
+                f"{dep:>4} {d.buildings:>11,} {basis[dep]:>9} {d.crop_core_hours:>12.3f} {d.gpu_hours:>9.3f} "
+                f"{_duration(d.wall_hours):>10} {d.cost_usd:>9.2f}"
+            )
+        lines += ["(each département alone on the pool: its crop, then its inference, then overhead)", ""]
+    counted = sum(1 for d in result.departements if basis[d] == COUNTED)
+    lines += [
+        f"Total, {len(result.departements)} département(s) together: {result.buildings:,} buildings "
+        f"({counted} counted, {len(result.departements) - counted} estimated)",
+        f"  crop: {result.crop_core_hours:,.2f} core-hours on {result.crop_cores} cores = "
+        f"{_duration(result.crop_wall_hours)}",
+        f"  inference: {result.gpu_hours:,.2f} GPU-hours ({result.gpu_label}) on {result.gpus} GPUs = "
+        f"{_duration(result.gpu_wall_hours)}",
+        f"  wall: {_duration(result.wall_hours)} = the bottleneck stage + {_duration(result.fill_hours)} fill/drain"
+        f" + {_duration(result.overhead_hours)} overhead",
+        f"  cost: ${result.cost_usd:,.2f} for the work (nodes scaled to it), "
+        f"${result.pool_cost_usd:,.2f} with the whole pool held for the wall time",
+        f"  reference: this inference on CPU at the measured rates = {result.cpu_inference_core_hours:,.0f} core-hours",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        deps = select_departements(args.departements)
+    except ValueError as exc:  # UnknownDepartementError names the code
+        parser.error(f"argument --departements: {exc}")
+    gpu_rates = {**GPU_IMAGES_PER_S, **(args.gpu_images_per_s or {})}
+    rates = Rates(args.crop_chips_per_s_per_core, gpu_rates, args.measured, args.partition_overhead_s)
+    # the options' names are the fields' names
+    pool = Pool(**{f.name: getattr(args, f.name) for f in fields(Pool)})
+    prices = Prices(**{f.name: getattr(args, f.name) for f in fields(Prices)})
+    estimated = f"estimated: {args.france_buildings:,} for France spread evenly"
+    if args.estimate_only:
+        counts, basis, why = buildings_by_departement(deps, None, None, args.france_buildings)
+        notes = [f"buildings: {estimated}"]
+    else:
+        source = args.source_dir or default_source_dir()
+        counts, basis, why = buildings_by_departement(deps, *footprint_counter(source), args.france_buildings)
+        found = sum(1 for d in deps if basis[d] == COUNTED)
+        notes = [f"buildings: counted from the footprints in {source} for {found} of {len(deps)}, the rest {estimated}"]
+        notes += [f"  {d} not counted: {why[d]}" for d in deps if d in why] if len(deps) <= 10 else []
+    result = plan(counts, rates, pool, prices)
+    each = [plan({d: counts[d]}, rates, pool, prices) for d in deps] if len(deps) <= 10 else []
+    scope = "France (101 départements)" if args.departements is None else ", ".join(deps)
+    print(f"Capacity plan: {scope}")
+    print(render(result, each, basis, (rates, pool, prices), notes))
+    totals = {"scope": "france" if args.departements is None else list(deps), **result.totals()}
+    totals["buildings_counted_departements"] = sum(1 for d in deps if basis[d] == COUNTED)
+    print(json.dumps(totals))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

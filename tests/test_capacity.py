@@ -1,0 +1,145 @@
+"""The capacity plan's arithmetic (orchestration/capacity.py), checked against figures worked out by hand.
+
+Two départements of 100,000 and 50,000 buildings, 5,000 chips/s per core, roof_type 8,000 and
+solar_panels 2,000 images/s on one GPU (so 1/8000 + 1/2000 = 0.000625 GPU-s per chip), a pool of one
+4-core crop node and 2 GPU nodes, 60 s of overhead per partition.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from ops.geo.departements import DEPARTEMENTS, UnknownDepartementError
+from orchestration.capacity import (
+    COUNTED,
+    ESTIMATE,
+    MEASURED,
+    STATED,
+    Plan,
+    Pool,
+    Prices,
+    Rates,
+    buildings_by_departement,
+    estimate_buildings,
+    main,
+    parse_model_rates,
+    plan,
+    select_departements,
+)
+
+H = 3600.0
+RATES = Rates(5_000.0, {"roof_type": 8_000.0, "solar_panels": 2_000.0}, False, 60.0)
+POOL = Pool(crop_nodes=1, crop_node_cpus=4, gpu_nodes=2, concurrent_runs=8, crop_workers_per_run=4)
+PRICES = Prices(crop_vcpu_hour_usd=0.02, crop_node_vcpus=8, gpu_node_hour_usd=0.5)
+TWO = {"01": 100_000, "02": 50_000}
+
+
+def approx(x: float) -> object:
+    return pytest.approx(x, rel=1e-12)
+
+
+def test_two_departements_together():
+    p = plan(TWO, RATES, POOL, PRICES)
+    assert p.departements == ("01", "02") and p.buildings == 150_000
+    assert p.crop_core_hours == approx(30 / H)  # 150,000 chips / 5,000 chips/s = 30 core-s
+    assert p.gpu_hours == approx(93.75 / H)  # 150,000 × 0.000625 s
+    assert (p.crop_cores, p.gpus) == (4, 2)  # one node's 4 cores; 2 partitions → 2 GPUs busy
+    assert p.crop_wall_hours == approx(7.5 / H)  # 30 core-s on 4 cores
+    assert p.gpu_wall_hours == approx(46.875 / H)  # 93.75 GPU-s on 2 GPUs: the bottleneck
+    assert p.fill_hours == approx(5 / H)  # the largest département's crop before any inference: 20 core-s / 4
+    assert p.overhead_hours == approx(60 / H)  # ceil(2 / 8 runs) = 1 round of 60 s
+    assert p.wall_hours == approx((46.875 + 5 + 60) / H)
+    assert p.cost_usd == approx((30 * 0.02 + 93.75 * 0.5) / H)  # $0.0131875
+    assert p.pool_cost_usd == approx(111.875 / H * (1 * 8 * 0.02 + 2 * 0.5))  # pool $1.16/h held for the wall
+    assert p.gpu_label == STATED
+    assert p.cpu_inference_core_hours == approx(150_000 * (2 / 1_139 + 2 / 220) / H)
+
+
+def test_one_departement_alone_is_crop_then_inference_then_overhead():
+    p = plan({"01": 100_000}, RATES, POOL, PRICES)
+    assert (p.crop_cores, p.gpus) == (4, 1)  # one run: its 4 workers, one predictions step's GPU
+    assert p.wall_hours == approx((100_000 / 5_000 / 4 + 100_000 * 0.000625 + 60) / H)  # 5 + 62.5 + 60 s
+
+
+def test_crop_bound_pool_drains_the_last_inference():
+    fast_gpu = dataclasses.replace(RATES, gpu_images_per_s={"roof_type": 1e6, "solar_panels": 1e6})
+    one_core = dataclasses.replace(POOL, crop_node_cpus=1)
+    p = plan(TWO, fast_gpu, one_core, PRICES)
+    assert p.crop_cores == 1 and p.crop_wall_hours == approx(30 / H)
+    assert p.gpu_wall_hours == approx(150_000 * 2e-6 / 2 / H)  # 0.15 s
+    assert p.fill_hours == approx(100_000 * 2e-6 / H)  # the largest département's inference on one GPU
+    assert p.wall_hours == approx((30 + 0.2 + 60) / H)
+
+
+def test_the_pool_keeps_busy_only_what_runs_and_limits_allow():
+    pool = Pool(crop_nodes=10, crop_node_cpus=8, gpu_nodes=20, concurrent_runs=3, crop_workers_per_run=4)
+    assert (pool.crop_cores(101), pool.gpus(101)) == (12, 3)  # 3 runs × 4 workers; 3 predictions steps
+    assert (pool.crop_cores(1), pool.gpus(1)) == (4, 1)
+    serial = dataclasses.replace(pool, predictions_at_once=1)  # the `gpu` pool left at its default limit
+    assert serial.gpus(101) == 1
+    p = plan({"01": 1_000, "02": 1_000, "03": 1_000, "04": 1_000}, RATES, pool, PRICES)
+    assert p.overhead_hours == approx(2 * 60 / H)  # 4 partitions, 3 at once: 2 rounds
+
+
+def test_gpu_label_switches_only_when_measured():
+    assert Rates().gpu_label == STATED
+    assert dataclasses.replace(RATES, gpu_measured=True).gpu_label == MEASURED
+    assert plan(TWO, dataclasses.replace(RATES, gpu_measured=True), POOL, PRICES).gpu_label == MEASURED
+
+
+def test_estimates_spread_france_evenly_and_add_up():
+    est = estimate_buildings(DEPARTEMENTS)
+    assert sum(est.values()) == 35_000_000 and len(est) == 101
+    assert set(est.values()) == {346_534, 346_535}  # 35,000,000 = 101 × 346,534 + 66
+    assert estimate_buildings(["2A"], france=101) == {"2A": 1}
+
+
+def test_counted_where_a_footprint_file_is_found_else_estimated():
+    def locate(dep: str) -> Path:
+        if dep == "02":
+            raise FileNotFoundError("partition 02: no footprint file")  # MissingInputError is one
+        return Path(f"/src/{dep}/footprints/bd.gpkg")
+
+    def count(path: Path) -> int:
+        if "03" in str(path):
+            raise ValueError("cannot count its features")  # FootprintError is one
+        return 1_234
+
+    counts, basis, why = buildings_by_departement(["01", "02", "03"], locate, count, france=101_000)
+    assert counts == {"01": 1_234, "02": 1_000, "03": 1_000}
+    assert basis == {"01": COUNTED, "02": ESTIMATE, "03": ESTIMATE}
+    assert set(why) == {"02", "03"} and "no footprint file" in why["02"]
+    counts, basis, why = buildings_by_departement(["01"], None, None, france=101_000)
+    assert (counts, basis, why) == ({"01": 1_000}, {"01": ESTIMATE}, {})
+    assert isinstance(plan(counts, RATES, POOL, PRICES), Plan)
+
+
+def test_unknown_departement_raises_naming_it(capsys):
+    assert select_departements(None) == DEPARTEMENTS
+    assert select_departements(["75", "2a", "75"]) == ("75", "2A")
+    with pytest.raises(UnknownDepartementError, match="'20'"):
+        select_departements(["75", "20"])
+    with pytest.raises(UnknownDepartementError, match="'99'"):
+        plan({"99": 10}, RATES, POOL, PRICES)
+    with pytest.raises(SystemExit) as exit_:
+        main(["--departements", "75", "20", "--estimate-only"])
+    assert exit_.value.code == 2
+    assert "--departements" in capsys.readouterr().err
+
+
+def test_bad_inputs_are_refused_naming_them():
+    with pytest.raises(argparse.ArgumentTypeError, match="'yolo'"):
+        parse_model_rates("roof_type=9000,yolo=5")
+    assert parse_model_rates("solar_panels=2500") == {"solar_panels": 2500.0}
+    with pytest.raises(ValueError, match="gpu_nodes"):
+        Pool(gpu_nodes=0)
+    with pytest.raises(ValueError, match="solar_panels"):
+        Rates(gpu_images_per_s={"roof_type": 8_000.0, "solar_panels": 0.0})
+    with pytest.raises(ValueError, match="département 01"):
+        plan({"01": -1}, RATES, POOL, PRICES)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        POOL.gpu_nodes = 3  # type: ignore[misc]
