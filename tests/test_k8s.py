@@ -270,3 +270,63 @@ def test_a_transaction_aborted_by_a_concurrent_one_is_run_again_and_other_errors
     with pytest.raises(BadRequest, match="staged rows"):
         run_transaction(broken, "predictions[12]", first_wait_s=0)
     assert len(calls) == 1
+
+
+def _dockerfile() -> list[str]:
+    return [line.strip() for line in (REPO / "Dockerfile").read_text().splitlines()]
+
+
+def test_helm_values_name_this_image_and_this_code_location():
+    """The values parse; their code location is the module the Dockerfile serves, workspace.yaml loads
+    and pyproject.toml packages; the port is the one the image exposes; the image is the one README builds."""
+    import json
+    import tomllib
+
+    values = yaml.safe_load(VALUES.read_text())
+    (deployment,) = values["dagster-user-deployments"]["deployments"]
+    module = deployment["dagsterApiGrpcArgs"][deployment["dagsterApiGrpcArgs"].index("-m") + 1]
+    workspace = yaml.safe_load((REPO / "workspace.yaml").read_text())
+    assert module in [entry["python_module"]["module_name"] for entry in workspace["load_from"]]
+    assert (REPO / Path(*module.split("."))).with_suffix(".py").is_file()
+    packages = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    assert any(module.split(".")[0] + "*" in p or module.split(".")[0] == p for p in packages["include"])
+    cmd = next(line for line in _dockerfile() if line.startswith("CMD"))
+    args = json.loads(cmd.removeprefix("CMD").strip())
+    assert args[args.index("-m") + 1] == module
+    assert f"EXPOSE {deployment['port']}" in _dockerfile() and args[args.index("-p") + 1] == str(deployment["port"])
+    repository = deployment["image"]["repository"]
+    assert f"docker build -t {repository}:TAG ." in (REPO / "k8s" / "README.md").read_text()
+    assert values["runLauncher"]["type"] == "K8sRunLauncher"
+    assert "bativision-env" in [c["name"] for c in deployment["envConfigMaps"]]
+
+
+def test_helm_values_queue_a_monthly_backfill_as_the_instance_does_and_hold_no_secret():
+    values = yaml.safe_load(VALUES.read_text())
+    prod = yaml.safe_load((REPO / "orchestration" / "instance" / "prod.yaml").read_text())["concurrency"]
+    runs = values["concurrency"]["runs"]
+    assert values["dagsterDaemon"]["enabled"] and values["dagsterDaemon"]["runCoordinator"]["type"] == (
+        "QueuedRunCoordinator"
+    )
+    assert runs["maxConcurrentRuns"] == prod["runs"]["max_concurrent_runs"]
+    assert {(t["key"], t["limit"]) for t in runs["tagConcurrencyLimits"]} == {
+        (t["key"], t["limit"]) for t in prod["runs"]["tag_concurrency_limits"]
+    }
+    # 101 départements queue, never more at once than the limit: the month's runs leave room for others
+    month = next(t["limit"] for t in runs["tagConcurrencyLimits"] if t["key"] == "bativision/reprocessing")
+    assert month < runs["maxConcurrentRuns"] < 101
+    assert values["concurrency"]["pools"]["defaultLimit"] == prod["pools"]["default_limit"] == 1
+
+    def secrets(node, path=""):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                lowered = key.lower()
+                if any(s in lowered for s in ("password", "secret", "token", "apikey", "credential")) and isinstance(
+                    value, str
+                ):
+                    yield f"{path}.{key}"
+                yield from secrets(value, f"{path}.{key}")
+        elif isinstance(node, list):
+            for k, value in enumerate(node):
+                yield from secrets(value, f"{path}[{k}]")
+
+    assert not list(secrets(values)), "credentials belong in Secrets or workload identity, not in values"
