@@ -47,6 +47,7 @@ from types import MappingProxyType
 
 from ops.geo.departements import DEPARTEMENTS, check_departement
 from ops.ml.catalog import MODELS, ROOF_TYPE, SOLAR_PANELS
+from orchestration.pods import DEFAULT_CROP_WORKERS
 
 # --- Buildings -----------------------------------------------------------------------------------
 # France ≈ 35 million buildings: the product's stated figure for IGN BD TOPO (not counted here).
@@ -80,10 +81,11 @@ PARTITION_OVERHEAD_S = 600.0
 
 # --- Pool (defaults: the production configuration of this repository) ----------------------------
 CROP_NODES = 2
-CROP_NODE_CPUS = 6  # n2-standard-8 (orchestration/pods.py CPU_NODE): one 6-CPU chips pod fits its allocatable CPU
+# n2-standard-8 nodes (orchestration/pods.py CPU_NODE), one chips pod each, as wide as its workers
+CROP_NODE_CPUS = DEFAULT_CROP_WORKERS
 GPU_NODES = 8  # g2-standard-8, one L4 each; Dagster's `gpu` pool limit must be set to this (k8s/values.yaml)
 CONCURRENT_RUNS = 8  # orchestration/instance/prod.yaml: tag limit of bativision/reprocessing
-CROP_WORKERS_PER_RUN = 6  # BATIVISION_CROP_WORKERS' default: the chips pod's CPU request = limit = workers
+CROP_WORKERS_PER_RUN = DEFAULT_CROP_WORKERS  # BATIVISION_CROP_WORKERS' default (pods.py)
 
 # --- Prices --------------------------------------------------------------------------------------
 # Stated GKE spot list prices as of 2026, not fetched: plausible figures to check against Google

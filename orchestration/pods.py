@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 SCRATCH_DIR = "/scratch"
+DEFAULT_CROP_WORKERS = 6  # a 6-CPU chips pod per n2-standard-8 (7.91 allocatable, DaemonSets beside it)
 RUN_AS = 10001  # the Dockerfile's numeric USER
 
 # BATIVISION_* variables read here → what they set.
@@ -159,7 +160,7 @@ class PodSettings:
     def from_env(cls) -> PodSettings:
         return cls(
             service_account=os.environ.get("BATIVISION_K8S_SERVICE_ACCOUNT", "").strip() or "bativision",
-            crop_workers=_env_int("BATIVISION_CROP_WORKERS", 6),
+            crop_workers=_env_int("BATIVISION_CROP_WORKERS", DEFAULT_CROP_WORKERS),
             accelerator=os.environ.get("BATIVISION_GPU_ACCELERATOR", "").strip() or "nvidia-l4",
             max_partition_buildings=_env_int("BATIVISION_MAX_PARTITION_BUILDINGS", 1_200_000),
         )
