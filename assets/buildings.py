@@ -25,6 +25,11 @@ from resources.warehouse import WAREHOUSE_POOL, Warehouse
 class BuildingsConfig(Config):
     layer: str | None = Field(default=None, description="Layer to read (default: the file's first layer)")
     id_column: str | None = Field(default=None, description="Id column (default: cleabs, ID, osm_id, ... found first)")
+    generate_ids: bool = Field(
+        default=False,
+        description="Number the features by position when the file has no id column "
+        "(ids then change whenever the file does: predictions of two months no longer match)",
+    )
     cell_size_m: float = Field(default=DEFAULT_CELL_SIZE_M, description="Side of the work grid's cells, metres")
 
 
@@ -46,7 +51,7 @@ def buildings(
     store: ObjectStore,
     warehouse: Warehouse,
 ) -> MaterializeResult:
-    with bad_input_fails_fast():
+    with bad_input_fails_fast(context.partition_key):
         dep = check_departement(context.partition_key)
         epsg = native_epsg(dep)
         src = footprints.footprints(dep)
@@ -55,7 +60,14 @@ def buildings(
         stats = FootprintStats()
         out = store.path(keys.buildings(dep))
         batches = iter_building_batches(
-            src, dep, epsg, layer=config.layer, id_column=config.id_column, cell_size_m=config.cell_size_m, stats=stats
+            src,
+            dep,
+            epsg,
+            layer=config.layer,
+            id_column=config.id_column,
+            generate_ids=config.generate_ids,
+            cell_size_m=config.cell_size_m,
+            stats=stats,
         )
         rows = write_buildings_geoparquet(batches, out, epsg, source=src, layer=config.layer)
         loaded = warehouse.replace_partition("buildings", dep, wgs84_batches(out, epsg))

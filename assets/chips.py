@@ -66,7 +66,7 @@ class ChipsConfig(Config):
 def chips(
     context: AssetExecutionContext, config: ChipsConfig, store: ObjectStore, imagery: OrthoImagery
 ) -> MaterializeResult:
-    with bad_input_fails_fast():
+    with bad_input_fails_fast(context.partition_key):
         dep = check_departement(context.partition_key)
         spec = ChipSpec(config.size, config.margin_m, config.margin_ratio, config.min_valid_fraction)
         info = MosaicInfo.from_json(store.path(keys.mosaic_info(dep)).read_text())

@@ -1,17 +1,27 @@
-"""Retries for flaky I/O, none for bad input.
+"""Retries for flaky I/O only; bad input and internal errors fail once, saying so.
 
 Reading imagery, writing shards and the warehouse can fail transiently
-(a locked file, a network blip on object storage): those steps retry with
-backoff. Bad input — a duplicate id, an unknown CRS, a missing folder, a model
-that doesn't fit the chips — fails the same way every time, so it is raised
-as a non-retryable Dagster ``Failure`` carrying the message that names the
-culprit.
+(a locked file, a network blip on object storage, a pod preempted on a spot
+node): those steps retry with backoff. Everything else fails the same way
+every time, so retrying it only delays the message by half a minute:
+
+- bad input — a duplicate id, an unknown CRS, a missing folder, a model that
+  doesn't fit the chips — is raised as a non-retryable Dagster ``Failure``
+  carrying the message that names the culprit;
+- any other exception (a bug, or an input case nobody foresaw) is also raised
+  as a non-retryable ``Failure``, naming the partition and the exception, with
+  the original traceback kept as its cause.
+
+Transient: ``OSError`` (files, sockets, GDAL's I/O errors), DuckDB's I/O and
+lock errors, Cloud APIs' server-side and rate-limit errors.
 """
 
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from dagster import Backoff, Failure, RetryPolicy
+import duckdb
+from dagster import Backoff, Failure, RetryPolicy, RetryRequested
+from google.api_core import exceptions as google_errors
 
 from ops.geo.crs import UnrecognisedCRSError
 from ops.geo.departements import UnknownDepartementError
@@ -33,11 +43,28 @@ INPUT_ERRORS = (
     ModelNotFoundError,
 )
 
+TRANSIENT_ERRORS = (
+    OSError,
+    duckdb.IOException,
+    google_errors.ServerError,
+    google_errors.TooManyRequests,
+    google_errors.RetryError,
+)
+
 
 @contextmanager
-def bad_input_fails_fast() -> Iterator[None]:
-    """Turn the project's input errors into a Failure that Dagster will not retry."""
+def bad_input_fails_fast(partition: str | None = None) -> Iterator[None]:
+    """Let transient I/O errors through (the step's retry policy retries them); fail once on anything else."""
+    where = f"partition {partition}: " if partition else ""
     try:
         yield
     except INPUT_ERRORS as exc:
         raise Failure(description=f"{type(exc).__name__}: {exc}", allow_retries=False) from exc
+    except (Failure, RetryRequested, *TRANSIENT_ERRORS):
+        raise
+    except Exception as exc:
+        raise Failure(
+            description=f"{where}{type(exc).__module__}.{type(exc).__name__}: {exc} "
+            "(not an I/O error: not retried; the traceback is in the cause below)",
+            allow_retries=False,
+        ) from exc

@@ -25,7 +25,7 @@ from resources.object_store import ObjectStore
     description="Virtual mosaic (VRT) over the département's orthophoto tiles, in its native CRS.",
 )
 def ortho_mosaic(context: AssetExecutionContext, imagery: OrthoImagery, store: ObjectStore) -> MaterializeResult:
-    with bad_input_fails_fast():
+    with bad_input_fails_fast(context.partition_key):
         dep = check_departement(context.partition_key)
         tiles = imagery.tiles(dep)
         context.log.info(f"partition {dep}: building a mosaic over {len(tiles)} tiles")

@@ -74,7 +74,7 @@ def predictions(
     warehouse: Warehouse,
 ) -> MaterializeResult:
     t_start = time.perf_counter()
-    with bad_input_fails_fast():
+    with bad_input_fails_fast(context.partition_key):
         dep = check_departement(context.partition_key)
         device = pick_device(config.device)
         torch.set_num_threads(config.threads or available_cpus())

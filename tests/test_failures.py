@@ -51,3 +51,67 @@ def test_missing_imagery_names_the_partition_and_the_folder(tmp_path, monkeypatc
     assert not [e for e in result.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]
     (message,) = _failure_messages(result)
     assert "partition 12" in message and str(tmp_path / "src" / "12" / "ortho") in message
+
+
+def _no_id_footprints(tmp_path):
+    folder = tmp_path / "src" / "12" / "footprints"
+    folder.mkdir(parents=True)
+    gdf = gpd.GeoDataFrame(
+        {"nom": ["mairie", "école"]},
+        geometry=[box(700000, 6600000, 700010, 6600010), box(700020, 6600000, 700030, 6600010)],
+        crs=2154,
+    )
+    gdf.to_file(folder / "sans_id.gpkg", layer="batiment")
+
+
+def test_a_file_without_an_id_column_fails_listing_its_columns_and_ids_are_only_numbered_on_request(
+    tmp_path, monkeypatch
+):
+    _no_id_footprints(tmp_path)
+    result = _run(tmp_path, monkeypatch, ["buildings"])
+    assert not result.success
+    assert not [e for e in result.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]
+    (message,) = _failure_messages(result)
+    assert "sans_id.gpkg" in message and "'nom'" in message
+    assert "id_column" in message and "generate_ids" in message
+
+    from dagster import DagsterInstance, materialize
+
+    from orchestration.environment import local_resources
+
+    asked = materialize(
+        all_assets,
+        selection=["buildings"],
+        partition_key="12",
+        resources=local_resources(),
+        instance=DagsterInstance.ephemeral(),
+        run_config={"ops": {"buildings": {"config": {"generate_ids": True}}}},
+    )
+    assert asked.success
+    import duckdb
+
+    with duckdb.connect(str(tmp_path / "data" / "warehouse.duckdb"), read_only=True) as con:
+        ids = sorted(r[0] for r in con.execute("select building_id from buildings where departement = '12'").fetchall())
+    assert ids == ["sans_id#0", "sans_id#1"]
+
+
+def test_an_internal_error_fails_once_naming_the_partition_and_the_exception(tmp_path, monkeypatch):
+    """Not an input error the code knows, not I/O: retrying would only delay the same message."""
+    _no_id_footprints(tmp_path)
+    monkeypatch.setenv("BATIVISION_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("BATIVISION_SOURCE_DIR", str(tmp_path / "src"))
+    from orchestration.environment import local_resources
+
+    result = materialize(
+        all_assets,
+        selection=["buildings"],
+        partition_key="12",
+        resources=local_resources(),
+        instance=DagsterInstance.ephemeral(),
+        run_config={"ops": {"buildings": {"config": {"generate_ids": True, "cell_size_m": 0}}}},
+        raise_on_error=False,
+    )
+    assert not result.success
+    assert not [e for e in result.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]
+    (message,) = _failure_messages(result)
+    assert "partition 12" in message and "ValueError" in message and "cell_size_m" in message

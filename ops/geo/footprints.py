@@ -197,6 +197,7 @@ def iter_building_batches(
     *,
     layer: str | int | None = None,
     id_column: str | None = None,
+    generate_ids: bool = False,
     batch_size: int = 50_000,
     cell_size_m: float = DEFAULT_CELL_SIZE_M,
     stats: FootprintStats | None = None,
@@ -204,7 +205,8 @@ def iter_building_batches(
     """Yield record batches in :data:`BUILDINGS_SCHEMA` (geometry as WKB in ``target_epsg``).
 
     Raises :class:`FootprintError` naming the file for an unreadable source,
-    a missing id column, a missing CRS or duplicate building ids.
+    a missing id column (unless ``generate_ids``: ``<file stem>#<feature index>``),
+    a missing CRS or duplicate building ids.
     """
     path = Path(path)
     stats = stats if stats is not None else FootprintStats()
@@ -213,6 +215,14 @@ def iter_building_batches(
     source = _open_source(path, layer, batch_size)
     fields = source.fields
     id_col = _pick(fields, ID_CANDIDATES, id_column, path, "id")
+    if id_col is None and not generate_ids:
+        # ids key every prediction and must stay the same from one month's run to the next: never
+        # invented from row positions (which change when the file does) unless the user says so
+        raise FootprintError(
+            f"{path}: no building id column (looked for {', '.join(ID_CANDIDATES)}); its columns are "
+            f"{[f for f in fields]}. Set the `buildings` config `id_column` to the one holding stable ids, "
+            "or `generate_ids: true` to number features by position (ids then change whenever the file does)"
+        )
     height_col = _pick(fields, HEIGHT_CANDIDATES, None, path, "height")
     usage_col = _pick(fields, USAGE_CANDIDATES, None, path, "usage")
     if source.crs is None:

@@ -21,6 +21,9 @@ def cell_ids(x: np.ndarray, y: np.ndarray, cell_size_m: float = DEFAULT_CELL_SIZ
     ``E0660000_N6360000`` reads as the 5 km cell whose lower-left corner is
     (660 000, 6 360 000). NaN coordinates get :data:`NO_CELL`.
     """
+    if not (cell_size_m > 0 and np.isfinite(cell_size_m)):
+        # a 0 or negative size would name every building's cell garbage, silently
+        raise ValueError(f"cell_size_m must be a positive number of metres, got {cell_size_m!r}")
     x = np.asarray(x, dtype="float64")
     y = np.asarray(y, dtype="float64")
     out = np.full(x.shape, NO_CELL, dtype=object)
