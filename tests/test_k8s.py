@@ -219,6 +219,7 @@ def test_gke_allocatable_follows_the_documented_reservations():
     assert CPU_NODE.allocatable_memory_gib == pytest.approx(32 - 3.56 - 100 / 1024)
 
 
+@pytest.mark.slow  # imports the production code location in a fresh process
 def test_gpu_steps_share_the_gpu_pool_and_preemptible_steps_are_retried():
     """In prod: one `gpu` pool slot per GPU step; the pod steps a spot node can take away have a retry policy.
 
