@@ -8,7 +8,7 @@ model version (a hash of the weights), so a new model marks every
 from dagster import AssetExecutionContext, MaterializeResult, asset
 
 from assets.chips import chips
-from assets.errors import IO_RETRY
+from assets.errors import IO_RETRY, bad_input_fails_fast
 from assets.owners import ML
 from assets.training_sets import ModelTrainingConfig, describe, save_and_report, training_arrays
 from ops.ml.catalog import ROOF_CLASSES, ROOF_TYPE
@@ -44,8 +44,9 @@ def roof_model(
     def arrays(folder, dep, path):
         return labelled_chips(folder, dep, read_labels(path, ROOF_TYPE, ROOF_CLASSES), ROOF_CLASSES)
 
-    (x, y, g), used = training_arrays(context, config, store, footprints.labels, arrays, "labels")
-    classes = list(ROOF_CLASSES)
-    result = train_classifier(x, y, classes, g, name=ROOF_TYPE, config=config.train_config(), log=context.log.info)
-    describe(result, used, "labels.csv per département")
-    return save_and_report(context, models, result, used, ["accuracy", "macro_f1", "chance_accuracy"])
+    with bad_input_fails_fast():  # a bad label file fails once; I/O and a preempted pod are retried
+        (x, y, g), used = training_arrays(context, config, store, footprints.labels, arrays, "labels")
+        classes = list(ROOF_CLASSES)
+        result = train_classifier(x, y, classes, g, name=ROOF_TYPE, config=config.train_config(), log=context.log.info)
+        describe(result, used, "labels.csv per département")
+        return save_and_report(context, models, result, used, ["accuracy", "macro_f1", "chance_accuracy"])

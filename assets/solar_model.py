@@ -8,7 +8,7 @@ from dagster import AssetExecutionContext, MaterializeResult, asset
 from pydantic import Field
 
 from assets.chips import chips
-from assets.errors import IO_RETRY
+from assets.errors import IO_RETRY, bad_input_fails_fast
 from assets.owners import ML
 from assets.training_sets import ModelTrainingConfig, describe, save_and_report, training_arrays
 from ops.ml.catalog import PANEL_CLASSES, SOLAR_PANELS
@@ -47,10 +47,13 @@ def solar_model(
     def arrays(folder, dep, path):
         return panel_training_set(folder, dep, read_polygons(path))
 
-    (x, m, g), used = training_arrays(context, config, store, footprints.panels, arrays, "solar-panel polygons")
-    context.log.info(f"{len(x):,} chips, {int(m.reshape(len(m), -1).any(1).sum()):,} with panels")
-    classes = list(PANEL_CLASSES)
-    result = train_segmenter(x, m, classes, g, name=SOLAR_PANELS, config=config.train_config(), log=context.log.info)
-    describe(result, used, "solar_panels.gpkg per département, rasterised through each chip's transform")
-    headline = ["iou", "accuracy", "macro_f1", "chance_accuracy", "chip_detection_accuracy"]
-    return save_and_report(context, models, result, used, headline, "held-out pixel confusion matrix")
+    with bad_input_fails_fast():  # a bad label file fails once; I/O and a preempted pod are retried
+        (x, m, g), used = training_arrays(context, config, store, footprints.panels, arrays, "solar-panel polygons")
+        context.log.info(f"{len(x):,} chips, {int(m.reshape(len(m), -1).any(1).sum()):,} with panels")
+        classes = list(PANEL_CLASSES)
+        result = train_segmenter(
+            x, m, classes, g, name=SOLAR_PANELS, config=config.train_config(), log=context.log.info
+        )
+        describe(result, used, "solar_panels.gpkg per département, rasterised through each chip's transform")
+        headline = ["iou", "accuracy", "macro_f1", "chance_accuracy", "chip_detection_accuracy"]
+        return save_and_report(context, models, result, used, headline, "held-out pixel confusion matrix")

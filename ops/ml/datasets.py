@@ -36,14 +36,29 @@ def ok_chips(folder: Path) -> Iterator[tuple[str, pd.DataFrame, np.ndarray]]:
 
 def read_labels(path: Path, column: str, classes: Sequence[str]) -> pd.Series:
     """Ground truth as a Series building id → class, from a CSV with an id column and ``column``."""
-    df = pd.read_csv(path, dtype=str)
+    try:
+        df = pd.read_csv(path, dtype=str)
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"{path}: empty label file (expected a header with an id column and `{column}`)") from None
     id_col = next((c for c in LABEL_ID_COLUMNS if c in df.columns), None)
     if id_col is None or column not in df.columns:
         raise ValueError(f"{path}: expected an id column (building_id/cleabs) and `{column}`; got {list(df.columns)}")
+    if df.empty:
+        raise ValueError(f"{path}: no labels (a header and no rows)")
+    missing_ids = df[id_col].isna()
+    if missing_ids.any():
+        rows = (df.index[missing_ids] + 2).tolist()  # file line numbers (header = line 1)
+        raise ValueError(f"{path}: {len(rows)} label(s) without a building id, lines {rows[:5]}")
+    dups = df[id_col][df[id_col].duplicated()]
+    if len(dups):
+        raise ValueError(
+            f"{path}: {dups.nunique()} building id(s) labelled more than once, e.g. {sorted(set(dups))[:5]}"
+        )
     unknown = sorted(set(df[column].dropna()) - set(classes))
     if unknown:
         raise ValueError(f"{path}: unknown {column} value(s) {unknown[:5]}; classes are {list(classes)}")
-    return df.set_index(id_col)[column]
+    # a building listed without a class is not labelled (it would otherwise be trained as "nan")
+    return df.dropna(subset=[column]).set_index(id_col)[column]
 
 
 def labelled_chips(
