@@ -11,8 +11,7 @@ import pytest
 from orchestration.environment import REPO_ROOT, executor_for, prod_resources, resources_for
 from resources.bigquery import BigQueryWarehouse, table_ddl
 from resources.gcs import GcsObjectStore
-
-PROD = {"BATIVISION_BQ_PROJECT": "acme-geo", "BATIVISION_BQ_DATASET": "bativision", "BATIVISION_GCS_BUCKET": "acme-bv"}
+from tests.prodenv import PROD, prod_env
 
 
 def test_prod_needs_its_variables_and_names_the_missing_one(monkeypatch):
@@ -44,7 +43,7 @@ def test_tables_are_clustered_by_departement():
 @pytest.mark.slow
 def test_the_code_location_loads_in_prod():
     """What the user-code deployment does at start: import the definitions with BATIVISION_ENV=prod."""
-    env = {**os.environ, **PROD, "BATIVISION_ENV": "prod"}
+    env = prod_env()
     code = (
         "from orchestration.definitions import defs; "
         "j = defs.resolve_implicit_global_asset_job_def(); "

@@ -10,7 +10,7 @@ from orchestration.definitions import all_assets
 pytestmark = pytest.mark.slow  # materializes assets
 
 
-def _run(tmp_path, monkeypatch, selection):
+def _run(tmp_path, monkeypatch, selection, buildings_config: dict | None = None):
     monkeypatch.setenv("BATIVISION_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("BATIVISION_SOURCE_DIR", str(tmp_path / "src"))
     from orchestration.environment import local_resources
@@ -21,6 +21,7 @@ def _run(tmp_path, monkeypatch, selection):
         partition_key="12",
         resources=local_resources(),
         instance=DagsterInstance.ephemeral(),
+        run_config={"ops": {"buildings": {"config": buildings_config}}} if buildings_config else None,
         raise_on_error=False,
     )
 
@@ -75,18 +76,7 @@ def test_a_file_without_an_id_column_fails_listing_its_columns_and_ids_are_only_
     assert "sans_id.gpkg" in message and "'nom'" in message
     assert "id_column" in message and "generate_ids" in message
 
-    from dagster import DagsterInstance, materialize
-
-    from orchestration.environment import local_resources
-
-    asked = materialize(
-        all_assets,
-        selection=["buildings"],
-        partition_key="12",
-        resources=local_resources(),
-        instance=DagsterInstance.ephemeral(),
-        run_config={"ops": {"buildings": {"config": {"generate_ids": True}}}},
-    )
+    asked = _run(tmp_path, monkeypatch, ["buildings"], {"generate_ids": True})
     assert asked.success
     import duckdb
 
@@ -98,19 +88,7 @@ def test_a_file_without_an_id_column_fails_listing_its_columns_and_ids_are_only_
 def test_an_internal_error_fails_once_naming_the_partition_and_the_exception(tmp_path, monkeypatch):
     """Not an input error the code knows, not I/O: retrying would only delay the same message."""
     _no_id_footprints(tmp_path)
-    monkeypatch.setenv("BATIVISION_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.setenv("BATIVISION_SOURCE_DIR", str(tmp_path / "src"))
-    from orchestration.environment import local_resources
-
-    result = materialize(
-        all_assets,
-        selection=["buildings"],
-        partition_key="12",
-        resources=local_resources(),
-        instance=DagsterInstance.ephemeral(),
-        run_config={"ops": {"buildings": {"config": {"generate_ids": True, "cell_size_m": 0}}}},
-        raise_on_error=False,
-    )
+    result = _run(tmp_path, monkeypatch, ["buildings"], {"generate_ids": True, "cell_size_m": 0})
     assert not result.success
     assert not [e for e in result.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]
     (message,) = _failure_messages(result)

@@ -29,6 +29,8 @@ from pathlib import Path
 import pytest
 from setuptools import find_packages
 
+from tests.prodenv import prod_env
+
 REPO = Path(__file__).resolve().parent.parent
 SCRATCH = "/scratch"  # the pods mount an emptyDir there
 
@@ -327,13 +329,7 @@ def test_what_the_code_location_reads_at_import_is_in_the_image(image, tmp_path)
     """Every file under the repository that importing the code location opens (BATIVISION_ENV=prod, as in the
     image), and every repository path its resources are configured with, is in the image."""
     out = tmp_path / "audit.json"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("BATIVISION_", "DAGSTER_HOME"))} | {
-        "BATIVISION_ENV": "prod",
-        "BATIVISION_GCS_BUCKET": "bucket",
-        "BATIVISION_BQ_PROJECT": "project",
-        "BATIVISION_BQ_DATASET": "dataset",
-        "DAGSTER_DISABLE_TELEMETRY": "1",
-    }
+    env = prod_env(DAGSTER_DISABLE_TELEMETRY="1")
     proc = subprocess.run(
         [sys.executable, "-c", AUDIT, str(REPO), str(out)],
         cwd=REPO,

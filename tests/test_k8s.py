@@ -12,7 +12,6 @@ processes against the instance the runs were created in, and their materializati
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -32,12 +31,12 @@ from orchestration.pods import (
     k8s_executor_config,
     scratch_gib,
 )
+from tests.prodenv import prod_env
 
 pytestmark = [pytest.mark.k8s]
 
 REPO = Path(__file__).resolve().parent.parent
 VALUES = REPO / "k8s" / "values.yaml"
-PROD = {"BATIVISION_BQ_PROJECT": "p", "BATIVISION_BQ_DATASET": "d", "BATIVISION_GCS_BUCKET": "b"}
 GPU_LABEL = "cloud.google.com/gke-accelerator"
 
 
@@ -55,13 +54,11 @@ def rendered(tmp_path_factory) -> tuple[dict[str, dict[str, dict]], Path]:
     import json
 
     home = tmp_path_factory.mktemp("k8s") / "dagster_home"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("BATIVISION_", "DAGSTER_"))}
-    env.update(PROD, BATIVISION_ENV="prod")
     out = subprocess.run(
         [sys.executable, str(REPO / "tests" / "k8s_render.py"), str(VALUES), str(home)]
         + ["enrich_departement:12", "train_models"],
         cwd=REPO,
-        env=env,
+        env=prod_env(),
         capture_output=True,
         text=True,
         timeout=600,
@@ -235,8 +232,9 @@ def test_gpu_steps_share_the_gpu_pool_and_preemptible_steps_are_retried():
         "       for a in all_assets if isinstance(a, AssetsDefinition) and a.is_executable for key in a.keys}\n"
         "print(json.dumps(out))\n"
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BATIVISION_")} | PROD | {"BATIVISION_ENV": "prod"}
-    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", probe], cwd=REPO, env=prod_env(), capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     import json
 
