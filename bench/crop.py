@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -40,6 +39,7 @@ import rasterio
 from rasterio.enums import Resampling
 from rasterio.windows import Window
 
+from bench.memory import peak_rss_bytes
 from ops.crop.partition import crop_partition
 from ops.crop.spec import ChipSpec, chip_windows, intersects_any
 from ops.crop.tiles import TileSet
@@ -194,15 +194,7 @@ def run_child(kind: str, work: Path, parquet: Path, n_sample: int = 0) -> dict:
 def rss_child(parquet: str, info_json: str, folder: str) -> None:
     info = MosaicInfo.from_json(Path(info_json).read_text())
     ours(Path(parquet), info, Path(folder), workers=1)
-    print(json.dumps({"peak_rss_mib": peak_rss_since_exec_mib()}))
-
-
-def peak_rss_since_exec_mib() -> float:
-    """VmHWM: peak RSS of this process image (ru_maxrss would include the parent's memory at fork)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"peak_rss_mib": peak_rss_bytes() / 2**20}))
 
 
 def peak_rss(parquet: Path, info: MosaicInfo, work: Path) -> float:

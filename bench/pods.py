@@ -60,6 +60,7 @@ from typing import Any
 
 import psutil
 
+from bench.memory import peak_rss_bytes
 from ops.shards import index_rows, list_shards
 from resources import keys
 
@@ -145,18 +146,10 @@ def child(step: Step) -> dict[str, Any]:
         "import_s": round(t1 - t0, 2),
         "step_s": round(t2 - t1, 2),
         # exact per-process peaks, to check the sampling: this process, and the largest of its reaped children
-        "hwm_step_gib": vm_hwm_bytes() / GIB,
+        "hwm_step_gib": peak_rss_bytes() / GIB,
         "hwm_largest_child_gib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 / GIB,
         "metadata": metadata,
     }
-
-
-def vm_hwm_bytes() -> int:
-    """VmHWM: this process image's peak RSS (ru_maxrss would include the parent's at fork)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 @dataclass

@@ -67,7 +67,6 @@ GPU_STEP_CPUS = 4  # chip loader thread, mask vectorisation, Arrow rows; the GPU
 # GeoParquet take about 420 B per building of scratch (0.5 GiB for the largest département)
 SMALL_STEP = {"cpu": "1", "memory": "2Gi", "ephemeral-storage": "2Gi"}
 GPU_STEPS = ("predictions", "roof_model", "solar_model")
-SCRATCH_STEPS = ("chips", *GPU_STEPS)
 
 
 @dataclass(frozen=True)
