@@ -24,20 +24,11 @@ from dagster_dbt import DagsterDbtTranslator, DbtCliResource, DbtProject, dbt_as
 
 from assets.owners import ANALYTICS
 from assets.partitions import departements_partitions
-from resources.env import kinds
+from resources.env import kinds, scratch_dir
 from resources.warehouse import WAREHOUSE_POOL, DuckDBWarehouse, Warehouse
 
 DBT_DIR = Path(__file__).resolve().parent.parent / "dbt"
 dbt_project = DbtProject(project_dir=DBT_DIR, profiles_dir=DBT_DIR)
-
-
-def scratch_dir() -> Path:
-    """This process's writable scratch folder: ``$BATIVISION_CACHE_DIR/bativision``, else the temp dir's.
-
-    The production image's root filesystem is read-only: its pods mount a
-    scratch volume there (and point ``TMPDIR`` at it too).
-    """
-    return Path(os.environ.get("BATIVISION_CACHE_DIR") or tempfile.gettempdir()) / "bativision"
 
 
 def ensure_manifest(project_dir: Path = DBT_DIR) -> Path:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 from dagster import multiprocess_executor
@@ -29,7 +28,7 @@ from dagster_k8s import k8s_job_executor
 from assets.dbt import DBT_DIR
 from orchestration.pods import POD_ENV, k8s_executor_config
 from resources.bigquery import BigQueryWarehouse
-from resources.env import current_env
+from resources.env import current_env, scratch_dir
 from resources.gcs import GcsObjectStore
 from resources.imagery import FootprintSource, OrthoImagery
 from resources.model_store import ModelStore
@@ -93,7 +92,7 @@ def prod_resources() -> dict:
     prefix = os.environ.get("BATIVISION_GCS_PREFIX", "bativision").strip("/")
     gcs_endpoint = os.environ.get("BATIVISION_GCS_API_ENDPOINT") or None
     sources = os.environ.get("BATIVISION_SOURCE_URI") or f"gs://{bucket}/sources"
-    cache = Path(os.environ.get("BATIVISION_CACHE_DIR") or tempfile.gettempdir()) / "bativision"
+    cache = scratch_dir()
 
     def store() -> GcsObjectStore:
         return GcsObjectStore(root=str(cache / "store"), bucket=bucket, prefix=prefix, api_endpoint=gcs_endpoint)

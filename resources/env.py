@@ -11,6 +11,8 @@ environment.
 from __future__ import annotations
 
 import os
+import tempfile
+from pathlib import Path
 
 ENVIRONMENTS = ("local", "prod")
 
@@ -55,3 +57,13 @@ def inference_pool() -> str:
     from resources.warehouse import WAREHOUSE_POOL
 
     return GPU_POOL if current_env() == "prod" else WAREHOUSE_POOL
+
+
+def scratch_dir() -> Path:
+    """This process's writable scratch folder: ``$BATIVISION_CACHE_DIR/bativision``, else the temp dir's.
+
+    The production image's root filesystem is read-only: its pods mount a scratch volume and point
+    ``BATIVISION_CACHE_DIR`` (and ``TMPDIR``) at it. Object-store caches, BigQuery staging files and
+    dbt's run targets all live under this folder.
+    """
+    return Path(os.environ.get("BATIVISION_CACHE_DIR") or tempfile.gettempdir()) / "bativision"
