@@ -160,7 +160,7 @@ class PodSettings:
         return cls(
             service_account=os.environ.get("BATIVISION_K8S_SERVICE_ACCOUNT", "").strip() or "bativision",
             crop_workers=_env_int("BATIVISION_CROP_WORKERS", DEFAULT_CROP_WORKERS),
-            accelerator=os.environ.get("BATIVISION_GPU_ACCELERATOR", "").strip() or "nvidia-l4",
+            accelerator=os.environ.get("BATIVISION_GPU_ACCELERATOR", "").strip() or str(GPU_NODE.accelerator),
             max_partition_buildings=_env_int("BATIVISION_MAX_PARTITION_BUILDINGS", 1_200_000),
         )
 
@@ -174,7 +174,8 @@ def _resources(cpu: str, memory: str, storage: str, gpu: int = 0) -> dict[str, A
 
 
 def step_k8s_config(settings: PodSettings) -> dict[str, Any]:
-    """What every step pod gets: identity, security, the scratch volume, small resources."""
+    """What every step pod gets: security, the scratch volume, small resources (identity: the executor's
+    ``service_account_name``, which overrides the code location's container context)."""
     scratch = scratch_gib(settings.max_partition_buildings)
     return {
         "container_config": {
@@ -195,7 +196,6 @@ def step_k8s_config(settings: PodSettings) -> dict[str, Any]:
             ],
         },
         "pod_spec_config": {
-            "service_account_name": settings.service_account,
             "security_context": {
                 "run_as_non_root": True,
                 "run_as_user": RUN_AS,
