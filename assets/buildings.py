@@ -1,4 +1,11 @@
-"""`buildings`: a département's footprints, validated, repaired, gridded, in the warehouse."""
+"""`buildings`: a département's footprints, validated, repaired, gridded, written as GeoParquet.
+
+The warehouse's `buildings` rows are not written here: `predictions` publishes
+them together with the partition's predictions, in one transaction, so that a
+run failing after this step (a broken tile, a model that doesn't fit) leaves the
+warehouse as the last successful run published it, buildings and predictions in
+step, instead of new buildings beside old predictions.
+"""
 
 import time
 
@@ -14,12 +21,10 @@ from assets.partitions import departements_partitions
 from ops.geo.departements import check_departement, native_epsg
 from ops.geo.footprints import FootprintStats, iter_building_batches, write_buildings_geoparquet
 from ops.geo.grid import DEFAULT_CELL_SIZE_M
-from ops.geo.reproject import wgs84_batches
 from resources import keys
 from resources.env import kinds
 from resources.imagery import FootprintSource
 from resources.object_store import ObjectStore
-from resources.warehouse import WAREHOUSE_POOL, Warehouse
 
 
 class BuildingsConfig(Config):
@@ -37,19 +42,18 @@ class BuildingsConfig(Config):
     partitions_def=departements_partitions,
     deps=[footprint_files],
     group_name="ingest",
-    kinds=kinds("parquet", warehouse=True),
+    kinds=kinds("parquet"),
     owners=PIPELINE,
-    pool=WAREHOUSE_POOL,
-    code_version="1",
+    code_version="2",
     retry_policy=IO_RETRY,
-    description="One row per input building: id, cell, geometry (validated/repaired), area, height, usage, status.",
+    description="One row per input building: id, cell, geometry (validated/repaired), area, height, usage, status "
+    "(GeoParquet; published to the warehouse with the partition's predictions).",
 )
 def buildings(
     context: AssetExecutionContext,
     config: BuildingsConfig,
     footprints: FootprintSource,
     store: ObjectStore,
-    warehouse: Warehouse,
 ) -> MaterializeResult:
     with bad_input_fails_fast(context.partition_key):
         dep = check_departement(context.partition_key)
@@ -70,9 +74,6 @@ def buildings(
             stats=stats,
         )
         rows = write_buildings_geoparquet(batches, out, epsg, source=src, layer=config.layer)
-        loaded = warehouse.replace_partition("buildings", dep, wgs84_batches(out, epsg))
-        if loaded != rows:
-            raise RuntimeError(f"partition {dep}: {rows} buildings read but {loaded} loaded into the warehouse")
         seconds = time.perf_counter() - t0
         preview = pq.read_table(out, columns=["bbox", "geometry_status"])  # bbox centres: no WKB to parse
         bbox = preview.column("bbox").combine_chunks()

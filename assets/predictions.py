@@ -3,10 +3,12 @@
 The compute is ``ops.ml.predict``: the chips are read once, each batch goes
 through every model, rows are staged to one Parquet file per model and the
 accounting invariant is checked before they are. This asset holds the config,
-loads the models, picks the device and batch size, loads the staged rows into
-the warehouse (each model's rows replace that partition's rows in one
-transaction, so a re-run never duplicates and readers never see half a
-partition), and reports.
+loads the models, picks the device and batch size, publishes the partition to the
+warehouse — its buildings (from the `buildings` GeoParquet) and every model's
+staged rows replace that partition's rows in one transaction, so a re-run never
+duplicates, readers never see half a partition, and a run that fails anywhere
+before leaves the partition's buildings and predictions as the last successful
+run published them — and reports.
 """
 
 import time
@@ -16,6 +18,7 @@ import torch
 from dagster import AssetExecutionContext, Config, MaterializeResult, MetadataValue, asset
 from pydantic import Field
 
+from assets.buildings import buildings
 from assets.chips import chips
 from assets.errors import IO_RETRY, bad_input_fails_fast
 from assets.metadata import chip_grid, counts_table, points_map
@@ -24,7 +27,8 @@ from assets.partitions import departements_partitions
 from assets.roof_model import roof_model
 from assets.solar_model import solar_model
 from ops.cpus import available_cpus
-from ops.geo.departements import check_departement
+from ops.geo.departements import check_departement, native_epsg
+from ops.geo.reproject import wgs84_batches
 from ops.imagery.mosaic import MosaicInfo
 from ops.ml.batch_size import CPU_DEFAULT_BATCH, CUDA_DEFAULT_BATCH, choose_batch_size, machine_key, models_key
 from ops.ml.card import check_outputs
@@ -36,7 +40,7 @@ from resources import keys
 from resources.env import inference_pool, kinds
 from resources.model_store import ModelStore
 from resources.object_store import ObjectStore
-from resources.warehouse import Warehouse
+from resources.warehouse import PartitionRows, Warehouse
 
 
 class PredictionsConfig(Config):
@@ -56,12 +60,12 @@ class PredictionsConfig(Config):
 
 @asset(
     partitions_def=departements_partitions,
-    deps=[chips, roof_model, solar_model],
+    deps=[buildings, chips, roof_model, solar_model],
     group_name="inference",
     kinds=kinds("pytorch", "parquet", warehouse=True),
     owners=ML,
     pool=inference_pool(),
-    code_version="2",
+    code_version="3",
     retry_policy=IO_RETRY,
     description="Roof type (classification) and solar panels (segmentation, polygons) of every building, "
     "one row per building and model version.",
@@ -132,15 +136,26 @@ def predictions(
             progress=progress,
         )
         batch.forget_if_slower(tally.chips, tally.seconds, lambda msg: context.log.warning(f"partition {dep}: {msg}"))
-        loaded = {
-            c.name: warehouse.replace_partition(
-                "predictions",
-                dep,
-                pq.ParquetFile(staged[c.name]).iter_batches(batch_size=50_000),
-                where={"model_name": c.name, "model_version": c.version},
-            )
-            for c in cards
-        }
+        written = warehouse.publish(
+            dep,
+            [
+                PartitionRows("buildings", wgs84_batches(buildings_path, native_epsg(dep))),
+                *(
+                    PartitionRows(
+                        "predictions",
+                        pq.ParquetFile(staged[c.name]).iter_batches(batch_size=50_000),
+                        where={"model_name": c.name, "model_version": c.version},
+                    )
+                    for c in cards
+                ),
+            ],
+        )
+        if written[0] != expected:
+            raise RuntimeError(f"partition {dep}: {expected} buildings staged but {written[0]} published")
+        loaded = {c.name: n for c, n in zip(cards, written[1:], strict=True)}
+        context.log.info(
+            f"partition {dep}: published {written[0]:,} buildings and {sum(loaded.values()):,} predictions"
+        )
         if tally.statuses["error"]:
             context.log.warning(
                 f"partition {dep}: {tally.statuses['error']} buildings with status error (see chips index messages)"

@@ -27,7 +27,7 @@ import random
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -40,7 +40,7 @@ from google.cloud import bigquery
 from pydantic import Field, PrivateAttr
 
 from resources.gcp import client_options, credentials_for
-from resources.warehouse import TABLE_COLUMNS, Warehouse
+from resources.warehouse import TABLE_COLUMNS, PartitionRows, Warehouse
 
 T = TypeVar("T")
 
@@ -189,51 +189,60 @@ class BigQueryWarehouse(Warehouse):
                 raise
         return stage_id, n
 
-    def replace_partition(
-        self,
-        table: str,
-        departement: str,
-        batches: Iterable[pa.RecordBatch],
-        *,
-        where: dict[str, str] | None = None,
-    ) -> int:
-        """Replace the rows of ``table`` for ``departement`` (and ``where`` equalities) in one transaction.
+    def publish(self, departement: str, parts: Sequence[PartitionRows]) -> list[int]:
+        """Replace each part's rows (``departement`` and its ``where`` equalities), all in one transaction.
 
-        Batches carry geometry as WGS84 WKB. Returns the number of rows written.
+        Each part's rows are loaded into a staging table first (load jobs are not
+        transactional), then one multi-statement transaction deletes and inserts
+        every part and asserts its count. Batches carry geometry as WGS84 WKB.
+        Returns the number of rows written per part.
         """
-        filters = self.partition_filters(table, departement, where)
-        self.ensure_table(table)
-        stage_id, n = self._stage(table, departement, batches)
-        target = self.table_id(table)
-        cond = " AND ".join(f"{k} = @w_{k}" for k in filters)
-        names = [name for name, _, _ in TABLE_SCHEMAS[table]]
-        select = ", ".join(GEOGRAPHY_EXPR[table] if c == "geometry" else c for c in names)
-        insert = (
-            f"INSERT INTO `{target}` ({', '.join(names)})\n  SELECT {select} FROM `{stage_id}`;" if stage_id else ""
-        )
-        script = f"""BEGIN
+        filters = [self.partition_filters(p.table, departement, p.where) for p in parts]
+        staged: list[tuple[str | None, int]] = []
+        client = self.client()
+        try:
+            statements, params = [], []
+            for k, (part, where) in enumerate(zip(parts, filters, strict=True)):
+                self.ensure_table(part.table)
+                stage_id, n = self._stage(part.table, departement, part.batches)
+                staged.append((stage_id, n))
+                target = self.table_id(part.table)
+                cond = " AND ".join(f"{c} = @p{k}_{c}" for c in where)
+                names = [name for name, _, _ in TABLE_SCHEMAS[part.table]]
+                select = ", ".join(GEOGRAPHY_EXPR[part.table] if c == "geometry" else c for c in names)
+                statements.append(f"DELETE FROM `{target}` WHERE {cond};")
+                if stage_id:
+                    statements.append(
+                        f"INSERT INTO `{target}` ({', '.join(names)})\n  SELECT {select} FROM `{stage_id}`;"
+                    )
+                statements.append(
+                    f"ASSERT (SELECT COUNT(*) FROM `{target}` WHERE {cond}) = @p{k}_expected\n"
+                    f"    AS '{part.table}[{departement}]: the partition does not hold the {n} staged rows; rolled back';"
+                )
+                params += [query_parameter(f"p{k}_{c}", v) for c, v in where.items()]
+                params.append(query_parameter(f"p{k}_expected", n))
+            body = "\n  ".join(statements)
+            script = f"""BEGIN
   BEGIN TRANSACTION;
-  DELETE FROM `{target}` WHERE {cond};
-  {insert}
-  ASSERT (SELECT COUNT(*) FROM `{target}` WHERE {cond}) = @expected
-    AS '{table}[{departement}]: the partition does not hold the {n} staged rows; rolled back';
+  {body}
   COMMIT TRANSACTION;
 EXCEPTION WHEN ERROR THEN
   ROLLBACK TRANSACTION;
   RAISE USING MESSAGE = @@error.message;
 END;"""
-        params = [query_parameter(f"w_{k}", v) for k, v in filters.items()] + [query_parameter("expected", n)]
-        client = self.client()
-        try:
+            what = "+".join(p.table for p in parts) + f"[{departement}]"
             run_transaction(
                 lambda: client.query_and_wait(script, job_config=bigquery.QueryJobConfig(query_parameters=params)),
-                f"{table}[{departement}]",
+                what,
             )
         finally:
-            if stage_id:
-                client.delete_table(stage_id, not_found_ok=True)
-        get_dagster_logger().info(f"{target}[{departement}{', ' + str(where) if where else ''}]: {n} rows replaced")
-        return n
+            for stage_id, _ in staged:
+                if stage_id:
+                    client.delete_table(stage_id, not_found_ok=True)
+        for part, (_, n) in zip(parts, staged, strict=True):
+            extra = f", {part.where}" if part.where else ""
+            get_dagster_logger().info(f"{self.table_id(part.table)}[{departement}{extra}]: {n} rows replaced")
+        return [n for _, n in staged]
 
     def query(self, sql: str, params: list | None = None) -> pd.DataFrame:
         """Run ``sql`` with the dataset as default (unqualified table names work) and ``?`` parameters."""

@@ -2,9 +2,11 @@
 
 :class:`Warehouse` is what assets depend on; :class:`DuckDBWarehouse` (here, the
 embedded default) and ``resources.bigquery.BigQueryWarehouse`` (production)
-implement it. For DuckDB: Writing a partition is one transaction
-(delete the partition's rows, insert the new ones), so readers never see a
-half-written partition and a re-run replaces rows instead of duplicating them.
+implement it. Publishing a partition is one transaction over its tables
+(delete the partition's rows, insert the new ones, for its buildings and its
+predictions together), so readers never see a half-written partition nor a
+partition's buildings out of step with its predictions, and a re-run replaces
+rows instead of duplicating them.
 DuckDB allows one writer process at a time: connections are short-lived and
 retried while another process holds the file, and the assets that write here
 share a Dagster concurrency pool.
@@ -14,8 +16,9 @@ from __future__ import annotations
 
 import time
 from abc import abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
@@ -84,6 +87,15 @@ def spatial_extension_path() -> str:
     return str(found[0])
 
 
+@dataclass(frozen=True)
+class PartitionRows:
+    """The new rows of one table for a partition: those matching ``where`` (besides the partition) are replaced."""
+
+    table: str
+    batches: Iterable[pa.RecordBatch]
+    where: dict[str, str] | None = None
+
+
 class Warehouse(ConfigurableResource):
     """What assets need from a warehouse, whichever engine is behind it.
 
@@ -109,6 +121,13 @@ class Warehouse(ConfigurableResource):
         return filters
 
     @abstractmethod
+    def publish(self, departement: str, parts: Sequence[PartitionRows]) -> list[int]:
+        """Replace each part's rows of ``departement``, all parts in one transaction; returns rows written per part.
+
+        Readers see every part's old rows or every part's new ones, never a mix:
+        a partition's buildings and its predictions are published together.
+        """
+
     def replace_partition(
         self,
         table: str,
@@ -118,6 +137,7 @@ class Warehouse(ConfigurableResource):
         where: dict[str, str] | None = None,
     ) -> int:
         """Atomically replace the rows of ``table`` for ``departement`` (and ``where``); returns rows written."""
+        return self.publish(departement, [PartitionRows(table, batches, where)])[0]
 
     @abstractmethod
     def query(self, sql: str, params: list | None = None) -> pd.DataFrame:
@@ -164,42 +184,42 @@ class DuckDBWarehouse(Warehouse):
         for table in TABLE_COLUMNS:
             con.execute(duckdb_ddl(table))
 
-    def replace_partition(
-        self,
-        table: str,
-        departement: str,
-        batches: Iterable[pa.RecordBatch],
-        *,
-        where: dict[str, str] | None = None,
-    ) -> int:
-        """Replace the rows of ``table`` for ``departement`` (and ``where`` equalities) in one transaction.
+    def publish(self, departement: str, parts: Sequence[PartitionRows]) -> list[int]:
+        """Replace each part's rows (``departement`` and its ``where`` equalities) in one transaction.
 
-        Batches carry geometry as WGS84 WKB. Returns the number of rows written.
+        Batches carry geometry as WGS84 WKB. Returns the number of rows written per part.
         """
-        filters = self.partition_filters(table, departement, where)
-        cond = " AND ".join(f"{k} = ?" for k in filters)
+        filters = [self.partition_filters(p.table, departement, p.where) for p in parts]
+        written: list[int] = []
         with self.connect() as con:
             self.ensure_tables(con)
-            cols = [r[0] for r in con.execute(f"DESCRIBE {table}").fetchall()]
-            select = ", ".join(f"ST_GeomFromWKB({c})" if c in GEOMETRY_COLUMNS else c for c in cols)
             con.execute("BEGIN TRANSACTION")
             try:
-                con.execute(f"DELETE FROM {table} WHERE {cond}", list(filters.values()))
-                n = 0
-                for batch in batches:
-                    con.register("_incoming", pa.Table.from_batches([batch]))
-                    con.execute(f"INSERT INTO {table} SELECT {select} FROM _incoming")
-                    con.unregister("_incoming")
-                    n += batch.num_rows
-                written = con.execute(f"SELECT count(*) FROM {table} WHERE {cond}", list(filters.values())).fetchone()[
-                    0
-                ]
-                if written != n:
-                    raise RuntimeError(f"{table}[{departement}]: wrote {n} rows but {written} are there; rolled back")
+                for part, where in zip(parts, filters, strict=True):
+                    written.append(self._replace(con, part, where, departement))
                 con.execute("COMMIT")
             except BaseException:
                 con.execute("ROLLBACK")
                 raise
+        return written
+
+    @staticmethod
+    def _replace(con: duckdb.DuckDBPyConnection, part: PartitionRows, filters: dict[str, str], dep: str) -> int:
+        """Delete then insert one part's rows inside the caller's transaction, checking the count."""
+        table = part.table
+        cond = " AND ".join(f"{k} = ?" for k in filters)
+        cols = [r[0] for r in con.execute(f"DESCRIBE {table}").fetchall()]
+        select = ", ".join(f"ST_GeomFromWKB({c})" if c in GEOMETRY_COLUMNS else c for c in cols)
+        con.execute(f"DELETE FROM {table} WHERE {cond}", list(filters.values()))
+        n = 0
+        for batch in part.batches:
+            con.register("_incoming", pa.Table.from_batches([batch]))
+            con.execute(f"INSERT INTO {table} SELECT {select} FROM _incoming")
+            con.unregister("_incoming")
+            n += batch.num_rows
+        written = con.execute(f"SELECT count(*) FROM {table} WHERE {cond}", list(filters.values())).fetchone()[0]
+        if written != n:
+            raise RuntimeError(f"{table}[{dep}]: wrote {n} rows but {written} are there; rolled back")
         return n
 
     def query(self, sql: str, params: list | None = None) -> pd.DataFrame:

@@ -5,6 +5,7 @@ from being built."""
 from __future__ import annotations
 
 import duckdb
+import pyarrow.parquet as pq
 import pytest
 from dagster import (
     AssetCheckKey,
@@ -95,18 +96,33 @@ def test_every_check_passes_on_a_sound_partition(sound):
 
 
 def test_a_lost_building_row_fails_the_source_and_index_checks(env, sound):
-    sql(env, f"create table _kept_b as select * from buildings where departement = '{DEP}' limit 1")
-    sql(env, "delete from buildings where building_id in (select building_id from _kept_b)")
+    """A building lost from the `buildings` GeoParquet (what chips and predictions read) is caught by both."""
+    _, data, _ = env
+    path = data / "store" / keys.buildings(DEP)
+    kept = pq.read_table(path)
+    pq.write_table(kept.slice(1), path)
     try:
         got = evaluations(run(env, checks_only("match_source", "index_has_every_building")))
         assert not got["match_source"].passed
         assert "features" in got["match_source"].description
         assert not got["index_has_every_building"].passed
     finally:
-        sql(env, "insert into buildings select * from _kept_b")
-        sql(env, "drop table _kept_b")
+        pq.write_table(kept, path)
     got = evaluations(run(env, checks_only("match_source", "index_has_every_building")))
     assert got["match_source"].passed and got["index_has_every_building"].passed
+
+
+def test_a_building_row_lost_from_the_warehouse_fails_the_accounting_check(env, sound):
+    name = "account_for_every_building"
+    sql(env, f"create table _kept_b as select * from buildings where departement = '{DEP}' limit 1")
+    sql(env, "delete from buildings where building_id in (select building_id from _kept_b)")
+    try:
+        check = evaluations(run(env, checks_only(name)))[name]
+        assert not check.passed and "1 unknown" in check.description
+    finally:
+        sql(env, "insert into buildings select * from _kept_b")
+        sql(env, "drop table _kept_b")
+    assert evaluations(run(env, checks_only(name)))[name].passed
 
 
 def test_a_missing_shard_fails_the_index_check(env, sound):

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import geopandas as gpd
+import pyogrio
 import pytest
 from shapely.geometry import box
 
@@ -69,3 +70,70 @@ def test_two_partitions_written_at_once_by_two_processes_both_land_whole(tmp_pat
     )
     got = {r.departement: (r.n, r.d) for r in rows.itertuples()}
     assert got == {dep: (n, n) for dep, n in sizes.items()}
+
+
+def _published(warehouse: DuckDBWarehouse, dep: str) -> dict[str, list[str]]:
+    """What readers of the warehouse see of a partition: its building ids, and each model version's."""
+    out = {
+        "buildings": sorted(
+            warehouse.query("select building_id from buildings where departement = ?", [dep]).building_id
+        )
+    }
+    rows = warehouse.query(
+        "select model_name || '@' || model_version as m, building_id from predictions where departement = ?", [dep]
+    )
+    for model, ids in rows.groupby("m").building_id:
+        out[model] = sorted(ids)
+    return out
+
+
+@pytest.mark.slow
+def test_a_rerun_failing_after_new_footprints_leaves_the_last_published_partition(tmp_path, monkeypatch):
+    """New footprints, then a failure before predictions: the warehouse keeps the old partition, in step.
+
+    `buildings` only stages the new footprints (GeoParquet); `predictions` publishes
+    buildings and predictions in one transaction. Until a run gets that far, readers
+    keep what the last successful run published; then they get the new partition whole.
+    """
+    from dagster import DagsterInstance, materialize
+
+    from orchestration.definitions import all_assets
+    from orchestration.environment import local_resources
+    from synthetic import generate_departement
+
+    sample = generate_departement(tmp_path / "src", "12", 300, seed=5, tile_px=1000)
+    monkeypatch.setenv("BATIVISION_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("BATIVISION_SOURCE_DIR", str(tmp_path / "src"))
+    resources, instance = local_resources(), DagsterInstance.ephemeral()
+    warehouse = resources["warehouse"]
+
+    def run(config=None):
+        return materialize(
+            all_assets,
+            selection=["buildings", "ortho_mosaic", "chips", "predictions"],
+            partition_key="12",
+            resources=resources,
+            instance=instance,
+            run_config=config,
+            raise_on_error=False,
+        )
+
+    assert run().success
+    before = _published(warehouse, "12")
+    assert len(before) == 3 and all(ids == before["buildings"] for ids in before.values())
+
+    footprints = sample.root / "footprints" / "batiment.gpkg"
+    gdf = gpd.read_file(footprints)
+    gdf.iloc[40:].to_file(footprints, layer=pyogrio.list_layers(footprints)[0][0])  # 40 buildings demolished
+    failed = run({"ops": {"predictions": {"config": {"model_versions": {"roof_type": "0000deadbeef"}}}}})
+    assert not failed.success
+    (failure,) = [e for e in failed.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert failure.step_key == "predictions" and "0000deadbeef" in failure.step_failure_data.error.message
+    materialized = {e.asset_key.to_user_string() for e in failed.get_asset_materialization_events()}
+    assert materialized == {"buildings", "ortho_mosaic", "chips"}  # the new footprints went that far
+    assert _published(warehouse, "12") == before, "readers see the new buildings beside the old predictions"
+
+    assert run().success
+    after = _published(warehouse, "12")
+    assert len(after["buildings"]) == len(before["buildings"]) - 40
+    assert after.keys() == before.keys() and all(ids == after["buildings"] for ids in after.values())
