@@ -161,7 +161,7 @@ def predictions_account_for_every_building(
     ]
     lines = [
         f"{r.model_name}@{r.model_version}: {r.row_count} rows, {r.distinct_buildings} buildings, "
-        f"{r.unknown_buildings} unknown, for {n} buildings"
+        f"{int(r.unknown_buildings)} unknown, for {n} buildings"
         for r in wrong.itertuples()
     ]
     passed = not lines and len(per_version) > 0
@@ -173,7 +173,7 @@ def predictions_account_for_every_building(
             "model_versions": MetadataValue.md(
                 "| model | rows | buildings | unknown |\n|---|---:|---:|---:|\n"
                 + "\n".join(
-                    f"| {r.model_name}@{r.model_version} | {r.row_count} | {r.distinct_buildings} | {r.unknown_buildings} |"
+                    f"| {r.model_name}@{r.model_version} | {r.row_count} | {r.distinct_buildings} | {int(r.unknown_buildings)} |"
                     for r in per_version.itertuples()
                 )
             ),
