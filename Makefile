@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 
-.PHONY: install install-emulators install-browser demo test ui lint sample clean bench-crop bench-infer bench-prefetch bench-pods capacity
+.PHONY: install install-emulators install-browser demo test ui recover lint sample clean bench-crop bench-infer bench-prefetch bench-pods capacity
 
 $(BIN)/python:
 	@command -v $(PY) >/dev/null || { echo "$(PY) not found: install Python 3.11"; exit 1; }
@@ -59,6 +59,11 @@ $(DAGSTER_HOME)/dagster.yaml: orchestration/instance/local.yaml
 
 ui: install $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+
+# A run killed mid-step (kill -9, OOM) stays STARTED and holds its pool slot: mark it failed, free the slot.
+# (`make ui`'s daemon does it by itself; `make demo` does it at its start.)
+recover: install
+	$(BIN)/python -m orchestration.recovery
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

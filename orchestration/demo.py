@@ -8,6 +8,7 @@ Dagster instance (``DAGSTER_HOME``), so the runs are there to inspect in
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import shutil
@@ -19,6 +20,7 @@ from dagster import AssetKey, DagsterInstance, execute_job, reconstructable
 from ops.ml.catalog import MODELS
 from ops.shards import STATUSES
 from orchestration.environment import REPO_ROOT, data_dir, source_dir
+from orchestration.recovery import recover_dead_runs
 from synthetic import generate_departement
 
 DEMO_DEPARTEMENTS = ("12", "2A")
@@ -39,11 +41,24 @@ def train_job():
 
 
 def instance() -> DagsterInstance:
+    """The local instance under ``DAGSTER_HOME``, its storage created by one process at a time.
+
+    Dagster creates its SQLite tables on first use; two first runs on a fresh
+    ``DAGSTER_HOME`` would both try, and one would crash on "table already
+    exists". The instance's config is (re)copied, like ``make ui`` does, when
+    the project's is newer. Dead runs' pool slots are given back before anything
+    waits on them (``orchestration/recovery.py``).
+    """
     home = Path(os.environ.setdefault("DAGSTER_HOME", str(REPO_ROOT / ".dagster_home")))
     home.mkdir(parents=True, exist_ok=True)
-    if not (home / "dagster.yaml").exists():
-        shutil.copy(REPO_ROOT / "orchestration" / "instance" / "local.yaml", home / "dagster.yaml")
-    return DagsterInstance.get()
+    with open(home / ".instance.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        config, ours = home / "dagster.yaml", REPO_ROOT / "orchestration" / "instance" / "local.yaml"
+        if not config.exists() or config.stat().st_mtime < ours.stat().st_mtime:
+            shutil.copy(ours, config)
+        inst = DagsterInstance.get()
+        recover_dead_runs(inst)
+    return inst
 
 
 def run(
