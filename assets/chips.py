@@ -150,5 +150,7 @@ def prefetch_metadata(stats: dict, seconds: float) -> dict:
         "prefetch_requests": int(stats["requests"]),
         "prefetch_retries": int(stats["retries"]),
         "prefetch_whole_files": int(stats["whole_files"]),
+        # tiles given up after their retries: their buildings have status `error`, the message names the URL
+        "prefetch_unavailable_tiles": int(stats.get("unavailable_tiles", 0)),
         "prefetch_mib_per_s": round(stats["bytes"] / 2**20 / seconds, 1) if seconds else 0.0,
     }

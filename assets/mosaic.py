@@ -20,7 +20,7 @@ from resources.object_store import ObjectStore
     group_name="ingest",
     kinds=kinds("gdal"),
     owners=PIPELINE,
-    code_version="1",
+    code_version="2",  # 2: overlapping, truncated tiles and mixed nodata refused
     retry_policy=IO_RETRY,
     description="Virtual mosaic (VRT) over the département's orthophoto tiles, in its native CRS.",
 )

@@ -57,8 +57,13 @@ def partial_path(path: Path) -> Path:
 
 
 def publish_shard(folder: Path, shard_id: str, index: pa.Table, meta: dict[str, str]) -> None:
-    """Move a shard's written chips into place, then write its index: the index's presence marks a complete shard."""
+    """Move a shard's written chips into place, then write its index: the index's presence marks a complete shard.
+
+    A shard cut again (new imagery) first loses its old index: a failure or a kill
+    between the two moves must not leave the old index describing the new chips.
+    """
     npy, idx = shard_paths(folder, shard_id)
+    idx.unlink(missing_ok=True)
     partial_path(npy).replace(npy)
     table = index.replace_schema_metadata(
         {**(index.schema.metadata or {}), **{k.encode(): v.encode() for k, v in meta.items()}}

@@ -22,7 +22,7 @@ from dagster import ConfigurableResource
 from pydantic import Field
 
 from ops.imagery.mosaic import TILE_SUFFIXES, find_tiles, tiles_digest
-from ops.imagery.remote import ByPrefixReader, HttpRangeReader, RangeReader
+from ops.imagery.remote import HTTP_TIMEOUT_S, ByPrefixReader, HttpRangeReader, RangeReader
 from resources.gcs import GcsRangeReader, download_prefix, gcs_client, split_gs_uri
 
 ENDPOINT_HELP = "Cloud Storage API endpoint for gs:// roots; None = Google's. http:// = an emulator (tests)"
@@ -45,6 +45,12 @@ class OrthoImagery(ConfigurableResource):
     root: str = Field(default="data/sample", description="Folder with one sub-folder per département")
     subdir: str = Field(default="ortho", description="Sub-folder of a département holding its tiles")
     api_endpoint: str | None = Field(default=None, description=ENDPOINT_HELP)
+    http_timeout_s: float = Field(
+        default=HTTP_TIMEOUT_S,
+        gt=0,
+        description="Seconds an http(s) tile server may stay silent before the chips step's range request is "
+        "dropped and retried (a stalled server costs a retry, never a hung step)",
+    )
 
     def _gs_tiles(self, departement: str) -> list[tuple[str, int, int]]:
         """(GDAL path, size, generation) of the tiles under a gs:// root, sorted by name."""
@@ -75,7 +81,7 @@ class OrthoImagery(ConfigurableResource):
     def range_reader(self) -> RangeReader:
         """Where the chips step's prefetch reads remote tiles' bytes: Cloud Storage, HTTP, or local files."""
         gcs = GcsRangeReader(self.api_endpoint)
-        http = HttpRangeReader()
+        http = HttpRangeReader(self.http_timeout_s)
         return ByPrefixReader({"/vsigs/": gcs, "gs://": gcs, "/vsicurl/": http, "http://": http, "https://": http})
 
     def fingerprint(self, departement: str) -> str | None:

@@ -40,11 +40,17 @@ def test_olemps_reads_the_same_in_every_format(tmp_path, driver, suffix):
 
 
 def test_geojson_in_another_crs_is_reprojected(tmp_path):
-    got, stats = _read(SPACENET_LABELS, epsg=2154)
+    """Atlanta's UTM 16N labels, read into Web Mercator: every building, moved to where Atlanta is."""
+    got, stats = _read(SPACENET_LABELS, epsg=3857)
     assert stats.source_epsg == 32616 and len(got) == 43
-    # Atlanta in Lambert-93 is nonsense but well-defined: coordinates moved far from UTM 16N's.
-    b = gpd.GeoSeries.from_wkb(got["geometry"], crs=2154).total_bounds
-    assert b[0] < -1_000_000 or b[0] > 2_000_000 or b[1] > 7_000_000
+    x0, y0, x1, y1 = gpd.GeoSeries.from_wkb(got["geometry"], crs=3857).to_crs(4326).total_bounds
+    assert -84.6 < x0 < x1 < -84.2 and 33.6 < y0 < y1 < 33.9  # Atlanta, in lon/lat
+
+
+def test_a_file_of_another_country_is_refused_naming_it(tmp_path):
+    """Atlanta given as département 12: nowhere near where Lambert-93 is valid, an error, not nonsense rows."""
+    with pytest.raises(FootprintError, match=rf"{SPACENET_LABELS.name}.*outside the area where EPSG:2154 is valid"):
+        _read(SPACENET_LABELS, epsg=2154)
 
 
 def test_defects_get_statuses_and_no_row_is_dropped(tmp_path):

@@ -107,7 +107,7 @@ def cut_cell(tiles: TileSet, info: MosaicInfo, task: CellTask, spec: ChipSpec, s
     status[no_imagery] = "no_imagery"
     # which tiles each window touches, and whether one tile holds it whole (no nodata fill needed)
     touch = tiles.touching(cols, rws, npxs)
-    inside = tiles.holding(cols, rws, npxs)
+    holder = tiles.holding(cols, rws, npxs)
     order = np.lexsort((cols, rws))  # sweep top to bottom: each block decoded once
     # a block is dropped one window side after the sweep has passed it: the next part of a big cell (cut by
     # footprint top, not window top) may start that far above where this one ends
@@ -158,9 +158,10 @@ def cut_cell(tiles: TileSet, info: MosaicInfo, task: CellTask, spec: ChipSpec, s
         rows[kept] = np.arange(n_out, n_out + len(kept), dtype="int32")
         n_out += len(kept)
 
-    first_tile = touch.argmax(axis=1)  # a window inside one tile (most) touches only that one
-    sweep = zip(order.tolist(), *(a[order].tolist() for a in (idx, cols, rws, npxs, inside, first_tile)), strict=True)
-    for k, i, col, row, npx, whole, first in sweep:
+    # a window held whole by one tile (most) is read from that tile alone
+    sweep = zip(order.tolist(), *(a[order].tolist() for a in (idx, cols, rws, npxs, holder)), strict=True)
+    for k, i, col, row, npx, first in sweep:
+        whole = first >= 0
         tiles.evict_above(row - lag)
         b = batches.get(npx)
         if b is None:

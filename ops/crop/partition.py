@@ -31,6 +31,7 @@ import torch
 from ops.cpus import available_cpus
 from ops.crop.cut import cut_cell
 from ops.crop.lanes import Schedule
+from ops.crop.prefetch import INCOMPLETE, is_complete, name_remote_tiles
 from ops.crop.spec import ChipSpec
 from ops.crop.tiles import TileSet
 from ops.crop.units import CellResult, CellTask, cell_tasks
@@ -68,6 +69,10 @@ def _run_task(task: CellTask, folder: Path, meta: dict[str, str]) -> CellResult:
     except BaseException:
         stream.abort()
         raise
+    if task.tile_paths:  # prefetched: name the remote tiles, not their deleted local copies
+        index = name_remote_tiles(index, task, w["info"])
+        if not is_complete(task):  # a tile could not be fetched: a resumed run cuts this unit again
+            meta = {**meta, "fingerprint": f"{meta['fingerprint']}-{INCOMPLETE}"}
     counts = status_counts(index.column("status").to_pylist())
     result = CellResult(task.shard_id, counts, chips, time.perf_counter() - t0, blocks=tiles.decodes - decodes)
     writer.submit(stream, folder, task.shard_id, index, meta)

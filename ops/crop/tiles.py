@@ -66,13 +66,20 @@ class TileSet:
         )
 
     def holding(self, cols: np.ndarray, rows: np.ndarray, npxs: np.ndarray) -> np.ndarray:
-        """(windows,) bool: whether one tile holds the whole window (no nodata fill needed)."""
-        return (
+        """(windows,) int: the first tile that holds the whole window (no nodata fill needed), -1 for none.
+
+        The crop reads a held window from that tile alone. It must be the holding tile, not merely the
+        first one the window touches: with overlapping tiles (a mosaic built before they were refused),
+        a touching tile that does not hold the window would leave part of the chip's buffer unwritten,
+        i.e. another chip's pixels.
+        """
+        held = (
             (self.col0[None] <= cols[:, None])
             & ((self.col0 + self.width)[None] >= (cols + npxs)[:, None])
             & (self.row0[None] <= rows[:, None])
             & ((self.row0 + self.height)[None] >= (rows + npxs)[:, None])
-        ).any(axis=1)
+        )
+        return np.where(held.any(axis=1), held.argmax(axis=1), -1)
 
     def blocks(self, cols: np.ndarray, rows: np.ndarray, npxs: np.ndarray) -> dict[int, set[tuple[int, int]]]:
         """{tile: {(block row, block col)}} of every block the windows touch.

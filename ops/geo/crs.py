@@ -12,8 +12,10 @@ French orthophoto can legitimately be in.
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
-from pyproj import CRS
+import numpy as np
+from pyproj import CRS, Transformer
 
 from ops.geo.departements import NATIVE_CRS_EPSG
 
@@ -69,4 +71,56 @@ def recognise_epsg(crs: object, *, what: str = "input") -> int:
     raise UnrecognisedCRSError(
         f"{what}: CRS {pcrs.name!r} has no EPSG authority and matches none of the "
         f"départements' projections (EPSG:{', '.join(map(str, sorted(NATIVE_CRS_EPSG)))})"
+    )
+
+
+@lru_cache(maxsize=16)
+def valid_area(epsg: int) -> tuple[float, float, float, float] | None:
+    """Bounds (xmin, ymin, xmax, ymax) of the area where ``epsg`` is meant to be used, in its own x/y order.
+
+    A footprint whose coordinates fall outside is not "nonsense but well defined": it is a file
+    whose coordinates are not in the CRS it declares (lon/lat degrees under a Lambert-93 tag,
+    lat,lon swapped), and reading on would put every building in no cell of any image.
+    Projected CRS: EPSG's area of use, reprojected with densified edges. None when EPSG gives none.
+    """
+    crs = CRS.from_epsg(epsg)
+    aou = crs.area_of_use
+    if aou is None:
+        return None
+    if crs.is_geographic:
+        return aou.bounds  # lon/lat: our transformers are always_xy
+    return Transformer.from_crs(4326, epsg, always_xy=True).transform_bounds(*aou.bounds, densify_pts=21)
+
+
+def outside_area(names: list[str], src_bounds: np.ndarray, bounds: np.ndarray, src_epsg: int, epsg: int) -> str | None:
+    """Why the shapes whose bounds (n × 4, in ``epsg``) leave ``epsg``'s valid area are misplaced, or None.
+
+    ``src_bounds`` are the same shapes' bounds in the file's own ``src_epsg``: the message gives
+    their extent as the user's file has it, and guesses the usual cause (degrees under a projected
+    tag; lat,lon order in a geographic file). Shapes without coordinates (NaN source bounds) are
+    skipped; a failed reprojection (inf, NaN) counts as outside.
+    """
+    area = valid_area(epsg)
+    if area is None:
+        return None
+    x0, y0, x1, y1 = area
+    with np.errstate(invalid="ignore"):
+        inside = (bounds[:, 0] >= x0) & (bounds[:, 2] <= x1) & (bounds[:, 1] >= y0) & (bounds[:, 3] <= y1)
+    rows = np.flatnonzero(~np.isnan(src_bounds[:, 0]) & ~inside)
+    if not len(rows):
+        return None
+    sb = [*np.min(src_bounds[rows, :2], axis=0).tolist(), *np.max(src_bounds[rows, 2:], axis=0).tolist()]
+    guess = ""
+    if not CRS.from_epsg(src_epsg).is_geographic:
+        if max(abs(sb[0]), abs(sb[2])) <= 180 and max(abs(sb[1]), abs(sb[3])) <= 90:
+            guess = " They look like degrees: lon/lat written under a projected CRS's tag?"
+    else:
+        swapped = Transformer.from_crs(src_epsg, epsg, always_xy=True).transform([sb[1], sb[3]], [sb[0], sb[2]])
+        if all(x0 <= v <= x1 for v in swapped[0]) and all(y0 <= v <= y1 for v in swapped[1]):
+            guess = " Swapping x and y would put them inside: the file is in lat,lon order (GeoJSON is lon,lat)."
+    return (
+        f"{len(rows)} shape(s) lie outside the area where EPSG:{epsg} is valid (x {x0:.0f}..{x1:.0f}, "
+        f"y {y0:.0f}..{y1:.0f}), e.g. {[names[i] for i in rows[:5]]}; their extent is x {sb[0]:.6g}..{sb[2]:.6g}, "
+        f"y {sb[1]:.6g}..{sb[3]:.6g} in the file's EPSG:{src_epsg}. Is it the right file, with coordinates in the CRS it declares?"
+        f"{guess}"
     )

@@ -28,7 +28,7 @@ import pyogrio
 import shapely
 from pyproj import CRS, Transformer
 
-from ops.geo.crs import recognise_epsg
+from ops.geo.crs import outside_area, recognise_epsg
 from ops.geo.grid import DEFAULT_CELL_SIZE_M, NO_CELL, cell_ids
 
 ID_CANDIDATES = ("cleabs", "id", "osm_id", "building_id", "fid")
@@ -121,6 +121,8 @@ class _Source:
     layer: str | int | None
     batch_size: int
     geoparquet_geom: str | None = None
+    features: int = -1  # as its reader counts them without a scan; -1 when unknown
+    layers: list[str] = field(default_factory=list)
 
     @contextmanager
     def batches(self, columns: list[str]) -> Iterator[tuple[str, Iterator[pa.RecordBatch]]]:
@@ -143,25 +145,65 @@ def _open_source(path: Path, layer: str | int | None, batch_size: int) -> _Sourc
     """GeoParquet is read with pyarrow (streamed); everything else through GDAL/OGR."""
     if path.suffix.lower() in (".parquet", ".geoparquet"):
         try:
-            schema = pq.read_schema(path)
+            pf = pq.ParquetFile(path)
+            schema = pf.schema_arrow
+            geo = json.loads((schema.metadata or {}).get(b"geo", b"null"))
         except Exception as exc:
-            raise FootprintError(f"{path}: cannot be read as Parquet ({exc})") from exc
-        geo = json.loads((schema.metadata or {}).get(b"geo", b"null"))
+            raise FootprintError(f"{path}: cannot be read as GeoParquet ({exc})") from exc
         if not geo:
             raise FootprintError(f"{path}: Parquet file without GeoParquet 'geo' metadata")
-        geom = geo["primary_column"]
+        geom = geo.get("primary_column")
+        if geom not in schema.names or geom not in geo.get("columns", {}):
+            raise FootprintError(f"{path}: GeoParquet primary geometry column {geom!r} not among {schema.names}")
         if geo["columns"][geom].get("encoding", "WKB").upper() != "WKB":
             raise FootprintError(
                 f"{path}: geometry encoding {geo['columns'][geom]['encoding']} not supported (WKB only)"
             )
         crs = geo["columns"][geom].get("crs", "OGC:CRS84")  # GeoParquet: absent crs means lon/lat
         fields = [n for n in schema.names if n != geom]
-        return _Source(path, fields, json.dumps(crs) if isinstance(crs, dict) else crs, layer, batch_size, geom)
+        crs = json.dumps(crs) if isinstance(crs, dict) else crs
+        return _Source(path, fields, crs, layer, batch_size, geom, pf.metadata.num_rows)
     try:
         info = pyogrio.read_info(path, layer=layer)
+        layers = [str(name) for name, _kind in pyogrio.list_layers(path)]
     except Exception as exc:
         raise FootprintError(f"{path}: cannot be read as a vector layer ({exc})") from exc
-    return _Source(path, list(info["fields"]), info["crs"], layer, batch_size)
+    return _Source(path, list(info["fields"]), info["crs"], layer, batch_size, None, int(info["features"]), layers)
+
+
+def _no_buildings(source: _Source) -> FootprintError:
+    """A file or layer without a feature: a wrong input (file, layer), never an empty partition that looks done."""
+    which = f"layer {source.layer!r}" if source.layer is not None else "its first layer"
+    which = "the file" if source.geoparquet_geom else which
+    others = f"; the file's layers are {source.layers}" if len(source.layers) > 1 else ""
+    return FootprintError(
+        f"{source.path}: {which} has no features{others}. A département without buildings is a wrong "
+        "input (another file, or the `buildings` config `layer`), not an empty partition"
+    )
+
+
+def _polygons_of(geom: shapely.Geometry) -> list[shapely.Geometry]:
+    """The polygonal members of ``geom``, looking inside (nested) collections."""
+    if geom.geom_type in ("Polygon", "MultiPolygon"):
+        return [geom]
+    if geom.geom_type == "GeometryCollection":
+        return [p for g in geom.geoms for p in _polygons_of(g)]
+    return []  # a point or a line is not a footprint
+
+
+def _repair(geom: shapely.Geometry) -> shapely.Geometry | None:
+    """A valid (Multi)Polygon of positive area from ``geom``'s polygons, or None when it holds none.
+
+    A collection keeps its polygons (a GeometryCollection of a footprint and a stray point is a
+    footprint); ``make_valid`` may itself return a collection (a bow-tie's lines), whose polygons we keep.
+    """
+    parts = [p for g in _polygons_of(geom) for p in _polygons_of(shapely.make_valid(g))]
+    if not parts:
+        return None
+    fixed = shapely.union_all(parts) if len(parts) > 1 else parts[0]
+    if fixed.geom_type in ("Polygon", "MultiPolygon") and fixed.area > 0:
+        return fixed
+    return None
 
 
 def _clean_geometries(geoms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -177,12 +219,8 @@ def _clean_geometries(geoms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     valid = shapely.is_valid(out)
     bad = present & ~(polygonal & valid)
     for i in np.flatnonzero(bad):
-        geom = out[i]
-        fixed = shapely.make_valid(geom) if polygonal[i] else None
-        if fixed is not None and fixed.geom_type == "GeometryCollection":
-            parts = [g for g in fixed.geoms if g.geom_type in ("Polygon", "MultiPolygon")]
-            fixed = shapely.union_all(parts) if parts else None
-        if fixed is not None and fixed.geom_type in ("Polygon", "MultiPolygon") and fixed.area > 0:
+        fixed = _repair(out[i])
+        if fixed is not None:
             out[i] = fixed
             status[i] = "repaired"
         else:
@@ -204,15 +242,19 @@ def iter_building_batches(
 ) -> Iterator[pa.RecordBatch]:
     """Yield record batches in :data:`BUILDINGS_SCHEMA` (geometry as WKB in ``target_epsg``).
 
-    Raises :class:`FootprintError` naming the file for an unreadable source,
-    a missing id column (unless ``generate_ids``: ``<file stem>#<feature index>``),
-    a missing CRS or duplicate building ids.
+    Raises :class:`FootprintError` naming the file for an unreadable source, a source without
+    features, a missing id column (unless ``generate_ids``: ``<file stem>#<feature index>``),
+    features with no id in the id column (with their positions), a missing CRS, duplicate
+    building ids, buildings outside the area where ``target_epsg`` is valid (coordinates not in
+    the declared CRS, lat/lon swapped), text that cannot be decoded (with the column).
     """
     path = Path(path)
     stats = stats if stats is not None else FootprintStats()
     if not path.exists():
         raise FootprintError(f"{path}: footprint file not found")
     source = _open_source(path, layer, batch_size)
+    if source.features == 0:
+        raise _no_buildings(source)
     fields = source.fields
     id_col = _pick(fields, ID_CANDIDATES, id_column, path, "id")
     if id_col is None and not generate_ids:
@@ -233,20 +275,23 @@ def iter_building_batches(
     columns = [c for c in (id_col, height_col, usage_col) if c is not None]
     source_name = path.name
     seen: set[str] = set()
+    no_id: list[int] = []  # feature indexes whose id is null or blank: the whole file is scanned to list them
     offset = 0
     with source.batches(columns) as (geom_name, reader):
         for batch in reader:
             n = batch.num_rows
+            offset += n
             if id_col is not None:
-                raw_ids = batch.column(id_col).cast(pa.string()).to_pylist()
+                ids = [
+                    None if v is None else v.strip()
+                    for v in _cast(batch, id_col, pa.string(), path, offset - n).to_pylist()
+                ]
+                no_id += [offset - n + k for k, v in enumerate(ids) if not v]
+                if no_id:
+                    continue  # the file fails: only its ids are still read, to name every culprit
             else:
-                raw_ids = [None] * n
-            ids = []
-            for k, v in enumerate(raw_ids):
-                if v is None or str(v).strip() == "":
-                    v = f"{path.stem}#{offset + k}"  # no id in the source: feature index, stable
-                    stats.generated_ids += 1
-                ids.append(str(v).strip())
+                ids = [f"{path.stem}#{offset - n + k}" for k in range(n)]  # asked for: feature index
+                stats.generated_ids += n
             batch_seen: set[str] = set()
             dups = {i for i in ids if i in seen or i in batch_seen or batch_seen.add(i)}
             seen |= batch_seen
@@ -258,11 +303,14 @@ def iter_building_batches(
             wkb = batch.column(geom_name).to_numpy(zero_copy_only=False)
             geoms = shapely.from_wkb(wkb, on_invalid="fix")
             geoms, status = _clean_geometries(geoms)
+            src_bounds = shapely.bounds(geoms)
             if transformer is not None:
                 present = ~shapely.is_missing(geoms)
                 geoms[present] = shapely.transform(
                     geoms[present], lambda xy: np.column_stack(transformer.transform(xy[:, 0], xy[:, 1]))
                 )
+            if msg := outside_area(ids, src_bounds, shapely.bounds(geoms), src_epsg, target_epsg):
+                raise FootprintError(f"{path}: {msg}")
             centroids = shapely.centroid(geoms)
             cx = np.where(shapely.is_missing(centroids), np.nan, shapely.get_x(centroids))
             cy = np.where(shapely.is_missing(centroids), np.nan, shapely.get_y(centroids))
@@ -270,12 +318,13 @@ def iter_building_batches(
             stats.cells.update(c for c in set(cells) if c != NO_CELL)
             areas = shapely.area(geoms).astype("float64")
             areas[status == "empty"] = np.nan
-            heights = batch.column(height_col).cast(pa.float64()) if height_col else pa.nulls(n, pa.float64())
-            usages = batch.column(usage_col).cast(pa.string()) if usage_col else pa.nulls(n, pa.string())
+            heights = (
+                _cast(batch, height_col, pa.float64(), path, offset - n) if height_col else pa.nulls(n, pa.float64())
+            )
+            usages = _cast(batch, usage_col, pa.string(), path, offset - n) if usage_col else pa.nulls(n, pa.string())
             for s in GEOMETRY_STATUSES:
                 stats.statuses[s] += int((status == s).sum())
             stats.rows += n
-            offset += n
             yield pa.RecordBatch.from_arrays(
                 [
                     pa.array(ids, pa.string()),
@@ -291,6 +340,41 @@ def iter_building_batches(
                 ],
                 schema=BUILDINGS_SCHEMA,
             )
+    if no_id:
+        # a position is not an id (it changes when the file does): numbering some features silently
+        # would key their predictions on sand
+        raise FootprintError(
+            f"{path}: {len(no_id)} feature(s) have no id (null or blank) in column {id_col!r}, at feature "
+            f"index(es) {no_id[:20]}{' ...' if len(no_id) > 20 else ''} (0-based, file order). Every building "
+            "needs its source id: fix the file, or set the `buildings` config `id_column` to a complete id column"
+        )
+    if offset == 0:
+        raise _no_buildings(source)
+
+
+def _cast(batch: pa.RecordBatch, column: str, to: pa.DataType, path: Path, first: int) -> pa.Array:
+    """``column`` as ``to``, or an error naming the file, the column and the feature.
+
+    A height of 'n/a' does not convert; text that is not UTF-8 (GDAL passes a GeoPackage's or a
+    GeoJSON's bytes through unchecked) would otherwise fail far downstream, in the warehouse's
+    loader, naming neither. ``first`` is the batch's first feature index.
+    """
+    try:
+        out = batch.column(column).cast(to)
+        if to == pa.string():
+            out.validate(full=True)  # checks the UTF-8
+        return out
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        if to == pa.string():
+            for k, raw in enumerate(batch.column(column).cast(pa.binary()).to_pylist()):
+                try:
+                    _ = raw is None or raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise FootprintError(
+                        f"{path}: column {column!r} holds text that is not UTF-8 at feature index {first + k} "
+                        f"({raw!r}); re-encode the file as UTF-8 (a Shapefile: add a .cpg naming its encoding)"
+                    ) from exc
+        raise FootprintError(f"{path}: column {column!r} cannot be read as {to} ({exc})") from exc
 
 
 def _bbox_array(geoms: np.ndarray) -> pa.StructArray:
@@ -347,10 +431,14 @@ def write_buildings_geoparquet(
         meta[SOURCE_KEY] = json.dumps({"path": str(source), "layer": layer}).encode()
     schema = BUILDINGS_SCHEMA.with_metadata(meta)
     rows = 0
-    with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
-        for b in batches:
-            writer.write_batch(b.replace_schema_metadata(schema.metadata))
-            rows += b.num_rows
+    try:
+        with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+            for b in batches:
+                writer.write_batch(b.replace_schema_metadata(schema.metadata))
+                rows += b.num_rows
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a source that fails half-way leaves neither a partial file nor litter
+        raise
     tmp.replace(out)  # readers never see a half-written file
     return rows
 

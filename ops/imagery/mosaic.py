@@ -16,12 +16,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from xml.sax.saxutils import escape
 
 import numpy as np
 import rasterio
+import rasterio.errors
 from pyproj import CRS
 from rasterio.enums import Resampling
 
@@ -113,26 +115,95 @@ def tiles_digest(tiles: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
-def band_scale(path: str, nodata: float | None, max_pixels: int = 1_000_000) -> tuple[float, float]:
-    """2nd and 98th percentile of valid pixels, read from a decimated view."""
-    with rasterio.open(path) as ds:
-        f = max(1, int(math.sqrt(ds.width * ds.height / max_pixels)))
-        a = ds.read(out_shape=(ds.count, max(1, ds.height // f), max(1, ds.width // f)), resampling=Resampling.nearest)
-    vals = a.astype("float64").ravel()
-    if nodata is not None:
-        vals = vals[vals != nodata]
+def band_scale(
+    paths: list[str], nodata: float | None, max_pixels: int = 1_000_000, max_tiles: int = 8
+) -> tuple[float, float]:
+    """2nd and 98th percentile of the valid pixels of the mosaic, read from decimated views of its tiles.
+
+    Sampled over up to ``max_tiles`` tiles spread along the (name-sorted) list, not the first tile
+    alone: a first tile that is all nodata, or much darker than the rest, would otherwise give a
+    stretch that saturates every other tile (a silent loss of the image). Deterministic for a given
+    list of tiles.
+    """
+    picks = sorted({int(round(k)) for k in np.linspace(0, len(paths) - 1, min(len(paths), max_tiles))})
+    budget = max(1, max_pixels // len(picks))
+    parts = []
+    for k in picks:
+        try:
+            with rasterio.open(paths[k]) as ds:
+                f = max(1, int(math.sqrt(ds.width * ds.height / budget)))
+                shape = (ds.count, max(1, ds.height // f), max(1, ds.width // f))
+                a = ds.read(out_shape=shape, resampling=Resampling.nearest)
+        except rasterio.errors.RasterioError as exc:  # rasterio's own message is "Read failed. See previous..."
+            raise MosaicError(
+                f"{paths[k]}: cannot be read to compute the stretch of non-8-bit imagery ({exc.__cause__ or exc})"
+            ) from exc
+        vals = a.astype("float64").ravel()
+        parts.append(vals[vals != nodata] if nodata is not None else vals)
+    vals = np.concatenate(parts)
     if vals.size == 0:
         return 0.0, 1.0
     lo, hi = np.percentile(vals, [2, 98])
     return float(lo), float(max(hi, lo + 1))
 
 
+def check_complete(ds: rasterio.io.DatasetReader, path: str) -> None:
+    """Raise naming ``path`` when a local GeoTIFF's blocks end past the end of the file.
+
+    A tile cut short (an interrupted download or copy) usually still opens, its header being at the
+    start: without this check the crop would only find out block by block, quarantining the buildings
+    over the missing part. GDAL's block table is read once (about 6 µs a block); remote tiles, whose
+    size is not known here, are left to the crop.
+    """
+    if ds.driver != "GTiff" or not os.path.isfile(path):
+        return
+    size = os.path.getsize(path)
+    bh, bw = ds.block_shapes[0]
+    planes = ds.count if ds.tags(ns="IMAGE_STRUCTURE").get("INTERLEAVE") == "BAND" else 1
+    end = 0
+    for band in range(1, planes + 1):
+        for br in range(-(-ds.height // bh)):
+            for bc in range(-(-ds.width // bw)):
+                off = ds.get_tag_item(f"BLOCK_OFFSET_{bc}_{br}", "TIFF", bidx=band)
+                n = ds.get_tag_item(f"BLOCK_SIZE_{bc}_{br}", "TIFF", bidx=band)
+                if off and n:
+                    end = max(end, int(off) + int(n))
+    if end > size:
+        raise MosaicError(
+            f"{path}: truncated: the file has {size} bytes, its image blocks need {end} "
+            "(an interrupted download or copy?)"
+        )
+
+
+def check_no_overlap(infos: list[TileInfo], res: float) -> None:
+    """Raise naming both tiles when two tiles cover the same ground (e.g. two vintages of one slab).
+
+    Neither the VRT (last source on top) nor the crop could then say which vintage a chip shows;
+    tiles that only touch along an edge are fine. Half a pixel of tolerance absorbs rounding.
+    """
+    if len(infos) < 2:
+        return
+    b = np.array([t.bounds for t in infos], dtype="float64")
+    ox = np.minimum(b[:, None, 2], b[None, :, 2]) - np.maximum(b[:, None, 0], b[None, :, 0])
+    oy = np.minimum(b[:, None, 3], b[None, :, 3]) - np.maximum(b[:, None, 1], b[None, :, 1])
+    hit = np.triu((ox > res / 2) & (oy > res / 2), k=1)
+    if hit.any():
+        i, j = (int(v) for v in np.argwhere(hit)[0])
+        raise MosaicError(
+            f"{infos[i].path} and {infos[j].path} overlap ({ox[i, j]:.1f} m × {oy[i, j]:.1f} m): two vintages "
+            f"of the same place? The mosaic must have one tile per place: keep one of them ({int(hit.sum())} "
+            "overlapping pair(s) in all)"
+        )
+
+
 def build_mosaic(tiles: list[str], vrt_path: Path, *, name: str, target_epsg: int | None = None) -> MosaicInfo:
     """Check that ``tiles`` agree, write the VRT at ``vrt_path`` and return its :class:`MosaicInfo`.
 
-    Every tile must have the same band count, data type, resolution and CRS
-    (recognised as ``target_epsg`` when given) and sit on the same pixel grid;
-    the first tile that does not is named in the error.
+    Every tile must be whole (see :func:`check_complete`), have the same band
+    count, data type, resolution, declared nodata value and CRS (recognised as
+    ``target_epsg`` when given), sit on the same pixel grid and overlap no
+    other tile (see :func:`check_no_overlap`); the first tile that does not is
+    named in the error.
     """
     if not tiles:
         raise MosaicError(f"{name}: no tiles given")
@@ -144,6 +215,7 @@ def build_mosaic(tiles: list[str], vrt_path: Path, *, name: str, target_epsg: in
         except Exception as exc:
             raise MosaicError(f"{t}: cannot be opened as a raster ({exc})") from exc
         with ds:
+            check_complete(ds, t)
             epsg = recognise_epsg(ds.crs, what=t)
             tr = ds.transform
             if tr.b != 0 or tr.d != 0:
@@ -159,6 +231,10 @@ def build_mosaic(tiles: list[str], vrt_path: Path, *, name: str, target_epsg: in
                         raise MosaicError(f"{t}: {k} is {this[k]}, other tiles have {ref[k]}")
                 if not np.allclose(this["res"], ref["res"], rtol=1e-6):
                     raise MosaicError(f"{t}: resolution {this['res']} differs from {ref['res']}")
+                if None not in (this["nodata"], ref["nodata"]) and this["nodata"] != ref["nodata"]:
+                    raise MosaicError(f"{t}: nodata value is {this['nodata']:g}, other tiles have {ref['nodata']:g}")
+                if ref["nodata"] is None:  # the first tile that declares one sets the mosaic's
+                    ref["nodata"] = this["nodata"]
             infos.append(
                 TileInfo(
                     path=t, bounds=tuple(ds.bounds), width=ds.width, height=ds.height, block=tuple(ds.block_shapes[0])
@@ -171,9 +247,10 @@ def build_mosaic(tiles: list[str], vrt_path: Path, *, name: str, target_epsg: in
     minx, miny, maxx, maxy = b[:, 0].min(), b[:, 1].min(), b[:, 2].max(), b[:, 3].max()
     width = int(round((maxx - minx) / res))
     height = int(round((maxy - miny) / resy))
+    check_no_overlap(infos, res)
     nodata = ref["nodata"] if ref["nodata"] is not None else 0.0
     rule = band_rule(ref["count"], ref["dtype"], what=tiles[0])
-    scale = band_scale(tiles[0], nodata) if rule.endswith("stretch") else None
+    scale = band_scale(tiles, nodata) if rule.endswith("stretch") else None
     gdal_type = _GDAL_TYPES.get(ref["dtype"])
     if gdal_type is None:
         raise MosaicError(f"{tiles[0]}: data type {ref['dtype']} not supported")

@@ -50,6 +50,16 @@ class FetchError(OSError):
     """A range that could not be fetched: names the file, the range and the last cause."""
 
 
+class GaveUpError(FetchError):
+    """A range still failing after every retry (HTTP 5xx, timeouts, broken bodies): the tile, not the request, is bad.
+
+    Why a class of its own: unlike a refusal (403, 404: a configuration error,
+    the same for every tile), it may be one damaged or unlucky object among
+    good ones; the prefetch quarantines that tile's buildings rather than fail
+    the partition (``ops.crop.prefetch``).
+    """
+
+
 class RangeReader(Protocol):
     """Byte ranges of remote files, addressed by their GDAL path (``/vsigs/...``, ``/vsicurl/...``).
 
@@ -76,7 +86,7 @@ class RetryPolicy:
                 return fn()
             except TransientFetchError as exc:
                 if attempt == self.attempts - 1:
-                    raise FetchError(f"{what}: still failing after {self.attempts} attempts: {exc}") from exc
+                    raise GaveUpError(f"{what}: still failing after {self.attempts} attempts: {exc}") from exc
                 if on_retry:
                     on_retry()
                 time.sleep(random.uniform(0, min(self.cap_s, self.base_s * 2**attempt)))
@@ -86,12 +96,24 @@ class RetryPolicy:
 DEFAULT_RETRY = RetryPolicy()
 
 
+HTTP_TIMEOUT_S = 60.0  # a connection that sends nothing for this long is dropped and the request retried
+
+
 class HttpRangeReader:
-    """``/vsicurl/http(s)://...`` (or a bare URL) read with HTTP Range requests (standard library only)."""
+    """``/vsicurl/http(s)://...`` (or a bare URL) read with HTTP Range requests (standard library only).
+
+    ``timeout_s`` bounds every wait on the socket (connecting, the response's
+    headers, each read of its body): a server that accepts and then stalls
+    costs one timeout and a retry, never a hung step. It is a bound on
+    silence, not on the whole transfer (a large range that keeps arriving is
+    not cut short).
+    """
 
     TRANSIENT_STATUS = (408, 425, 429, 500, 502, 503, 504)
 
-    def __init__(self, timeout_s: float = 60.0) -> None:
+    def __init__(self, timeout_s: float = HTTP_TIMEOUT_S) -> None:
+        if timeout_s is None or not timeout_s > 0:  # None would wait forever on a stalled server, 0 not at all
+            raise ValueError(f"HttpRangeReader: timeout_s must be a positive number of seconds, got {timeout_s!r}")
         self.timeout_s = timeout_s
 
     @staticmethod
@@ -105,8 +127,9 @@ class HttpRangeReader:
             if exc.code in self.TRANSIENT_STATUS:
                 raise TransientFetchError(f"HTTP {exc.code} from {req.full_url}") from exc
             raise FetchError(f"HTTP {exc.code} from {req.full_url}") from exc
-        except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
-            raise TransientFetchError(f"{req.full_url}: {exc}") from exc
+        except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as exc:
+            # HTTPException: a garbled or cut status line, which would otherwise escape naming no URL
+            raise TransientFetchError(f"{req.full_url}: {type(exc).__name__}: {exc}") from exc
 
     def size(self, path: str) -> int:
         with self._open(urllib.request.Request(self.url(path), method="HEAD")) as r:

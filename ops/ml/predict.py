@@ -15,6 +15,7 @@ import datetime as dt
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -251,6 +252,24 @@ class PartitionPredictions:
         return np.concatenate(self.map_x), np.concatenate(self.map_y)
 
 
+@contextmanager
+def _naming(path: Path, departement: str) -> Iterator[None]:
+    """An OSError writing a staged file (a full disk) re-raised naming the file and the partition."""
+    try:
+        yield
+    except OSError as exc:
+        where = f"partition {departement}: writing staged predictions {path.with_suffix('.tmp')}"
+        raise OSError(exc.errno, f"{where}: {exc.strerror or exc}") from exc
+
+
+def _discard(writers: dict[str, pq.ParquetWriter], staged: dict[str, Path]) -> None:
+    """Close and delete the half-written staged files of a failed run (they would hold a full disk's space)."""
+    for name, w in writers.items():
+        with suppress(Exception):
+            w.close()
+        staged[name].with_suffix(".tmp").unlink(missing_ok=True)
+
+
 def predict_partition(
     folder: Path,
     shards: Sequence[str],
@@ -301,25 +320,29 @@ def predict_partition(
             for k, res in enumerate(results, 1):
                 status = tally.add(res, cards)
                 for card in cards:
-                    writers[card.name].write_batch(
-                        prediction_batch(
-                            res.index,
-                            status,
-                            res.columns[card.name],
-                            card,
-                            departement=departement,
-                            epsg=int(res.meta.get("epsg", "0") or 0),
-                            imagery_id=res.meta.get("imagery_id"),
-                            run_id=run_id,
-                            predicted_at=now,
+                    with _naming(staged[card.name], departement):
+                        writers[card.name].write_batch(
+                            prediction_batch(
+                                res.index,
+                                status,
+                                res.columns[card.name],
+                                card,
+                                departement=departement,
+                                epsg=int(res.meta.get("epsg", "0") or 0),
+                                imagery_id=res.meta.get("imagery_id"),
+                                run_id=run_id,
+                                predicted_at=now,
+                            )
                         )
-                    )
                     tally.rows[card.name] += res.index.num_rows
                 if progress is not None:
                     progress(res, k, tally, time.perf_counter() - t0)
-        finally:
-            for w in writers.values():
-                w.close()
+            for name, w in writers.items():
+                with _naming(staged[name], departement):
+                    w.close()  # flushes the last rows: may be the write that finds the disk full
+        except BaseException:
+            _discard(writers, staged)
+            raise
     tally.seconds = time.perf_counter() - t0
     for name, n in tally.rows.items():
         if n != expected:
