@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import geopandas as gpd
 import pyarrow.parquet as pq
 import pytest
@@ -18,7 +21,7 @@ def _read(path, epsg=2154, **kw):
 
 
 def _write(path, epsg, stats, **kw):
-    out = path.parent / (path.stem + "_out.parquet")
+    out = Path(tempfile.mkdtemp(prefix="footprints-")) / (path.stem + "_out.parquet")  # never beside a repo file
     write_buildings_geoparquet(iter_building_batches(path, "12", epsg, stats=stats, **kw), out, epsg)
     return out
 
