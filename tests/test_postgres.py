@@ -75,3 +75,32 @@ def test_a_materialized_partition_is_recorded_in_postgres(instance, pg, small_de
     # and Dagster reads it back through the instance
     mat = instance.get_latest_materialization_event(AssetKey("buildings"))
     assert mat is not None and mat.run_id == result.run_id
+
+
+@pytest.mark.reliability
+def test_the_storage_password_given_by_the_environment_is_nowhere_in_the_run_records(
+    instance, pg, small_dep, tmp_path, monkeypatch
+):
+    """prod.yaml reads DAGSTER_PG_PASSWORD from the environment: no run config, tag, event or log line holds it."""
+    monkeypatch.setenv("BATIVISION_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("BATIVISION_SOURCE_DIR", str(small_dep.root.parent))
+    from orchestration.environment import local_resources
+
+    result = materialize(
+        all_assets, selection=["buildings"], partition_key="12", resources=local_resources(), instance=instance
+    )
+    assert result.success
+    assert pg.password not in PROD_YAML.read_text()
+    con = pg.connect()
+    try:
+        cur = con.cursor()
+        for table, column in [("runs", "run_body"), ("run_tags", "value"), ("event_logs", "event")]:
+            cur.execute(
+                f"select count(*), count(*) filter (where {column} like %s) from {table}", (f"%{pg.password}%",)
+            )
+            rows, leaking = cur.fetchone()
+            assert rows > 0 and leaking == 0, f"{table}.{column}: {leaking} of {rows} rows hold the password"
+    finally:
+        con.close()
+    events = instance.all_logs(result.run_id)
+    assert events and not [e for e in events if pg.password in (e.message or "") or pg.password in str(e.dagster_event)]

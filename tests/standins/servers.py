@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import secrets
 import shutil
 import socket
 import subprocess
@@ -151,7 +152,7 @@ def postgres_server() -> Iterator[Postgres]:
     pgdata, sock = base / "data", base / "sock"
     sock.mkdir()
     pwfile = base / "pw"
-    password = "dagster-test"
+    password = "pg-" + secrets.token_urlsafe(18)  # a real-looking secret: tests grep the run records for it
     pwfile.write_text(password + "\n")
     if owner is not None:
         for p in (base, sock, pwfile):
