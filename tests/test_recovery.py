@@ -14,11 +14,14 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import duckdb
 import pytest
 from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus, RunsFilter
+from dagster._core.launcher import WorkerStatus
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 
@@ -67,13 +70,12 @@ def _wait_for(lines: list[str], text: str, proc: subprocess.Popen, timeout: floa
         time.sleep(0.2)
 
 
-def test_a_run_killed_holding_the_warehouse_slot_does_not_block_the_next_one(small_dep, tmp_path):
-    env = _env(tmp_path, small_dep.root.parent)
-    crop, lines = _start(env, "buildings,ortho_mosaic,chips")
-    assert crop.wait(timeout=600) == 0, "".join(lines)[-3000:]
+def _kill_while_publishing(env: dict[str, str], tmp_path: Path) -> str:
+    """A `predictions` run SIGKILLed while it holds the `warehouse` pool slot; returns its run id.
 
-    # Another process holds the DuckDB file: `predictions` waits for it inside its step, holding the
-    # `warehouse` pool slot, until the kill.
+    Another process holds the DuckDB file, so the step waits for it inside its
+    step, slot held, until the kill.
+    """
     blocker = duckdb.connect(str(tmp_path / "data" / "warehouse.duckdb"))
     try:
         killed, lines = _start(env, "predictions")
@@ -82,26 +84,80 @@ def test_a_run_killed_holding_the_warehouse_slot_does_not_block_the_next_one(sma
         killed.wait(timeout=30)
     finally:
         blocker.close()
+    with _instance(env) as instance:
+        (dead,) = instance.get_runs(filters=RunsFilter(statuses=[DagsterRunStatus.STARTED]))
+        slots = instance.event_log_storage.get_concurrency_info("warehouse").claimed_slots
+        assert [s.run_id for s in slots] == [dead.run_id], "the killed run holds the warehouse slot"
+        # what Dagster's run monitoring asks the instance's launcher (orchestration/instance/local.yaml)
+        assert instance.run_launcher.check_run_worker_health(dead).status == WorkerStatus.FAILED
+    return dead.run_id
 
-    os.environ["DAGSTER_HOME"] = env["DAGSTER_HOME"]  # restored below: the instance the runs used
+
+@contextmanager
+def _instance(env: dict[str, str]) -> Iterator[DagsterInstance]:
+    old = os.environ.get("DAGSTER_HOME")
+    os.environ["DAGSTER_HOME"] = env["DAGSTER_HOME"]
     try:
         with DagsterInstance.get() as instance:
-            (dead,) = instance.get_runs(filters=RunsFilter(statuses=[DagsterRunStatus.STARTED]))
-            slots = instance.event_log_storage.get_concurrency_info("warehouse").claimed_slots
-            assert [s.run_id for s in slots] == [dead.run_id], "the killed run holds the warehouse slot"
-
-        # The next run (its start recovers dead runs first) is not blocked and publishes the partition.
-        after, lines = _start(env, "predictions")
-        assert after.wait(timeout=600) == 0, "".join(lines)[-3000:]
-        assert any(f"run {dead.run_id}" in line and "marked failed" in line for line in lines), "".join(lines)
-        with DagsterInstance.get() as instance:
-            run = instance.get_run_by_id(dead.run_id)
-            assert run.status == DagsterRunStatus.FAILURE
-            (failure,) = instance.all_logs(dead.run_id, of_type=DagsterEventType.RUN_FAILURE)
-            assert "is gone" in failure.dagster_event.message
-            assert not instance.event_log_storage.get_concurrency_info("warehouse").claimed_slots
+            yield instance
     finally:
-        os.environ.pop("DAGSTER_HOME", None)
+        if old is None:
+            os.environ.pop("DAGSTER_HOME")
+        else:
+            os.environ["DAGSTER_HOME"] = old
+
+
+def _failed_and_freed(env: dict[str, str], run_id: str) -> bool:
+    with _instance(env) as instance:
+        run = instance.get_run_by_id(run_id)
+        held = instance.event_log_storage.get_concurrency_info("warehouse").claimed_slots
+        return run.status == DagsterRunStatus.FAILURE and not held
+
+
+def _failure_message(env: dict[str, str], run_id: str) -> str:
+    with _instance(env) as instance:
+        (failure,) = instance.all_logs(run_id, of_type=DagsterEventType.RUN_FAILURE)
+        return failure.dagster_event.message
+
+
+def test_a_run_killed_holding_the_warehouse_slot_does_not_block_the_next_one(small_dep, tmp_path):
+    env = _env(tmp_path, small_dep.root.parent)
+    crop, lines = _start(env, "buildings,ortho_mosaic,chips")
+    assert crop.wait(timeout=600) == 0, "".join(lines)[-3000:]
+
+    # 1. `make ui`'s daemon: Dagster's run monitoring asks our launcher, fails the run, frees its slot.
+    config = Path(env["DAGSTER_HOME"]) / "dagster.yaml"  # the project's, polling faster for the test
+    config.write_text(
+        config.read_text()
+        .replace("poll_interval_seconds: 30", "poll_interval_seconds: 2")
+        .replace("free_slots_after_run_end_seconds: 30", "free_slots_after_run_end_seconds: 2")
+    )
+    dead = _kill_while_publishing(env, tmp_path)
+    daemon = subprocess.Popen(
+        [str(Path(sys.executable).parent / "dagster-daemon"), "run", "-w", "workspace.yaml"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not _failed_and_freed(env, dead):
+            assert daemon.poll() is None, daemon.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "the daemon did not fail the dead run nor free its slot"
+            time.sleep(1)
+    finally:
+        daemon.terminate()
+        daemon.wait(timeout=60)
+    assert "is gone" in _failure_message(env, dead)
+
+    # 2. No daemon: the next run's start (`make demo`, `make recover`) does the same pass, then runs.
+    dead = _kill_while_publishing(env, tmp_path)
+    after, lines = _start(env, "predictions")
+    assert after.wait(timeout=600) == 0, "".join(lines)[-3000:]
+    assert any(f"run {dead}" in line and "marked failed" in line for line in lines), "".join(lines)
+    assert _failed_and_freed(env, dead) and "is gone" in _failure_message(env, dead)
 
     con = duckdb.connect(str(tmp_path / "data" / "warehouse.duckdb"), read_only=True)
     try:
