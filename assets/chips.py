@@ -22,6 +22,7 @@ from ops.crop.units import CellResult
 from ops.geo.departements import check_departement
 from ops.imagery.mosaic import MosaicInfo
 from ops.imagery.remote import is_remote
+from ops.locks import partition_lock
 from ops.shards import STATUSES, list_shards, shard_paths
 from resources import keys
 from resources.env import kinds
@@ -104,7 +105,7 @@ def chips(
             if use_prefetch
             else contextlib.nullcontext()
         )
-        with fetcher as prefetcher:
+        with partition_lock(out, f"partition {dep}: chips"), fetcher as prefetcher:
             for _ in crop_partition(
                 bpath,
                 info,

@@ -6,7 +6,7 @@ node): those steps retry with backoff. Everything else fails the same way
 every time, so retrying it only delays the message by half a minute:
 
 - bad input — a duplicate id, an unknown CRS, a missing folder, a model that
-  doesn't fit the chips — is raised as a non-retryable Dagster ``Failure``
+  doesn't fit the chips — and a partition another run is writing are raised as a non-retryable Dagster ``Failure``
   carrying the message that names the culprit;
 - any other exception (a bug, or an input case nobody foresaw) is also raised
   as a non-retryable ``Failure``, naming the partition and the exception, with
@@ -27,6 +27,7 @@ from ops.geo.crs import UnrecognisedCRSError
 from ops.geo.departements import UnknownDepartementError
 from ops.geo.footprints import FootprintError
 from ops.imagery.mosaic import MosaicError
+from ops.locks import PartitionBusyError
 from ops.ml.card import ModelMismatchError
 from resources.imagery import MissingInputError
 from resources.model_store import ModelNotFoundError
@@ -41,6 +42,7 @@ INPUT_ERRORS = (
     MissingInputError,
     ModelMismatchError,
     ModelNotFoundError,
+    PartitionBusyError,
 )
 
 TRANSIENT_ERRORS = (

@@ -30,6 +30,7 @@ from ops.cpus import available_cpus
 from ops.geo.departements import check_departement, native_epsg
 from ops.geo.reproject import wgs84_batches
 from ops.imagery.mosaic import MosaicInfo
+from ops.locks import partition_lock
 from ops.ml.batch_size import CPU_DEFAULT_BATCH, CUDA_DEFAULT_BATCH, choose_batch_size, machine_key, models_key
 from ops.ml.card import check_outputs
 from ops.ml.catalog import MODELS
@@ -121,41 +122,45 @@ def predictions(
             )
 
         staged = {c.name: store.path(keys.staged_predictions(dep, c.name, c.version)) for c in cards}
-        tally = predict_partition(
-            folder,
-            shards,
-            runs,
-            batch.size,
-            departement=dep,
-            buildings=buildings_path,
-            staged=staged,
-            scratch=store.folder(keys.scratch()),
-            run_id=context.run_id,
-            pin_memory=device.type == "cuda",
-            depth=config.prefetch_batches,
-            progress=progress,
-        )
-        batch.forget_if_slower(tally.chips, tally.seconds, lambda msg: context.log.warning(f"partition {dep}: {msg}"))
-        written = warehouse.publish(
-            dep,
-            [
-                PartitionRows("buildings", wgs84_batches(buildings_path, native_epsg(dep))),
-                *(
-                    PartitionRows(
-                        "predictions",
-                        pq.ParquetFile(staged[c.name]).iter_batches(batch_size=50_000),
-                        where={"model_name": c.name, "model_version": c.version},
-                    )
-                    for c in cards
-                ),
-            ],
-        )
-        if written[0] != expected:
-            raise RuntimeError(f"partition {dep}: {expected} buildings staged but {written[0]} published")
-        loaded = {c.name: n for c, n in zip(cards, written[1:], strict=True)}
-        context.log.info(
-            f"partition {dep}: published {written[0]:,} buildings and {sum(loaded.values()):,} predictions"
-        )
+        # one run stages and publishes a partition at a time: another would overwrite the staged files
+        with partition_lock(next(iter(staged.values())).parent, f"partition {dep}: predictions"):
+            tally = predict_partition(
+                folder,
+                shards,
+                runs,
+                batch.size,
+                departement=dep,
+                buildings=buildings_path,
+                staged=staged,
+                scratch=store.folder(keys.scratch()),
+                run_id=context.run_id,
+                pin_memory=device.type == "cuda",
+                depth=config.prefetch_batches,
+                progress=progress,
+            )
+            batch.forget_if_slower(
+                tally.chips, tally.seconds, lambda msg: context.log.warning(f"partition {dep}: {msg}")
+            )
+            written = warehouse.publish(
+                dep,
+                [
+                    PartitionRows("buildings", wgs84_batches(buildings_path, native_epsg(dep))),
+                    *(
+                        PartitionRows(
+                            "predictions",
+                            pq.ParquetFile(staged[c.name]).iter_batches(batch_size=50_000),
+                            where={"model_name": c.name, "model_version": c.version},
+                        )
+                        for c in cards
+                    ),
+                ],
+            )
+            if written[0] != expected:
+                raise RuntimeError(f"partition {dep}: {expected} buildings staged but {written[0]} published")
+            loaded = {c.name: n for c, n in zip(cards, written[1:], strict=True)}
+            context.log.info(
+                f"partition {dep}: published {written[0]:,} buildings and {sum(loaded.values()):,} predictions"
+            )
         if tally.statuses["error"]:
             context.log.warning(
                 f"partition {dep}: {tally.statuses['error']} buildings with status error (see chips index messages)"

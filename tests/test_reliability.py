@@ -5,6 +5,7 @@ Started with the cases of the warehouse itself; the README's fault matrix (issue
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -137,3 +138,43 @@ def test_a_rerun_failing_after_new_footprints_leaves_the_last_published_partitio
     after = _published(warehouse, "12")
     assert len(after["buildings"]) == len(before["buildings"]) - 40
     assert after.keys() == before.keys() and all(ids == after["buildings"] for ids in after.values())
+
+
+@pytest.mark.slow
+def test_a_second_run_of_a_partition_being_written_fails_at_once_naming_it(small_dep, tmp_path, monkeypatch):
+    """Outside the run queue (which holds one run per partition), a second writer meets the partition's lock."""
+    from dagster import DagsterInstance, materialize
+
+    from ops.locks import partition_lock
+    from orchestration.definitions import all_assets
+    from orchestration.environment import local_resources
+    from resources import keys
+
+    monkeypatch.setenv("BATIVISION_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("BATIVISION_SOURCE_DIR", str(small_dep.root.parent))
+    resources = local_resources()
+
+    def run(*selection):
+        return materialize(
+            all_assets,
+            selection=list(selection),
+            partition_key="12",
+            resources=resources,
+            instance=DagsterInstance.ephemeral(),
+            raise_on_error=False,
+        )
+
+    assert run("buildings", "ortho_mosaic").success
+    store = resources["store"]
+    for step, folder in [("chips", store.folder(keys.chips("12"))), ("predictions", None)]:
+        folder = folder or store.path(keys.staged_predictions("12", "roof_type", "x")).parent
+        with partition_lock(folder, "the first run"):  # a first run of partition 12 is writing
+            busy = run(step)
+        assert not busy.success
+        assert not [e for e in busy.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]
+        (failure,) = [e for e in busy.all_events if e.event_type_value == "STEP_FAILURE"]
+        message = failure.step_failure_data.error.message
+        assert f"partition 12: {step}: another run is writing" in message and str(os.getpid()) in message
+        assert run(step).success  # once the first run is done
+    rows = resources["warehouse"].query("select model_name, count(*) as n from predictions group by 1")
+    assert sorted(rows.n) == [small_dep.n_buildings] * 2
