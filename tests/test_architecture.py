@@ -25,11 +25,12 @@ MAY_IMPORT: dict[str, set[str]] = {
     "ops.imagery": {"ops.geo"},
     "ops.shards": set(),
     "ops.cpus": set(),
+    "ops.locks": set(),
     "ops.crop": {"ops.geo", "ops.imagery", "ops.shards", "ops.cpus"},
     "ops.ml": {"ops.geo", "ops.shards", "ops.cpus"},
     "resources": {"ops.geo", "ops.imagery", "ops.crop", "ops.ml", "ops.shards"},
     "synthetic": {"ops.geo", "ops.ml"},
-    "assets": {"ops.geo", "ops.imagery", "ops.crop", "ops.ml", "ops.shards", "ops.cpus", "resources"},
+    "assets": {"ops.geo", "ops.imagery", "ops.crop", "ops.ml", "ops.shards", "ops.cpus", "ops.locks", "resources"},
     "orchestration": {
         "assets",
         *("ops.geo", "ops.imagery", "ops.crop", "ops.ml", "ops.shards", "ops.cpus"),
