@@ -42,7 +42,8 @@ def roof_model(
     models: ModelStore,
 ) -> MaterializeResult:
     def arrays(folder, dep, path):
-        return labelled_chips(folder, dep, read_labels(path, ROOF_TYPE, ROOF_CLASSES), ROOF_CLASSES)
+        labels = read_labels(path, ROOF_TYPE, ROOF_CLASSES)
+        return labelled_chips(folder, dep, labels, ROOF_CLASSES, log=context.log.info)
 
     with bad_input_fails_fast():  # a bad label file fails once; I/O and a preempted pod are retried
         (x, y, g), used = training_arrays(context, config, store, footprints.labels, arrays, "labels")

@@ -37,3 +37,28 @@ def test_a_bad_label_file_is_an_error_naming_it_and_the_culprit(tmp_path, text, 
 def test_a_building_listed_without_a_class_is_not_labelled(tmp_path):
     labels = read_labels(_labels(tmp_path, "cleabs,roof_type\nA,flat\nB,\nC,hip\n"), ROOF_TYPE, ROOF_CLASSES)
     assert labels.to_dict() == {"A": "flat", "C": "hip"}
+
+
+def test_labels_that_train_nothing_are_counted_with_examples(tmp_path):
+    """A label on a building without a chip, or on an id the partition doesn't have, is counted, not lost silently."""
+    import numpy as np
+    import pyarrow as pa
+
+    from ops.ml.datasets import labelled_chips
+    from ops.shards import partial_path, publish_shard, shard_paths
+
+    folder = tmp_path / "chips"
+    folder.mkdir()
+    with partial_path(shard_paths(folder, "c1")[0]).open("wb") as fh:
+        np.save(fh, np.zeros((2, 3, 8, 8), "uint8"))
+    index = pa.table({"building_id": ["A", "B", "C"], "status": ["ok", "ok", "nodata"], "row": [0, 1, -1]})
+    publish_shard(folder, "c1", index, {})
+    labels = read_labels(
+        _labels(tmp_path, "cleabs,roof_type\nA,flat\nC,hip\nZ9,gable\nZ8,flat\n"), ROOF_TYPE, ROOF_CLASSES
+    )
+    said: list[str] = []
+    x, y, _ = labelled_chips(folder, "12", labels, ROOF_CLASSES, log=said.append)
+    assert len(x) == 1 and list(y) == [ROOF_CLASSES.index("flat")]
+    (line,) = said
+    assert "4 labels: 1 on ok chips, 1 on buildings without a chip, 2 naming no building" in line
+    assert "['Z8', 'Z9']" in line

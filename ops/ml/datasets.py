@@ -62,17 +62,37 @@ def read_labels(path: Path, column: str, classes: Sequence[str]) -> pd.Series:
 
 
 def labelled_chips(
-    folder: Path, dep: str, labels: pd.Series, classes: Sequence[str]
+    folder: Path,
+    dep: str,
+    labels: pd.Series,
+    classes: Sequence[str],
+    log: Callable[[str], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A partition's ok chips that have a label: (chips, label indices into ``classes``, cell ids)."""
+    """A partition's ok chips that have a label: (chips, label indices into ``classes``, cell ids).
+
+    Labels that train nothing are counted, not dropped silently: ``log`` gets how
+    many are on buildings without an ok chip, and how many name no building of
+    the partition (a stale id, another département's, a typo), with examples.
+    """
     xs, ys, gs = [], [], []
-    for cell, idx, arr in ok_chips(folder):
-        idx = idx[idx["building_id"].isin(labels.index)]
+    known: set[str] = set()
+    for shard in list_shards(folder):
+        index = read_index(folder, shard).to_pandas()
+        known.update(index["building_id"])
+        idx = index[(index["status"] == "ok") & index["building_id"].isin(labels.index)]
         if idx.empty:
             continue
+        arr = open_chips(folder, shard)
         xs.append(np.asarray(arr[idx["row"].to_numpy()]))
         ys.append(labels.loc[idx["building_id"]].map(list(classes).index).to_numpy())
-        gs.append(np.array([f"{dep}/{cell}"] * len(idx), dtype=object))
+        gs.append(np.array([f"{dep}/{shard}"] * len(idx), dtype=object))
+    used = sum(len(x) for x in xs)
+    unknown = sorted(set(labels.index) - known)
+    if log is not None:
+        line = f"partition {dep}: {len(labels):,} labels: {used:,} on ok chips, {len(labels) - used - len(unknown):,} on buildings without a chip"
+        if unknown:
+            line += f", {len(unknown):,} naming no building of the partition (e.g. {unknown[:5]})"
+        log(line)
     if not xs:
         return np.zeros((0, 3, 1, 1), "uint8"), np.zeros(0, "int64"), np.zeros(0, object)
     return np.concatenate(xs), np.concatenate(ys).astype("int64"), np.concatenate(gs)
