@@ -113,6 +113,7 @@ def test_a_chip_across_tile_seams_equals_the_chip_from_the_merged_raster(scene):
         np.testing.assert_array_equal(tiled[b], merged[b], err_msg=b)
 
 
+@pytest.mark.reliability
 def test_outside_and_nodata_buildings_get_statuses(scene):
     _, index = _crop(scene, "tiles", "status_out")
     assert index["outside"].status == "no_imagery" and index["outside"].row == -1
@@ -133,6 +134,7 @@ def test_crop_is_the_same_with_one_and_two_workers(scene):
         assert shard_paths(scene / "w1", s)[0].read_bytes() == shard_paths(scene / "w2", s)[0].read_bytes()
 
 
+@pytest.mark.reliability
 @pytest.mark.parametrize("workers", [1, 2])
 def test_a_shard_that_cannot_be_written_fails_the_crop_naming_it(scene, workers):
     """Shards are written on a background thread of each crop process: its errors are not lost."""
@@ -214,6 +216,7 @@ def test_work_units_are_the_same_from_the_bbox_column_or_from_the_geometries(sce
         np.testing.assert_array_equal(a.bounds, b.bounds)
 
 
+@pytest.mark.reliability
 def test_a_corrupt_block_quarantines_the_buildings_over_it_naming_the_tile(scene):
     """A damaged block gives its buildings the `error` status, a message naming the tile; the rest is cut as usual."""
     import shutil

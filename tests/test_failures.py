@@ -9,7 +9,7 @@ from shapely.geometry import box
 from orchestration.definitions import all_assets
 from resources import keys
 
-pytestmark = pytest.mark.slow  # materializes assets
+pytestmark = [pytest.mark.slow, pytest.mark.reliability]  # materializes assets
 
 
 def _run(tmp_path, monkeypatch, selection, buildings_config: dict | None = None):

@@ -50,12 +50,14 @@ def test_geojson_in_another_crs_is_reprojected(tmp_path):
     assert -84.6 < x0 < x1 < -84.2 and 33.6 < y0 < y1 < 33.9  # Atlanta, in lon/lat
 
 
+@pytest.mark.reliability
 def test_a_file_of_another_country_is_refused_naming_it(tmp_path):
     """Atlanta given as département 12: nowhere near where Lambert-93 is valid, an error, not nonsense rows."""
     with pytest.raises(FootprintError, match=rf"{SPACENET_LABELS.name}.*outside the area where EPSG:2154 is valid"):
         _read(SPACENET_LABELS, epsg=2154)
 
 
+@pytest.mark.reliability
 def test_defects_get_statuses_and_no_row_is_dropped(tmp_path):
     bowtie = Polygon([(0, 0), (10, 10), (10, 0), (0, 10)])  # self-intersecting: repairable
     line = Polygon([(0, 0), (5, 0), (10, 0)])  # zero area: not repairable into a polygon
@@ -76,6 +78,7 @@ def test_defects_get_statuses_and_no_row_is_dropped(tmp_path):
     assert cells["a"] == "E0700000_N6600000" and cells["d"] == "none"
 
 
+@pytest.mark.reliability
 def test_duplicate_ids_are_an_error_naming_file_and_ids(tmp_path):
     gdf = gpd.GeoDataFrame({"cleabs": ["x1", "x2", "x1"]}, geometry=[box(0, 0, 1, 1)] * 3, crs=2154)
     path = tmp_path / "dups.gpkg"
@@ -84,6 +87,7 @@ def test_duplicate_ids_are_an_error_naming_file_and_ids(tmp_path):
         _read(path)
 
 
+@pytest.mark.reliability
 def test_missing_crs_is_an_error_naming_the_file(tmp_path):
     gdf = gpd.GeoDataFrame({"cleabs": ["x1"]}, geometry=[box(0, 0, 1, 1)])
     path = tmp_path / "nocrs.shp"  # a shapefile without .prj (GeoJSON is WGS84 by definition)

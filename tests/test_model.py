@@ -76,6 +76,7 @@ def test_version_is_the_weights_hash_and_round_trips(tmp_path):
         load_model(folder)
 
 
+@pytest.mark.reliability
 def test_chips_of_the_wrong_size_or_bands_are_refused():
     _, card = _tiny_model()
     card.version = "abc"

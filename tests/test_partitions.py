@@ -21,6 +21,7 @@ def test_native_crs(dep, epsg):
     assert native_epsg(dep) == epsg
 
 
+@pytest.mark.reliability
 @pytest.mark.parametrize("bad", ["20", "975", "1", "2a", "", "99"])
 def test_unknown_keys_are_errors_naming_the_key(bad):
     with pytest.raises(UnknownDepartementError, match=repr(bad)):

@@ -146,6 +146,7 @@ def test_disk_holds_only_the_cells_in_flight(served, tmp_path):
     assert max(seen) <= depth + 1  # the unit being cut and those fetched ahead, never the whole partition
 
 
+@pytest.mark.reliability
 def test_a_denied_tile_fails_at_once_naming_it(served, tmp_path):
     _, parquet, _, remote, how = served
     name = Path(remote.tiles[0].path).name
@@ -162,6 +163,7 @@ def test_a_denied_tile_fails_at_once_naming_it(served, tmp_path):
     assert any(c == "fetch" and name in path for c, _, path, _ in how.log()[before:])
 
 
+@pytest.mark.reliability
 def test_a_store_that_keeps_failing_is_given_up_naming_the_file_and_range(served, tmp_path):
     _, parquet, _, remote, how = served
     how.set(fail_every=1)
