@@ -32,6 +32,7 @@ from dagster_dbt import DbtCliResource
 
 from assets.dbt import DBT_DIR
 from orchestration.definitions import all_assets
+from tests.standins.faulty_proxy import faulty_proxy
 from tests.standins.servers import bigquery_emulator, gcs_emulator
 
 pytestmark = [pytest.mark.bigquery, pytest.mark.slow, pytest.mark.xdist_group("prod")]
@@ -182,10 +183,29 @@ def test_geography_round_trips(materialized):
 def test_rewriting_a_partition_replaces_its_rows(materialized):
     resources, _, dep, _ = materialized
     wh = resources["warehouse"]
-    _run(resources, ["buildings"], dep.departement)
-    _run(resources, ["buildings"], dep.departement)
+    _run(resources, ["predictions"], dep.departement)  # publishes the partition's buildings and predictions again
     b = wh.query("select count(*) n, count(distinct building_id) d from buildings").iloc[0]
     assert b.n == b.d == dep.n_buildings
+    p = wh.query("select model_name, count(*) n, count(distinct building_id) d from predictions group by 1")
+    assert list(p.n) == list(p.d) == [dep.n_buildings] * len(p) and len(p) >= 1
+
+
+@pytest.mark.reliability
+def test_a_bigquery_answering_503_to_every_third_request_still_gets_the_partition_once(materialized):
+    """Google's APIs fail transiently (backendError): the warehouse's writes and queries are retried, not lost."""
+    from resources.bigquery import BigQueryWarehouse
+
+    resources, _, dep, _ = materialized
+    wh = resources["warehouse"]
+    from ops.geo.reproject import wgs84_batches
+
+    batches = list(wgs84_batches(resources["store"].path("buildings/12/buildings.parquet"), 2154))
+    with faulty_proxy(wh.api_endpoint, every=3) as (url, faults):
+        flaky = BigQueryWarehouse(project=wh.project, dataset=wh.dataset, location=wh.location, api_endpoint=url)
+        assert flaky.replace_partition("buildings", "12", batches) == dep.n_buildings
+        n = flaky.query("select count(*) n, count(distinct building_id) d from buildings where departement = ?", ["12"])
+    assert faults.injected >= 2, f"{faults.requests} requests, {faults.injected} failed: the test proved nothing"
+    assert n.n[0] == n.d[0] == dep.n_buildings
 
 
 def test_a_failed_write_leaves_the_partition_as_it_was(materialized):
