@@ -47,6 +47,7 @@ from ops.ml.inference import BatchRunner, forward_fn
 from ops.ml.predict import ModelRun, PartitionPredictions, predict_partition
 from ops.shards import list_shards, open_chips, read_index, shard_paths
 from resources.warehouse import DuckDBWarehouse
+from tests.rowfiles import buildings_parquet
 
 pytestmark = pytest.mark.reliability
 
@@ -257,17 +258,6 @@ print("done", DuckDBWarehouse(path=db).replace_partition("buildings", "12", batc
 """
 
 
-def _buildings_file(tmp_path: Path, dep: str, prefix: str, n: int) -> Path:
-    """A buildings GeoParquet of ``n`` buildings with ids ``<prefix>-<k>``."""
-    src = tmp_path / f"{prefix}.gpkg"
-    ids = [f"{prefix}-{k}" for k in range(n)]
-    geoms = [box(700000 + 20 * k, 6600000, 700010 + 20 * k, 6600010) for k in range(n)]
-    gpd.GeoDataFrame({"cleabs": ids}, geometry=geoms, crs=2154).to_file(src, layer="batiment")
-    out = tmp_path / f"{prefix}.parquet"
-    write_buildings_geoparquet(iter_building_batches(src, dep, 2154), out, 2154)
-    return out
-
-
 def _partition_rows(db: Path) -> dict[str, tuple[int, int, set[str]]]:
     """{departement: (rows, distinct ids, id prefixes)} as a fresh connection sees them."""
     got = DuckDBWarehouse(path=str(db)).query("select departement, building_id from buildings")
@@ -282,9 +272,9 @@ def test_a_warehouse_write_killed_mid_transaction_leaves_the_old_partition_whole
     """The delete and the inserts are one transaction: killed after some batches, the old rows are all there."""
     db = tmp_path / "w.duckdb"
     wh = DuckDBWarehouse(path=str(db))
-    wh.replace_partition("buildings", "12", wgs84_batches(_buildings_file(tmp_path, "12", "old", 300), 2154))
-    wh.replace_partition("buildings", "81", wgs84_batches(_buildings_file(tmp_path, "81", "other", 100), 2154))
-    new = _buildings_file(tmp_path, "12", "new", 2000)  # 40 batches of 50, 0.05 s each
+    wh.replace_partition("buildings", "12", wgs84_batches(buildings_parquet(tmp_path, "12", 300, "old"), 2154))
+    wh.replace_partition("buildings", "81", wgs84_batches(buildings_parquet(tmp_path, "81", 100, "other"), 2154))
+    new = buildings_parquet(tmp_path, "12", 2000, "new")  # 40 batches of 50, 0.05 s each
     log = tmp_path / "warehouse.log"
     proc = _start(WAREHOUSE, db, new, log=log)
     try:
@@ -466,29 +456,20 @@ def test_a_crop_out_of_disk_names_the_shard_file_and_a_rerun_with_space_complete
 
 
 def test_staging_predictions_out_of_disk_fails_and_a_rerun_with_space_completes(cropped, tmp_path):
-    """The staged rows' folder has 8 KB: the step fails with ENOSPC; no staged file looks complete; a re-run completes."""
+    """The staged rows' folder has 8 KB: ENOSPC naming the file; nothing looks complete; a re-run completes."""
     _, buildings, chips = cropped
     with small_disk(tmp_path / "predictions", 8 << 10, file_limit=8 << 10) as disk:
         staged = disk.folder / "roof_type-v1.parquet"
         with disk.full(), pytest.raises(OSError) as err:
             _predict(chips, buildings, staged, tmp_path / "scratch", "run-1")
         assert err.value.errno in FULL
+        # what the user reads: which file of which partition could not be written
+        assert staged.name.removesuffix(".parquet") in str(err.value) and "partition 12" in str(err.value), err.value
         assert not staged.exists(), "no staged file may look complete after a failed run"
+        assert not list(disk.folder.glob("*.tmp")), "the half-written staged file is removed, not left holding the disk"
 
         disk.grow()
         tally = _predict(chips, buildings, staged, tmp_path / "scratch", "run-2")
         assert tally.rows == {"roof_type": 300}
         assert _staged_rows(staged) == (_building_ids(buildings), {"run-2"})
         assert not staged.with_suffix(".tmp").exists()
-
-
-def test_staging_predictions_out_of_disk_names_the_staged_file(cropped, tmp_path):
-    """What the user reads when the staged rows do not fit: which file could not be written."""
-    _, buildings, chips = cropped
-    with small_disk(tmp_path / "predictions", 8 << 10, file_limit=8 << 10) as disk:
-        staged = disk.folder / "roof_type-v1.parquet"
-        with disk.full(), pytest.raises(OSError) as err:
-            _predict(chips, buildings, staged, tmp_path / "scratch", "run-1")
-    assert err.value.errno in FULL
-    assert staged.name.removesuffix(".parquet") in str(err.value) and "partition 12" in str(err.value), str(err.value)
-    assert not list(disk.folder.glob("*.tmp")), "the half-written staged file is removed, not left holding the disk"

@@ -13,10 +13,9 @@ from pathlib import Path
 import geopandas as gpd
 import pyogrio
 import pytest
-from shapely.geometry import box
 
-from ops.geo.footprints import iter_building_batches, write_buildings_geoparquet
 from resources.warehouse import DuckDBWarehouse
+from tests.rowfiles import buildings_parquet
 
 pytestmark = pytest.mark.reliability
 
@@ -28,6 +27,7 @@ logging.basicConfig(level=logging.INFO)
 from pathlib import Path
 from ops.geo.reproject import wgs84_batches
 from resources.warehouse import DuckDBWarehouse
+from tests.rowfiles import buildings_parquet
 
 db, dep, parquet, rounds = sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4])
 wh = DuckDBWarehouse(path=db, lock_timeout_s=120)
@@ -37,16 +37,6 @@ print("done", dep)
 """
 
 
-def _parquet(tmp_path: Path, dep: str, n: int) -> Path:
-    src = tmp_path / f"{dep}.gpkg"
-    ids = [f"{dep}-{k}" for k in range(n)]
-    geoms = [box(700000 + 20 * k, 6600000, 700010 + 20 * k, 6600010) for k in range(n)]
-    gpd.GeoDataFrame({"cleabs": ids}, geometry=geoms, crs=2154).to_file(src, layer="batiment")
-    out = tmp_path / f"{dep}.parquet"
-    write_buildings_geoparquet(iter_building_batches(src, dep, 2154), out, 2154)
-    return out
-
-
 @pytest.mark.slow
 def test_two_partitions_written_at_once_by_two_processes_both_land_whole(tmp_path):
     """DuckDB lets one process write a file at a time: the other waits for the lock, none loses rows."""
@@ -54,7 +44,7 @@ def test_two_partitions_written_at_once_by_two_processes_both_land_whole(tmp_pat
     sizes = {"12": 2000, "81": 1500}  # 20 rewrites each: the two writers overlap (the log shows lock waits)
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", WRITER, str(db), dep, str(_parquet(tmp_path, dep, n)), "20"],
+            [sys.executable, "-c", WRITER, str(db), dep, str(buildings_parquet(tmp_path, dep, n)), "20"],
             cwd=REPO,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

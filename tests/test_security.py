@@ -12,14 +12,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import geopandas as gpd
 import pytest
-from shapely.geometry import box
 
 from ops.geo.departements import UnknownDepartementError, check_departement
-from ops.geo.footprints import iter_building_batches, write_buildings_geoparquet
 from ops.geo.reproject import wgs84_batches
 from resources.warehouse import DuckDBWarehouse
+from tests.rowfiles import buildings_parquet
 
 pytestmark = pytest.mark.reliability
 
@@ -29,17 +27,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture
 def warehouse(tmp_path) -> DuckDBWarehouse:
-    src = tmp_path / "b.gpkg"
-    gdf = gpd.GeoDataFrame(
-        {"cleabs": ["A", "B", "C"]},
-        geometry=[box(700000 + 20 * k, 6600000, 700010 + 20 * k, 6600010) for k in range(3)],
-    )
-    gdf.set_crs(2154).to_file(src, layer="batiment")
     wh = DuckDBWarehouse(path=str(tmp_path / "w.duckdb"))
     for dep in ("12", "81"):
-        parquet = tmp_path / f"{dep}.parquet"
-        write_buildings_geoparquet(iter_building_batches(src, dep, 2154), parquet, 2154)
-        wh.replace_partition("buildings", dep, wgs84_batches(parquet, 2154))
+        wh.replace_partition("buildings", dep, wgs84_batches(buildings_parquet(tmp_path, dep, 3), 2154))
     return wh
 
 
