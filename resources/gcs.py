@@ -24,6 +24,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import requests
 from dagster import InitResourceContext, get_dagster_logger
 from google.api_core import exceptions as gexc
 from google.api_core.retry import if_transient_error
@@ -219,6 +220,15 @@ class GcsObjectStore(ObjectStore):
         return n
 
 
+_TRANSIENT = (
+    ConnectionError,
+    TimeoutError,
+    requests.exceptions.Timeout,
+    requests.exceptions.ConnectionError,
+    requests.exceptions.ChunkedEncodingError,
+)
+
+
 class GcsRangeReader:
     """Byte ranges of ``/vsigs/<bucket>/<key>`` objects through the Cloud Storage API (the prefetch's source).
 
@@ -244,9 +254,11 @@ class GcsRangeReader:
         except gexc.NotFound as exc:
             raise FetchError(f"{path}: no such object") from exc
         except Exception as exc:
-            if if_transient_error(exc) or isinstance(exc, ConnectionError | TimeoutError):
+            # requests' timeouts and broken bodies are not builtin TimeoutError/ConnectionError subclasses all
+            # the way (ReadTimeout is, ChunkedEncodingError is not): a stalled object read is retried too
+            if if_transient_error(exc) or isinstance(exc, _TRANSIENT):
                 raise TransientFetchError(f"{path}: {exc}") from exc
-            raise
+            raise FetchError(f"{path}: {type(exc).__name__}: {exc}") from exc
 
     def size(self, path: str) -> int:
         blob = self._blob(path)
