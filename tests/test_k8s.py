@@ -307,9 +307,11 @@ def test_helm_values_queue_a_monthly_backfill_as_the_instance_does_and_hold_no_s
         "QueuedRunCoordinator"
     )
     assert runs["maxConcurrentRuns"] == prod["runs"]["max_concurrent_runs"]
-    assert {(t["key"], t["limit"]) for t in runs["tagConcurrencyLimits"]} == {
-        (t["key"], t["limit"]) for t in prod["runs"]["tag_concurrency_limits"]
+    assert {(t["key"], t["limit"], str(t.get("value"))) for t in runs["tagConcurrencyLimits"]} == {
+        (t["key"], t["limit"], str(t.get("value"))) for t in prod["runs"]["tag_concurrency_limits"]
     }
+    one_per_partition = {"key": "dagster/partition", "value": {"applyLimitPerUniqueValue": True}, "limit": 1}
+    assert one_per_partition in runs["tagConcurrencyLimits"]
     # 101 départements queue, never more at once than the limit: the month's runs leave room for others
     month = next(t["limit"] for t in runs["tagConcurrencyLimits"] if t["key"] == "bativision/reprocessing")
     assert month < runs["maxConcurrentRuns"] < 101
