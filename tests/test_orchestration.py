@@ -102,12 +102,16 @@ def test_the_run_queue_limits_a_months_reprocessing_and_a_rollout(tmp_path):
     with DagsterInstance.from_config(str(tmp_path)) as instance:
         queue = instance.get_concurrency_config().run_queue_config
         limits = {t["key"]: t["limit"] for t in queue.tag_concurrency_limits}
-        assert limits == {"bativision/reprocessing": 1, ROLLOUT_TAG: 1}
+        assert limits == {"bativision/reprocessing": 1, ROLLOUT_TAG: 1, "dagster/partition": 1}
+        # one run per département at a time: the partition tag's limit applies to each value
+        (per_partition,) = [t for t in queue.tag_concurrency_limits if t["key"] == "dagster/partition"]
+        assert per_partition["value"] == {"applyLimitPerUniqueValue": True}
         assert queue.max_concurrent_runs > limits["bativision/reprocessing"]  # a slot stays free for users
     prod = yaml.safe_load((REPO_ROOT / "orchestration" / "instance" / "prod.yaml").read_text())
     runs = prod["concurrency"]["runs"]
     prod_limits = {t["key"]: t["limit"] for t in runs["tag_concurrency_limits"]}
-    assert set(prod_limits) == {"bativision/reprocessing", ROLLOUT_TAG}
+    assert set(prod_limits) == {"bativision/reprocessing", ROLLOUT_TAG, "dagster/partition"}
+    assert prod_limits["dagster/partition"] == 1
     assert max(prod_limits.values()) < runs["max_concurrent_runs"]
     assert prod["run_coordinator"]["class"] == "QueuedRunCoordinator"
 
