@@ -104,6 +104,7 @@ def test_segmenter_outputs_per_pixel_probabilities():
     assert p.shape == (3, 2, 64, 64) and np.allclose(p.sum(1), 1, atol=1e-5)
 
 
+@pytest.mark.reliability
 def test_a_card_that_does_not_match_its_weights_is_refused(tmp_path):
     torch.manual_seed(0)
     card = _card("classification", "RoofNet", ["flat", "gable", "hip"], [8, 16])

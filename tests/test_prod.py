@@ -340,3 +340,23 @@ def test_store_uploads_what_a_step_wrote_and_nothing_else(cloud, tmp_path):
     third.delete("a")
     third.teardown_after_execution(None)
     assert not [b.name for b in gcs.list_blobs(BUCKET, prefix="unit/")]
+
+
+@pytest.mark.reliability
+def test_an_injection_on_bigquery_touches_no_row_and_names_are_refused(materialized):
+    """As on DuckDB (test_security): values are query parameters, table and column names are checked."""
+    resources, _, dep, _ = materialized
+    wh = resources["warehouse"]
+
+    def counts():
+        return wh.query("select departement, count(*) n from buildings group by 1 order by 1").to_dict("records")
+
+    before = counts()
+    assert before == [{"departement": "12", "n": dep.n_buildings}]
+    for value in ("12' OR '1'='1", "12; DROP TABLE buildings", "12` OR TRUE --"):
+        assert wh.replace_partition("buildings", value, []) == 0  # a partition of that odd name, empty
+        assert wh.query("select count(*) n from buildings where departement = ?", [value]).n[0] == 0
+    for table, where in [("buildings`; DROP TABLE buildings --", None), ("buildings", {"1=1 OR departement": "x"})]:
+        with pytest.raises(ValueError, match="unknown warehouse table|no column"):
+            wh.replace_partition(table, "12", [], where=where)
+    assert counts() == before
