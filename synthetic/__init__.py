@@ -16,7 +16,11 @@ What is generated under ``DIR/<dep>/``:
   collinear polygons, empty / null geometries);
 * ``ortho/*.tif`` -- BD ORTHO-like RGB GeoTIFF tiles (tiled 256x256, DEFLATE +
   predictor 2, nodata 0), one of which has a rectangular nodata hole; a band of
-  villages lies beyond the imagery on purpose;
+  villages lies beyond the imagery on purpose. On request (``imagery_format``,
+  ``--format``) the same pixels are encoded as JPEG-compressed tiled COGs
+  (``jpeg``: YCbCr, quality 85, 256 px blocks, overviews, nodata 0) or as BD
+  ORTHO's lossy JPEG 2000 (``jp2``: ``ortho/*-E080.jp2``, ~1/5 of the raw size,
+  1024 px codestream tiles, no declared nodata, as IGN's); nothing else changes;
 * ``solar_panels.gpkg`` -- layer ``solar_panels``: one Polygon per solar-panel array
   drawn on a roof (``cleabs`` of the building it sits on), in the native CRS: the
   ground truth of the segmentation model (about a third of the imaged rectangular
@@ -56,7 +60,7 @@ Where each stage lives
 * :mod:`synthetic.textures` -- per-pixel surface codes and their grain;
 * :mod:`synthetic.ground` -- fields, hedges, gardens and yards under a tile;
 * :mod:`synthetic.render` -- drawing one tile;
-* :mod:`synthetic.writers` -- the GeoPackages, ``labels.csv`` and the GeoTIFF tiles;
+* :mod:`synthetic.writers` -- the GeoPackages, ``labels.csv`` and the tiles (GeoTIFF, JPEG COG, JPEG 2000);
 * :mod:`synthetic.generate` -- :func:`generate_departement`, which runs them in order;
 * :mod:`synthetic.cli` -- ``python -m synthetic``.
 
@@ -66,6 +70,7 @@ From the repository root::
 
     python -m synthetic --out data/sample --departement 12 --buildings 3000 --seed 0
     python -m synthetic --out /tmp/bench --departement 2A --buildings 300000 --tile-px 10000 --workers 2
+    python -m synthetic --out /tmp/bdortho --departement 12 --buildings 20000 --tile-px 5000 --format jp2
 
 From Python::
 
@@ -78,9 +83,11 @@ From Python::
 
 A second call with the same parameters returns the existing manifest without
 regenerating (pass ``overwrite=True`` to force). Same (département, buildings, seed,
-tile_px, resolution) gives byte-identical files (footprints, panels, labels, tiles,
-manifest), whatever the number of workers. Tile names follow BD ORTHO
-(``{dep}-2024-{x_km}-{y_km}-LA93-0M20.tif``, upper-left corner); when a tile is not a
+tile_px, resolution, imagery_format) gives byte-identical files (footprints, panels,
+labels, tiles, manifest), whatever the number of workers; another imagery_format
+changes the tiles only. Tile names follow BD ORTHO
+(``{dep}-2024-{x_km}-{y_km}-LA93-0M20.tif``, upper-left corner; JPEG 2000:
+``{dep}-2024-{x_km}-{y_km}-LA93-0M20-E080.jp2``); when a tile is not a
 whole number of km (2,500 px at 20 cm = 500 m) the km get three decimals
 (``12-2024-0660.500-6360.000-LA93-0M20.tif``). Only tiles holding at least one
 imaged building are written, so the mosaic can have empty (missing) tiles.
@@ -91,6 +98,7 @@ from synthetic.manifest import (
     CHIP_MARGIN_M,
     COUNT_KEYS,
     GENERATOR_VERSION,
+    IMAGERY_FORMATS,
     MANIFEST_NAME,
     ORTHO_YEAR,
     PANEL_LAYER,
@@ -105,6 +113,7 @@ __all__ = [
     "CHIP_MARGIN_M",
     "COUNT_KEYS",
     "GENERATOR_VERSION",
+    "IMAGERY_FORMATS",
     "MANIFEST_NAME",
     "ORTHO_YEAR",
     "PANEL_LAYER",

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import synthetic
 from synthetic.generate import generate_departement
+from synthetic.manifest import IMAGERY_FORMATS
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -23,7 +24,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--departement", default="12", help="INSEE code (01-95, 2A, 2B, 971-976)")
     ap.add_argument("--buildings", type=int, default=3000, help="number of footprints")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--tile-px", type=int, default=2500, help="ortho tile side in pixels")
+    ap.add_argument(
+        "--tile-px", type=int, default=2500, help="ortho tile side in pixels (BD ORTHO's real layout: 5000, 1 km)"
+    )
+    ap.add_argument(
+        "--format",
+        dest="imagery_format",
+        choices=IMAGERY_FORMATS,
+        default="deflate",
+        help="how tiles are encoded: deflate (lossless GeoTIFF), jpeg (JPEG COG, YCbCr q85), "
+        "jp2 (lossy JPEG 2000 named like BD ORTHO's); the ground truth is the same",
+    )
     ap.add_argument("--resolution", type=float, default=0.2, help="ground sampling distance in metres")
     ap.add_argument("--workers", type=int, default=1, help="processes rendering tiles")
     ap.add_argument("--overwrite", action="store_true", help="regenerate even if a matching sample exists")
@@ -40,6 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         overwrite=args.overwrite,
         workers=args.workers,
         verbose=not args.quiet,
+        imagery_format=args.imagery_format,
     )
     out = m.to_json()
     out["root"] = str(m.root)

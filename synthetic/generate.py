@@ -18,15 +18,25 @@ import numpy as np
 
 from ops.geo.departements import check_departement
 from synthetic.layout import make_plan
-from synthetic.manifest import COUNT_KEYS, GENERATOR_VERSION, MANIFEST_NAME, ROOF_CLASSES, SampleManifest, load_manifest
+from synthetic.manifest import (
+    COUNT_KEYS,
+    GENERATOR_VERSION,
+    IMAGERY_FORMATS,
+    MANIFEST_NAME,
+    ROOF_CLASSES,
+    ImageryFormat,
+    SampleManifest,
+    load_manifest,
+)
 from synthetic.tiles import tile_name
 from synthetic.writers import write_footprints, write_labels, write_panels, write_tiles
 
 
-def _matches(m: SampleManifest, dep: str, n: int, seed: int, tile_px: int, res: float) -> bool:
-    """An existing sample is reusable if made by this generator version with the same parameters."""
+def _matches(m: SampleManifest, dep: str, n: int, seed: int, tile_px: int, res: float, fmt: str) -> bool:
+    """An existing sample is reusable if made by this generator version with the same parameters and format."""
     return (
         m.departement == dep
+        and m.imagery_format == fmt
         and m.n_buildings == n
         and m.seed == seed
         and m.tile_px == tile_px
@@ -46,11 +56,10 @@ def _clear(root: Path) -> None:
     for p in (root / "footprints" / "batiment.gpkg", root / "labels.csv", root / "solar_panels.gpkg"):
         p.unlink(missing_ok=True)
     ortho = root / "ortho"
-    if ortho.is_dir():
-        for p in ortho.glob("*.tif"):
-            p.unlink()
-        for p in ortho.glob("*.tif.tmp"):
-            p.unlink()
+    if ortho.is_dir():  # every format's tiles: the mosaic would take a previous format's tiles as well
+        for pattern in ("*.tif", "*.jp2", "*.tif.tmp", "*.jp2.tmp"):
+            for p in ortho.glob(pattern):
+                p.unlink()
 
 
 def generate_departement(
@@ -64,6 +73,7 @@ def generate_departement(
     overwrite: bool = False,
     workers: int = 1,
     verbose: bool = False,
+    imagery_format: ImageryFormat = "deflate",
 ) -> SampleManifest:
     """Generate (or reuse) the synthetic département ``out_dir/<departement>`` and return its manifest.
 
@@ -75,6 +85,13 @@ def generate_departement(
     ``workers`` > 1 renders tiles in that many processes: same bytes, less wall
     time on a multi-core machine, but each worker holds one tile (~2 GB at
     10,000 px). ``verbose`` prints progress to stderr.
+
+    ``imagery_format`` chooses how the tiles are encoded, nothing else (footprints,
+    labels, panels and counts are the same): ``deflate`` (lossless GeoTIFF, the
+    default), ``jpeg`` (JPEG-compressed tiled COG, YCbCr, quality 85) or ``jp2``
+    (lossy JPEG 2000 named like BD ORTHO's ``...-LA93-0M20-E080.jp2``; its real
+    layout is ``tile_px=5000``, 1 km at 20 cm). It is recorded in the manifest, so
+    a sample of another format is regenerated rather than reused.
     """
     dep = check_departement(departement)
     if n_buildings < 1:
@@ -83,13 +100,15 @@ def generate_departement(
         raise ValueError(f"tile_px must be >= 256, got {tile_px}")
     if not 0.05 <= resolution <= 5.0:
         raise ValueError(f"resolution must be between 0.05 and 5 m, got {resolution}")
+    if imagery_format not in IMAGERY_FORMATS:
+        raise ValueError(f"imagery_format must be one of {', '.join(IMAGERY_FORMATS)}; got {imagery_format!r}")
     root = Path(out_dir) / dep
     if not overwrite and (root / MANIFEST_NAME).exists():
         try:
             existing = load_manifest(root)
         except (ValueError, KeyError, TypeError, json.JSONDecodeError):
             existing = None
-        if existing is not None and _matches(existing, dep, n_buildings, seed, tile_px, resolution):
+        if existing is not None and _matches(existing, dep, n_buildings, seed, tile_px, resolution, imagery_format):
             return existing
 
     def log(msg: str) -> None:
@@ -100,10 +119,10 @@ def generate_departement(
     _clear(root)
     root.mkdir(parents=True, exist_ok=True)
     plan = make_plan(dep, n_buildings, seed, tile_px, resolution)
-    log(f"layout: {n_buildings} buildings, {len(plan.tiles)} tiles ({time.perf_counter() - t0:.1f}s)")
+    log(f"layout: {n_buildings} buildings, {len(plan.tiles)} {imagery_format} tiles ({time.perf_counter() - t0:.1f}s)")
     # tiles first: worker processes are forked before this process has touched GDAL
     ortho = root / "ortho"
-    write_tiles(plan, ortho, workers, log if verbose else None)
+    write_tiles(plan, ortho, workers, log if verbose else None, imagery_format)
     footprints = root / "footprints" / "batiment.gpkg"
     write_footprints(plan, footprints)
     labels = root / "labels.csv"
@@ -121,7 +140,7 @@ def generate_departement(
         hx, hy = plan.hole["tile"]
         x0, ytop = plan.tile_origin(hx, hy)
         hole = {
-            "tile": tile_name(dep, x0, ytop, plan.epsg, resolution, plan.tile_m),
+            "tile": tile_name(dep, x0, ytop, plan.epsg, resolution, plan.tile_m, imagery_format),
             "pixels": list(plan.hole["pixels"]),
             "bounds": [round(v, 3) for v in plan.hole["bounds"]],
         }
@@ -151,6 +170,7 @@ def generate_departement(
         class_counts={c: int(np.sum(plan.b["roof"] == i)) for i, c in enumerate(ROOF_CLASSES)},
         panels=panels,
         panel_count=panel_count,
+        imagery_format=imagery_format,
     )
     tmp = root / (MANIFEST_NAME + ".tmp")
     tmp.write_text(json.dumps(manifest.to_json(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 # the roof_type model's classes, defined once: the truth drawn is what the model learns
 from ops.ml.catalog import ROOF_CLASSES as ROOF_CLASSES
@@ -31,6 +31,12 @@ GENERATOR_VERSION = 3
 #: Margin around a footprint's bounding box that defines its image chip (used for ``nodata_area``).
 CHIP_MARGIN_M = 2.0
 ORTHO_YEAR = 2024
+#: How the orthophoto tiles are written; the ground truth is the same whatever the format.
+#: ``deflate``: tiled GeoTIFF, DEFLATE + predictor 2 (lossless, the default);
+#: ``jpeg``: JPEG-compressed tiled COG, YCbCr, quality 85 (most hosted orthophotos);
+#: ``jp2``: lossy JPEG 2000, BD ORTHO's delivery (``...-0M20-E080.jp2``).
+ImageryFormat = Literal["deflate", "jpeg", "jp2"]
+IMAGERY_FORMATS: tuple[str, ...] = ("deflate", "jpeg", "jp2")
 MANIFEST_NAME = "manifest.json"
 #: Share of the eligible roofs (imaged, rectangular, room for a 2 × 1.6 m array) that carry solar panels.
 PANEL_SHARE = 0.33
@@ -48,6 +54,8 @@ class SampleManifest:
 
     ``counts`` are the expected per-category building counts (they sum to
     ``n_buildings``), so tests can check a pipeline's statuses exactly.
+    ``imagery_format`` is one of :data:`IMAGERY_FORMATS`: a sample written in
+    another format than the one asked for is not reused.
     """
 
     departement: str
@@ -70,6 +78,7 @@ class SampleManifest:
     class_counts: dict[str, int] = field(default_factory=dict)
     panels: Path | None = None
     panel_count: int = 0
+    imagery_format: str = "deflate"
     generator_version: int = GENERATOR_VERSION
 
     def to_json(self) -> dict[str, Any]:
@@ -95,6 +104,7 @@ class SampleManifest:
             "class_counts": dict(self.class_counts),
             "panels": self.panels.relative_to(self.root).as_posix() if self.panels else None,
             "panel_count": self.panel_count,
+            "imagery_format": self.imagery_format,
             "generator_version": self.generator_version,
         }
 
@@ -124,5 +134,7 @@ def load_manifest(dep_root: Path) -> SampleManifest:
         class_counts={k: int(v) for k, v in data.get("class_counts", {}).items()},
         panels=root / data["panels"] if data.get("panels") else None,
         panel_count=int(data.get("panel_count", 0)),
+        # samples written before the key existed are DEFLATE GeoTIFF, the only format then
+        imagery_format=str(data.get("imagery_format", "deflate")),
         generator_version=int(data.get("generator_version", 0)),
     )

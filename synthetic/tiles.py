@@ -28,12 +28,26 @@ _CRS_TAGS: dict[int, str] = {
 }
 
 
-def tile_name(dep: str, x_ul: float, y_ul: float, epsg: int, resolution: float, tile_m: float = 1000.0) -> str:
+#: BD ORTHO's JPEG 2000 deliveries end their names with the product variant, e.g. ``...-LA93-0M20-E080.jp2``.
+JP2_VARIANT = "E080"
+
+
+def tile_name(
+    dep: str,
+    x_ul: float,
+    y_ul: float,
+    epsg: int,
+    resolution: float,
+    tile_m: float = 1000.0,
+    imagery_format: str = "deflate",
+) -> str:
     """BD ORTHO-style file name from the upper-left corner in km, e.g. ``12-2024-0660-6361-LA93-0M20.tif``.
 
     When tiles are not a whole number of kilometres (2,500 px at 20 cm is 500 m), every
     name of the département uses three decimals (``12-2024-0660.500-6360.000-...``) so
-    names stay unique and sort the same way.
+    names stay unique and sort the same way. ``imagery_format`` ``jp2`` gives IGN's
+    JPEG 2000 name (``12-2024-0660-6361-LA93-0M20-E080.jp2``); ``deflate`` and ``jpeg``
+    are GeoTIFFs (``.tif``).
     """
     whole_km = round(tile_m) % 1000 == 0
 
@@ -42,13 +56,14 @@ def tile_name(dep: str, x_ul: float, y_ul: float, epsg: int, resolution: float, 
 
     whole = int(resolution)
     frac = int(round((resolution - whole) * 100))
-    return f"{dep}-{ORTHO_YEAR}-{km(x_ul)}-{km(y_ul)}-{_CRS_TAGS.get(epsg, str(epsg))}-{whole}M{frac:02d}.tif"
+    stem = f"{dep}-{ORTHO_YEAR}-{km(x_ul)}-{km(y_ul)}-{_CRS_TAGS.get(epsg, str(epsg))}-{whole}M{frac:02d}"
+    return f"{stem}-{JP2_VARIANT}.jp2" if imagery_format == "jp2" else f"{stem}.tif"
 
 
-def tile_path(plan: Plan, ortho: Path, ix: int, iy: int) -> Path:
+def tile_path(plan: Plan, ortho: Path, ix: int, iy: int, imagery_format: str = "deflate") -> Path:
     """Where tile (ix, iy) is written."""
     x0, ytop = plan.tile_origin(ix, iy)
-    return ortho / tile_name(plan.departement, x0, ytop, plan.epsg, plan.resolution, plan.tile_m)
+    return ortho / tile_name(plan.departement, x0, ytop, plan.epsg, plan.resolution, plan.tile_m, imagery_format)
 
 
 def _chip_windows(plan: Plan) -> np.ndarray:

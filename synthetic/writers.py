@@ -1,11 +1,12 @@
-"""Writing the sample's files: footprints and panels GeoPackages, ``labels.csv`` and the GeoTIFF tiles.
+"""Writing the sample's files: footprints and panels GeoPackages, ``labels.csv`` and the ortho tiles.
 
 Each file is written under a temporary name and moved into place, so a reader
 never sees half a file. The GeoPackages are written with a fixed
 ``OGR_CURRENT_DATE`` (GDAL would otherwise stamp ``gpkg_contents.last_change``
 with the time of writing), so the same parameters give byte-identical files.
 Tiles are rendered and written one per worker process, same bytes whatever the
-number of workers.
+number of workers, as DEFLATE GeoTIFF (default), JPEG COG or lossy JPEG 2000
+(:func:`_write_tile`): the pixels rendered are the same, only the encoding differs.
 """
 
 from __future__ import annotations
@@ -122,17 +123,30 @@ def write_labels(plan: Plan, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _write_tile(plan: Plan, arr: np.ndarray, path: Path, ix: int, iy: int, threads: str) -> None:
-    """Write one BD ORTHO-like GeoTIFF: RGB uint8, 256x256 tiles, DEFLATE + predictor 2, nodata 0."""
-    import rasterio
+#: JPEG 2000 as BD ORTHO delivers it: lossy (irreversible 9/7 wavelet, YCC), 1024 px codestream tiles.
+#: QUALITY is the JP2OpenJPEG driver's size cap in % of the raw pixels: 20 allows 15 MB per 5,000 × 5,000 px
+#: tile, as BD ORTHO's 10-20 MB (this generator's smoother pixels need less: 8.2 MiB measured). CODEC is set
+#: because the driver picks it from the extension, and the file is written under ``.jp2.tmp`` (without it: a
+#: bare codestream, no georeferencing).
+JP2_OPTIONS: dict[str, str] = {
+    "CODEC": "JP2",
+    "QUALITY": "20",
+    "REVERSIBLE": "NO",
+    "YCC": "YES",
+    "BLOCKXSIZE": "1024",
+    "BLOCKYSIZE": "1024",
+}
+#: JPEG-compressed tiled COG (YCbCr, quality 85, 256 px blocks, overviews), as hosted orthophotos are.
+COG_JPEG_OPTIONS: dict[str, str] = {"COMPRESS": "JPEG", "QUALITY": "85", "BLOCKSIZE": "256"}
+
+
+def _tile_geo(plan: Plan, ix: int, iy: int) -> dict[str, Any]:
+    """The raster profile every format shares: RGB uint8 in the plan's CRS, 20 cm grid, nodata 0."""
     from rasterio.transform import from_origin
-    from rasterio.windows import Window
 
     x0, ytop = plan.tile_origin(ix, iy)
     tp = plan.tile_px
-    tmp = path.with_name(path.name + ".tmp")
-    profile = {
-        "driver": "GTiff",
+    return {
         "width": tp,
         "height": tp,
         "count": 3,
@@ -140,21 +154,68 @@ def _write_tile(plan: Plan, arr: np.ndarray, path: Path, ix: int, iy: int, threa
         "crs": f"EPSG:{plan.epsg}",
         "transform": from_origin(x0, ytop, plan.resolution, plan.resolution),
         "nodata": 0,
-        "tiled": True,
-        "blockxsize": 256,
-        "blockysize": 256,
-        "compress": "deflate",
-        "predictor": 2,
-        "zlevel": 1,  # ~2.5x faster than the default 6 for a ~4 % larger file
         "interleave": "pixel",
         "photometric": "RGB",
-        "num_threads": threads,
     }
-    with rasterio.open(tmp, "w", **profile) as ds:
-        step = 1024
-        for r0 in range(0, tp, step):
-            r1 = min(tp, r0 + step)
-            ds.write(np.ascontiguousarray(np.moveaxis(arr[r0:r1], 2, 0)), window=Window(0, r0, tp, r1 - r0))
+
+
+def _write_rows(ds: Any, arr: np.ndarray) -> None:
+    """Write an (h, w, 3) tile in bands of 1,024 rows (bands-first copies of a slice, not of the tile)."""
+    from rasterio.windows import Window
+
+    tp = arr.shape[1]
+    step = 1024
+    for r0 in range(0, arr.shape[0], step):
+        r1 = min(arr.shape[0], r0 + step)
+        ds.write(np.ascontiguousarray(np.moveaxis(arr[r0:r1], 2, 0)), window=Window(0, r0, tp, r1 - r0))
+
+
+def _write_tile(
+    plan: Plan, arr: np.ndarray, path: Path, ix: int, iy: int, threads: str, imagery_format: str = "deflate"
+) -> None:
+    """Write one tile in ``imagery_format`` (see :data:`synthetic.manifest.IMAGERY_FORMATS`).
+
+    ``deflate``: a BD ORTHO-like GeoTIFF, 256x256 tiles, DEFLATE + predictor 2, nodata 0, written
+    block by block. ``jpeg`` and ``jp2``: GDAL writes those formats only as a copy of a whole
+    raster, so the tile goes through an uncompressed in-memory GeoTIFF first (one more tile in
+    memory, 75 MB at 5,000 px). The JPEG COG declares nodata 0; the JPEG 2000 declares none, like
+    IGN's (the mosaic then takes 0 as nodata). No ``.aux.xml`` sidecar is left behind.
+    """
+    import rasterio
+
+    tmp = path.with_name(path.name + ".tmp")
+    profile = _tile_geo(plan, ix, iy)
+    if imagery_format == "deflate":
+        profile.update(
+            driver="GTiff",
+            tiled=True,
+            blockxsize=256,
+            blockysize=256,
+            compress="deflate",
+            predictor=2,
+            zlevel=1,  # ~2.5x faster than the default 6 for a ~4 % larger file
+            num_threads=threads,
+        )
+        with rasterio.open(tmp, "w", **profile) as ds:
+            _write_rows(ds, arr)
+        os.replace(tmp, path)
+        return
+    if imagery_format == "jpeg":
+        driver, options = "COG", {**COG_JPEG_OPTIONS, "NUM_THREADS": threads}
+    elif imagery_format == "jp2":
+        driver, options = "JP2OpenJPEG", dict(JP2_OPTIONS)
+    else:
+        raise ValueError(f"imagery_format must be one of deflate, jpeg, jp2; got {imagery_format!r}")
+    import rasterio.shutil
+    from rasterio.io import MemoryFile
+
+    profile.update(driver="GTiff", tiled=True, blockxsize=256, blockysize=256)
+    # PAM off: GDAL would otherwise write the georeferencing into a ``.tmp.aux.xml`` that the rename leaves behind
+    with rasterio.Env(GDAL_PAM_ENABLED="NO", GDAL_NUM_THREADS=threads), MemoryFile() as mem:
+        with mem.open(**profile) as ds:
+            _write_rows(ds, arr)
+        with mem.open() as src:
+            rasterio.shutil.copy(src, tmp, driver=driver, **options)
     os.replace(tmp, path)
 
 
@@ -167,22 +228,22 @@ def _worker_init(plan: Plan) -> None:
     _WORKER_PLAN = plan
 
 
-def _worker_tile(job: TileJob, path: Path, threads: str) -> str:
+def _worker_tile(job: TileJob, path: Path, threads: str, imagery_format: str) -> str:
     """Render and write one tile in a worker process."""
     assert _WORKER_PLAN is not None
-    _write_tile(_WORKER_PLAN, render_tile(_WORKER_PLAN, job), path, job.ix, job.iy, threads)
+    _write_tile(_WORKER_PLAN, render_tile(_WORKER_PLAN, job), path, job.ix, job.iy, threads, imagery_format)
     return path.name
 
 
-def write_tiles(plan: Plan, ortho: Path, workers: int, log: Any = None) -> list[str]:
-    """Render and write every kept tile, one tile in memory per worker."""
+def write_tiles(plan: Plan, ortho: Path, workers: int, log: Any = None, imagery_format: str = "deflate") -> list[str]:
+    """Render and write every kept tile in ``imagery_format``, one tile in memory per worker."""
     ortho.mkdir(parents=True, exist_ok=True)
     jobs = tile_jobs(plan)
-    paths = [tile_path(plan, ortho, j.ix, j.iy) for j in jobs]
+    paths = [tile_path(plan, ortho, j.ix, j.iy, imagery_format) for j in jobs]
     t0 = time.perf_counter()
     if workers <= 1 or len(jobs) <= 1:
         for k, (job, path) in enumerate(zip(jobs, paths, strict=True)):
-            _write_tile(plan, render_tile(plan, job), path, job.ix, job.iy, "ALL_CPUS")
+            _write_tile(plan, render_tile(plan, job), path, job.ix, job.iy, "ALL_CPUS", imagery_format)
             if log:
                 log(f"tile {k + 1}/{len(jobs)} {path.name} ({time.perf_counter() - t0:.1f}s)")
     else:
@@ -191,7 +252,9 @@ def write_tiles(plan: Plan, ortho: Path, workers: int, log: Any = None) -> list[
 
         ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context("spawn")
         with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(plan,)) as pool:
-            futs = [pool.submit(_worker_tile, job, path, "1") for job, path in zip(jobs, paths, strict=True)]
+            futs = [
+                pool.submit(_worker_tile, job, path, "1", imagery_format) for job, path in zip(jobs, paths, strict=True)
+            ]
             for k, fut in enumerate(futs):
                 name = fut.result()
                 if log:

@@ -1,0 +1,166 @@
+"""Imagery formats: BD ORTHO's lossy JPEG 2000 and JPEG COGs give the chips of the lossless GeoTIFF.
+
+Issue 17, first piece. One synthetic département (seed 3, 300 buildings, 500 px tiles of 100 m at
+20 cm, 42 tiles) is generated three times, once per ``imagery_format``: ``deflate`` (lossless tiled
+GeoTIFF, the default), ``jpeg`` (JPEG-compressed tiled COG, YCbCr, quality 85) and ``jp2`` (lossy
+JPEG 2000 named like IGN's ``...-LA93-0M20-E080.jp2``). What a user checks: the ground truth
+(footprints, labels, panels, counts) is the same file whatever the format, the tiles really are in
+the format asked for, and the project's own crop (``ops.crop.partition.crop_partition``) gives every
+building the same status and a chip equal to the lossless one within the compression's tolerance.
+
+Tolerance, in grey levels (0-255) over the 64 × 64 × 3 chips, measured on this sample (289 chips):
+
+* JPEG COG, q85: mean absolute difference per chip 1.49 on average, 2.86 at worst; the 99th
+  percentile of |difference| in a chip is 7 (median chip) and 15 at worst. Bounds: per chip mean
+  ≤ 4 and 99th percentile ≤ 20; over all chips, mean ≤ 2.
+* JPEG 2000 (QUALITY 20, irreversible 9/7 wavelet): per chip mean 0.28 on average, 0.40 at worst;
+  99th percentile 1 (median chip), 2 at worst. Bounds: per chip mean ≤ 1 and 99th percentile ≤ 4;
+  over all chips, mean ≤ 0.5.
+
+The crop's 64 px chips are anti-aliased down-samplings of windows of 50-200 px, which averages the
+compression's 8 × 8 (JPEG) or wavelet noise: the differences above are what is left after that.
+Both lossy formats must also differ from the lossless chips (mean over chips ≥ 0.05): a generator
+that silently wrote DEFLATE for every format would fail here, not pass.
+"""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+
+from ops.crop.partition import crop_partition
+from ops.crop.spec import ChipSpec
+from ops.geo.footprints import iter_building_batches, write_buildings_geoparquet
+from ops.imagery.mosaic import build_mosaic, find_tiles
+from ops.shards import list_shards, open_chips, read_index
+from synthetic import SampleManifest, generate_departement, load_manifest
+from synthetic.cli import main as synthetic_cli
+
+pytestmark = pytest.mark.reliability
+
+DEP, N, SEED, TILE_PX = "12", 300, 3, 500
+FORMATS = ("deflate", "jpeg", "jp2")
+#: (per-chip mean |Δ|, per-chip 99th percentile of |Δ|, mean over all chips) that a lossy format may not exceed.
+TOLERANCE = {"jpeg": (4.0, 20.0, 2.0), "jp2": (1.0, 4.0, 0.5)}
+IGN_JP2_NAME = re.compile(r"^12-2024-\d{4}\.\d{3}-\d{4}\.\d{3}-LA93-0M20-E080\.jp2$")
+
+
+@pytest.fixture(scope="module")
+def samples(tmp_path_factory) -> dict[str, SampleManifest]:
+    """The same département in the three formats, each in its own folder."""
+    root = tmp_path_factory.mktemp("formats")
+    return {f: generate_departement(root / f, DEP, N, SEED, tile_px=TILE_PX, imagery_format=f) for f in FORMATS}
+
+
+def _crop(m: SampleManifest, work: Path) -> tuple[dict[str, np.ndarray], dict[str, tuple[str, float]]]:
+    """Chips (by building id) and (status, valid fraction) of every building, cut by the project's crop."""
+    work.mkdir()
+    buildings = work / "buildings.parquet"
+    write_buildings_geoparquet(iter_building_batches(m.footprints, DEP, m.epsg), buildings, m.epsg)
+    info = build_mosaic(find_tiles(m.ortho_dir), work / "mosaic.vrt", name=m.imagery_format)
+    out = work / "chips"
+    list(crop_partition(buildings, info, out, ChipSpec(), buildings_fingerprint="f", workers=1, resume=False))
+    chips, status = {}, {}
+    for shard in list_shards(out):
+        arr = open_chips(out, shard)
+        for r in read_index(out, shard).to_pandas().itertuples():
+            status[r.building_id] = (r.status, r.valid_fraction)
+            if r.row >= 0:
+                chips[r.building_id] = np.asarray(arr[r.row], dtype=np.int16)
+    return chips, status
+
+
+@pytest.mark.slow
+def test_every_format_has_the_same_ground_truth_and_only_the_tiles_differ(samples):
+    ref = samples["deflate"]
+    tifs = sorted(p.name for p in ref.ortho_dir.iterdir())
+    assert len(tifs) == ref.n_tiles > 4 and all(n.endswith(".tif") for n in tifs)
+    for f, m in samples.items():
+        assert m.imagery_format == f and load_manifest(m.root).imagery_format == f
+        for path in ("footprints/batiment.gpkg", "labels.csv", "solar_panels.gpkg"):
+            assert filecmp.cmp(ref.root / path, m.root / path, shallow=False), f"{f}: {path} differs"
+        saved, saved_ref = json.loads((m.root / "manifest.json").read_text()), ref.to_json()
+        assert saved["imagery_format"] == f
+        # the manifest differs in the format and the name of the tile with the hole, nothing else
+        same = {k: v for k, v in saved.items() if k not in ("imagery_format", "nodata_hole")}
+        assert same == {k: v for k, v in saved_ref.items() if k not in ("imagery_format", "nodata_hole")}
+        assert saved["nodata_hole"]["pixels"] == saved_ref["nodata_hole"]["pixels"]
+        assert (m.ortho_dir / saved["nodata_hole"]["tile"]).is_file()
+        names = sorted(p.name for p in m.ortho_dir.iterdir())  # tiles only: no .aux.xml, no .tmp left
+        if f == "jp2":
+            assert names == [n.removesuffix(".tif") + "-E080.jp2" for n in tifs]
+            assert all(IGN_JP2_NAME.match(n) for n in names), names[:3]
+        else:
+            assert names == tifs
+
+    name = tifs[len(tifs) // 2]
+    with rasterio.open(ref.ortho_dir / name) as d:
+        grid, crs = d.transform, d.crs
+        assert d.compression.name.lower() == "deflate"
+    with rasterio.open(samples["jpeg"].ortho_dir / name) as j:
+        tags = j.tags(ns="IMAGE_STRUCTURE")
+        assert (tags["COMPRESSION"], tags["JPEG_QUALITY"], tags["LAYOUT"]) == ("YCbCr JPEG", "85", "COG")
+        assert j.block_shapes[0] == (256, 256) and j.overviews(1) and j.nodata == 0
+        assert (j.transform, j.crs, j.count, j.dtypes[0]) == (grid, crs, 3, "uint8")
+    with rasterio.open(samples["jp2"].ortho_dir / (name.removesuffix(".tif") + "-E080.jp2")) as k:
+        assert k.driver == "JP2OpenJPEG"
+        assert k.tags(ns="IMAGE_STRUCTURE")["COMPRESSION_REVERSIBILITY"] == "LOSSY"
+        assert (k.transform, k.crs, k.count, k.dtypes[0]) == (grid, crs, 3, "uint8")
+        assert k.nodata is None  # as IGN's: the mosaic takes 0 as nodata
+    raw = 3 * TILE_PX * TILE_PX * ref.n_tiles
+    size = {f: sum(p.stat().st_size for p in m.ortho_dir.iterdir()) for f, m in samples.items()}
+    assert size["jp2"] < 0.25 * raw and size["jpeg"] < 0.25 * raw < size["deflate"], size
+
+
+@pytest.mark.slow
+def test_chips_from_jpeg_and_jp2_equal_the_lossless_chips_within_tolerance_same_statuses(samples, tmp_path):
+    ref_chips, ref_status = _crop(samples["deflate"], tmp_path / "deflate")
+    assert len(ref_status) == N
+    kinds = {s for s, _ in ref_status.values()}
+    assert {"ok", "nodata", "no_imagery", "invalid_geometry"} <= kinds  # the hole and the edges are exercised
+    assert len(ref_chips) > 250
+    for f in ("jpeg", "jp2"):
+        chips, status = _crop(samples[f], tmp_path / f)
+        moved = {b: (ref_status[b][0], status.get(b, ("missing",))[0]) for b in ref_status}
+        assert {b: s for b, s in moved.items() if s[0] != s[1]} == {}, f"{f}: statuses differ from deflate's"
+        assert set(chips) == set(ref_chips)
+        # the valid fraction of a chip near nodata moves a little (lossy pixels at a hole's edge), not its status
+        near = [abs(status[b][1] - v) for b, (_, v) in ref_status.items() if v == v]
+        assert max(near) < 0.15, f
+        diff = {b: np.abs(chips[b] - ref_chips[b]) for b in ref_chips}
+        mad = {b: float(d.mean()) for b, d in diff.items()}
+        p99 = {b: float(np.percentile(d, 99)) for b, d in diff.items()}
+        max_mad, max_p99, max_mean = TOLERANCE[f]
+        assert max(mad.values()) <= max_mad, (f, max(mad, key=mad.get), max(mad.values()))
+        assert max(p99.values()) <= max_p99, (f, max(p99, key=p99.get), max(p99.values()))
+        assert 0.05 <= np.mean(list(mad.values())) <= max_mean, (f, np.mean(list(mad.values())))
+
+
+def test_the_format_is_in_the_cli_and_the_manifest_and_a_sample_of_another_is_regenerated(tmp_path, capsys):
+    """A JPEG 2000 sample asked for as DEFLATE is rewritten (its .jp2 removed), not reused; same format: reused."""
+    args = ["--out", str(tmp_path), "--departement", DEP, "--buildings", "40", "--seed", "1", "--tile-px", "256"]
+    assert synthetic_cli([*args, "--format", "jp2", "--quiet"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["imagery_format"] == "jp2"
+    root = tmp_path / DEP
+    jp2 = sorted((root / "ortho").iterdir())
+    assert jp2 and all(p.name.endswith("-E080.jp2") for p in jp2)
+
+    m = generate_departement(tmp_path, DEP, 40, 1, tile_px=256)  # default: deflate
+    assert m.imagery_format == "deflate" == load_manifest(root).imagery_format
+    tifs = sorted((root / "ortho").iterdir())
+    assert [p.name for p in tifs] == [p.name.removesuffix("-E080.jp2") + ".tif" for p in jp2]
+    assert [Path(t).suffix for t in find_tiles(root / "ortho")] == [".tif"] * len(tifs)
+
+    stamp = [p.stat().st_mtime_ns for p in tifs]
+    again = generate_departement(tmp_path, DEP, 40, 1, tile_px=256, imagery_format="deflate")
+    assert again.imagery_format == "deflate" and [p.stat().st_mtime_ns for p in tifs] == stamp
+
+    with pytest.raises(ValueError, match="imagery_format must be one of deflate, jpeg, jp2; got 'png'"):
+        generate_departement(tmp_path, DEP, 40, 1, tile_px=256, imagery_format="png")  # type: ignore[arg-type]
