@@ -31,7 +31,7 @@ from google.api_core.retry import if_transient_error
 from google.cloud import storage
 from pydantic import Field, PrivateAttr
 
-from ops.imagery.remote import FetchError, TransientFetchError
+from ops.imagery.remote import HTTP_TIMEOUT_S, FetchError, TransientFetchError
 from resources.gcp import client_options, credentials_for
 from resources.object_store import ObjectStore
 
@@ -237,8 +237,11 @@ class GcsRangeReader:
     refused permission fails at once, naming the object.
     """
 
-    def __init__(self, api_endpoint: str | None = None) -> None:
+    def __init__(self, api_endpoint: str | None = None, timeout_s: float = HTTP_TIMEOUT_S) -> None:
+        if not timeout_s or timeout_s <= 0:
+            raise ValueError(f"GcsRangeReader: timeout_s must be a positive number of seconds, got {timeout_s}")
         self.api_endpoint = api_endpoint
+        self.timeout_s = timeout_s  # a stalled read is dropped after this long, and retried by the prefetch
         self._local = threading.local()  # one client (one HTTP session) per fetching thread
 
     def _blob(self, path: str) -> storage.Blob:
@@ -262,13 +265,18 @@ class GcsRangeReader:
 
     def size(self, path: str) -> int:
         blob = self._blob(path)
-        self._call(path, lambda: blob.reload(retry=None))
+        self._call(path, lambda: blob.reload(retry=None, timeout=self.timeout_s))
         return int(blob.size or 0)
 
     def read(self, path: str, start: int, stop: int) -> bytes:
         blob = self._blob(path)
         # no client-side retry: the prefetch's own backoff counts and bounds the attempts
-        data = self._call(path, lambda: blob.download_as_bytes(start=start, end=stop - 1, checksum=None, retry=None))
+        data = self._call(
+            path,
+            lambda: blob.download_as_bytes(
+                start=start, end=stop - 1, checksum=None, retry=None, timeout=self.timeout_s
+            ),
+        )
         if len(data) != stop - start:
             raise TransientFetchError(f"{path}: short read, {len(data)} of {stop - start} bytes")
         return data

@@ -48,8 +48,8 @@ class OrthoImagery(ConfigurableResource):
     http_timeout_s: float = Field(
         default=HTTP_TIMEOUT_S,
         gt=0,
-        description="Seconds an http(s) tile server may stay silent before the chips step's range request is "
-        "dropped and retried (a stalled server costs a retry, never a hung step)",
+        description="Seconds a tile server (http(s) or Cloud Storage) may stay silent before the chips step's "
+        "range request is dropped and retried (a stalled server costs a retry, never a hung step)",
     )
 
     def _gs_tiles(self, departement: str) -> list[tuple[str, int, int]]:
@@ -80,7 +80,7 @@ class OrthoImagery(ConfigurableResource):
 
     def range_reader(self) -> RangeReader:
         """Where the chips step's prefetch reads remote tiles' bytes: Cloud Storage, HTTP, or local files."""
-        gcs = GcsRangeReader(self.api_endpoint)
+        gcs = GcsRangeReader(self.api_endpoint, self.http_timeout_s)
         http = HttpRangeReader(self.http_timeout_s)
         return ByPrefixReader({"/vsigs/": gcs, "gs://": gcs, "/vsicurl/": http, "http://": http, "https://": http})
 

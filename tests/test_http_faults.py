@@ -383,3 +383,24 @@ def test_bytes_garbled_in_transit_quarantine_the_block_naming_the_url_not_the_lo
         msg = got[b][1]["message"]
         assert f"{url}/t01.tif" in msg and "block (1, 2)" in msg and "prefetch-" not in msg, msg
     _same_as_local(got, local, but=hit)
+
+
+@pytest.mark.parametrize(("how", "cause"), [("cut", "IncompleteRead"), ("stall", "timed out")])
+def test_a_cloud_storage_read_cut_short_or_stalled_is_retryable_and_names_the_object(tmp_path, how, cause):
+    """A ranged read from Cloud Storage whose body stops halfway, or that stays silent past the reader's timeout,
+    is a transient fault (the prefetch retries it), not a crash."""
+    from ops.imagery.remote import TransientFetchError
+    from resources.gcs import GcsRangeReader, gcs_client
+    from tests.standins.faulty_proxy import faulty_proxy
+    from tests.standins.servers import gcs_emulator
+
+    data = bytes(range(256)) * 2048
+    with gcs_emulator(tmp_path) as url:
+        gcs_client(url).create_bucket("tiles").blob("t00.tif").upload_from_string(data)
+        with faulty_proxy(url, every=2, how=how) as (proxy, faults):
+            reader = GcsRangeReader(proxy, timeout_s=1.0)
+            assert reader.read("/vsigs/tiles/t00.tif", 1000, 301000) == data[1000:301000]  # request 1: whole
+            with pytest.raises(TransientFetchError, match=rf"/vsigs/tiles/t00.tif: .*{cause}"):
+                reader.read("/vsigs/tiles/t00.tif", 1000, 301000)  # request 2: the fault
+            assert reader.read("/vsigs/tiles/t00.tif", 5, 9) == data[5:9]
+    assert faults.injected == 1

@@ -2,8 +2,9 @@
 
 Requests are forwarded as they are (method, path, headers, body) to the
 upstream server; every ``every``-th one gets a Google-style 503
-``backendError`` instead, and is counted, so a test can check that the faults
-happened and were retried.
+``backendError`` instead, or half its body before the connection drops, or
+an answer after 5 s of silence, and is
+counted, so a test can check that the faults happened and were retried.
 """
 
 from __future__ import annotations
@@ -12,16 +13,20 @@ import contextlib
 import http.client
 import json
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
+STALL_S = 5.0
 _HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "host"}
 
 
 class Faults:
-    def __init__(self, every: int) -> None:
-        self.every, self.requests, self.injected = every, 0, 0
+    """Every ``every``-th request fails: a 503 (``how="503"``), a body cut short (``"cut"``) or 5 s of silence (``"stall"``)."""
+
+    def __init__(self, every: int, how: str = "503") -> None:
+        self.every, self.how, self.requests, self.injected = every, how, 0, 0
         self._lock = threading.Lock()
 
     def next_fails(self) -> bool:
@@ -43,7 +48,10 @@ def _handler(upstream: str, faults: Faults) -> type[BaseHTTPRequestHandler]:
 
         def _forward(self) -> None:
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            if faults.next_fails():
+            failing = faults.next_fails()
+            if failing and faults.how == "stall":
+                time.sleep(STALL_S)
+            if failing and faults.how == "503":
                 payload = json.dumps(
                     {"error": {"code": 503, "message": "injected", "errors": [{"reason": "backendError"}]}}
                 ).encode()
@@ -64,7 +72,11 @@ def _handler(upstream: str, faults: Faults) -> type[BaseHTTPRequestHandler]:
                     self.send_header(k, v)
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
-            self.wfile.write(data)
+            if failing and faults.how == "cut":  # half the body, then the connection drops
+                self.wfile.write(data[: len(data) // 2])
+                self.close_connection = True
+            else:
+                self.wfile.write(data)
             con.close()
 
         do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _forward
@@ -73,9 +85,9 @@ def _handler(upstream: str, faults: Faults) -> type[BaseHTTPRequestHandler]:
 
 
 @contextlib.contextmanager
-def faulty_proxy(upstream: str, every: int) -> Iterator[tuple[str, Faults]]:
-    """``(url, faults)`` of a proxy to ``upstream`` failing every ``every``-th request with a 503."""
-    faults = Faults(every)
+def faulty_proxy(upstream: str, every: int, how: str = "503") -> Iterator[tuple[str, Faults]]:
+    """``(url, faults)`` of a proxy to ``upstream`` failing every ``every``-th request (a 503, or a cut body)."""
+    faults = Faults(every, how)
     server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(upstream, faults))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
