@@ -62,7 +62,7 @@ ui: install $(DAGSTER_HOME)/dagster.yaml
 
 # A run killed mid-step (kill -9, OOM) stays STARTED and holds its pool slot: mark it failed, free the slot.
 # (`make ui`'s daemon does it by itself; `make demo` does it at its start.)
-recover: install
+recover: install $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/python -m orchestration.recovery
 
 lint: install
