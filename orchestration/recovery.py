@@ -38,6 +38,8 @@ from dagster._serdes import ConfigurableClassData
 # How much earlier than the run the process may have started and still be its worker: the run's
 # start is stamped by the worker after it started (a run launched in-process: by that process).
 _START_SLACK_S = 1.0
+# Runs that will not release their pool slots themselves any more.
+_ENDED = (DagsterRunStatus.FAILURE, DagsterRunStatus.SUCCESS, DagsterRunStatus.CANCELED)
 
 
 def run_worker_pid(instance: DagsterInstance, run_id: str) -> int | None:
@@ -115,9 +117,6 @@ def recover_dead_runs(instance: DagsterInstance, log=print) -> list[str]:
                 if freed:
                     log(f"run {run.run_id} ({run.status.value}): {freed} pool slot(s) given back")
     return recovered
-
-
-_ENDED = (DagsterRunStatus.FAILURE, DagsterRunStatus.SUCCESS, DagsterRunStatus.CANCELED)
 
 
 def main() -> None:
