@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 
-.PHONY: install install-emulators install-browser demo test ui recover lint sample clean bench-crop bench-infer bench-prefetch bench-pods capacity
+.PHONY: install install-emulators install-browser install-mapserver demo test ui recover lint sample clean bench-crop bench-infer bench-prefetch bench-pods capacity
 
 $(BIN)/python:
 	@command -v $(PY) >/dev/null || { echo "$(PY) not found: install Python 3.11"; exit 1; }
@@ -47,10 +47,16 @@ install-browser:
 	  command -v apt-get >/dev/null || { echo "install chromium and chromedriver (Debian: chromium chromium-driver)"; exit 1; }; \
 	  $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends chromium chromium-driver; }
 
+# The WMS tests serve a synthetic département with Debian's MapServer (the OGC reference server).
+install-mapserver:
+	@command -v mapserv >/dev/null || { \
+	  command -v apt-get >/dev/null || { echo "install MapServer's CGI program mapserv (Debian: cgi-mapserver)"; exit 1; }; \
+	  $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends cgi-mapserver; }
+
 demo: install
 	$(BIN)/python -m orchestration.demo
 
-test: install install-emulators install-browser
+test: install install-emulators install-browser install-mapserver
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -n 2 --dist loadgroup
 
@@ -76,8 +82,9 @@ $(VENV)/.bench-installed: $(STAMP) requirements-bench.lock
 bench-crop: $(VENV)/.bench-installed
 	$(BIN)/python -m bench.crop
 
-bench-prefetch: install
+bench-prefetch: install install-mapserver
 	$(BIN)/python -m bench.prefetch
+	$(BIN)/python -m bench.prefetch --source wms --buildings 2000
 
 bench-infer: install
 	$(BIN)/python -m bench.infer

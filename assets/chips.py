@@ -17,11 +17,12 @@ from assets.partitions import departements_partitions
 from ops.cpus import available_cpus
 from ops.crop.partition import crop_partition
 from ops.crop.prefetch import Prefetcher
+from ops.crop.service_prefetch import ServicePrefetcher
 from ops.crop.spec import CROP_VERSION, ChipSpec, file_digest
 from ops.crop.units import CellResult
 from ops.geo.departements import check_departement
 from ops.imagery.mosaic import MosaicInfo
-from ops.imagery.remote import is_remote
+from ops.imagery.remote import HttpRangeReader, is_remote
 from ops.locks import partition_lock
 from ops.shards import STATUSES, list_shards, shard_paths
 from resources import keys
@@ -43,8 +44,8 @@ class ChipsConfig(Config):
     resume: bool = Field(default=True, description="Reuse cells whose shard was cut from the same inputs")
     prefetch: Literal["auto", "always", "never"] = Field(
         default="auto",
-        description="Fetch each cell's blocks of remote tiles (gs://, http) in parallel before cutting it; "
-        "auto = when the mosaic's tiles are remote",
+        description="Fetch each cell's blocks of remote tiles (gs://, http) or its GetMap blocks (a WMS) in "
+        "parallel before cutting it; auto = when the mosaic's tiles are remote or a WMS",
     )
     prefetch_threads: int = Field(default=16, description="Parallel range requests of the prefetch")
     prefetch_depth: int = Field(default=2, description="Cells fetched ahead of the one being cut")
@@ -92,19 +93,9 @@ def chips(
             )
 
         remote = any(is_remote(t.path) for t in info.tiles)
-        use_prefetch = config.prefetch == "always" or (config.prefetch == "auto" and remote)
-        fetcher = (
-            Prefetcher(
-                info,
-                spec,
-                imagery.range_reader(),
-                Path(config.prefetch_dir) if config.prefetch_dir else None,
-                threads=config.prefetch_threads,
-                log=context.log.debug,
-            )
-            if use_prefetch
-            else contextlib.nullcontext()
-        )
+        wms = imagery.wms(dep)
+        use_prefetch = config.prefetch == "always" or (config.prefetch == "auto" and (remote or wms is not None))
+        fetcher = _prefetcher(config, imagery, info, spec, dep, context) if use_prefetch else contextlib.nullcontext()
         with partition_lock(out, f"partition {dep}: chips"), fetcher as prefetcher:
             for _ in crop_partition(
                 bpath,
@@ -142,6 +133,23 @@ def chips(
         )
 
 
+def _prefetcher(
+    config: ChipsConfig, imagery: OrthoImagery, info: MosaicInfo, spec: ChipSpec, dep: str, context
+) -> Prefetcher | ServicePrefetcher:
+    """GetMap blocks of a WMS layer, or the blocks of remote tiles, fetched ahead of the crop."""
+    wms = imagery.wms(dep)
+    if wms is not None:
+        return ServicePrefetcher(
+            info, spec, wms, HttpRangeReader(imagery.http_timeout_s), Path(imagery.wms_cache_dir),
+            threads=imagery.wms_threads, rate_per_s=imagery.wms_requests_per_s,
+            cache_max_bytes=imagery.wms_cache_mb << 20, log=context.log.info,
+        )  # fmt: skip
+    return Prefetcher(
+        info, spec, imagery.range_reader(), Path(config.prefetch_dir) if config.prefetch_dir else None,
+        threads=config.prefetch_threads, log=context.log.debug,
+    )  # fmt: skip
+
+
 def prefetch_metadata(stats: dict, seconds: float) -> dict:
     """What the prefetch of remote tiles did: volume, requests, retries, and its rate over the step."""
     return {
@@ -153,5 +161,8 @@ def prefetch_metadata(stats: dict, seconds: float) -> dict:
         "prefetch_whole_files": int(stats["whole_files"]),
         # tiles given up after their retries: their buildings have status `error`, the message names the URL
         "prefetch_unavailable_tiles": int(stats.get("unavailable_tiles", 0)),
+        # a WMS layer: blocks found in the local GetMap cache, and blocks given up (their buildings: `error`)
+        "prefetch_cached_blocks": int(stats.get("cached", 0)),
+        "prefetch_unavailable_blocks": int(stats.get("unavailable_blocks", 0)),
         "prefetch_mib_per_s": round(stats["bytes"] / 2**20 / seconds, 1) if seconds else 0.0,
     }

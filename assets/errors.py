@@ -27,6 +27,7 @@ from ops.geo.crs import UnrecognisedCRSError
 from ops.geo.departements import UnknownDepartementError
 from ops.geo.footprints import FootprintError
 from ops.imagery.mosaic import MosaicError
+from ops.imagery.wms import WmsError
 from ops.locks import PartitionBusyError
 from ops.ml.card import ModelMismatchError
 from resources.imagery import MissingInputError
@@ -43,6 +44,7 @@ INPUT_ERRORS = (
     ModelMismatchError,
     ModelNotFoundError,
     PartitionBusyError,
+    WmsError,
 )
 
 TRANSIENT_ERRORS = (

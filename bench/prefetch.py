@@ -14,6 +14,13 @@ each contender in a fresh process:
 
 Prints chips/s of each, prefetch/direct and prefetch/local, the bytes and requests the prefetch
 made against what the chips need, and ends with one JSON line.
+
+``--source wms`` runs the same comparison against a WMS: the département's tiles served by
+Debian's MapServer (``tests/standins/mapserver.py``, ``make install-mapserver``) as one layer,
+``--latency-ms`` before each answer, and the contenders are **direct** (GDAL's WMS driver: one
+GetMap when the crop asks for each block) and **prefetch** (``ops.crop.service_prefetch``: the
+unit's GetMaps in parallel, ``--threads`` in flight, into a local cache). MapServer renders each
+GetMap in a CGI process on this machine's two cores, so its own rendering time is part of both.
 """
 
 from __future__ import annotations
@@ -31,19 +38,30 @@ import pyarrow.parquet as pq
 from bench.crop import DEP, SPEC
 from ops.crop.partition import crop_partition
 from ops.crop.prefetch import Prefetcher
+from ops.crop.service_prefetch import ServicePrefetcher
 from ops.geo.footprints import iter_building_batches, write_buildings_geoparquet
 from ops.imagery.mosaic import MosaicInfo, build_mosaic
 from ops.imagery.remote import HttpRangeReader
+from ops.imagery.wms import WmsLayer, open_layer, write_service_tile
 from synthetic import generate_departement
 
 
 def contender(kind: str, work: Path, parquet: Path, threads: int, depth: int) -> dict:
-    info = MosaicInfo.from_json((work / ("local.json" if kind == "local" else "remote.json")).read_text())
+    name = "local" if kind == "local" else "wms" if kind.startswith("wms") else "remote"
+    info = MosaicInfo.from_json((work / f"{name}.json").read_text())
     out = work / f"out_{kind}"
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
     stats: dict = {}
-    if kind == "prefetch":
+    if kind == "wms-prefetch":
+        wms = WmsLayer(**json.loads((work / "wms_layer.json").read_text()))
+        shutil.rmtree(work / "wms-cache", ignore_errors=True)  # a cold cache: every GetMap is made
+        with ServicePrefetcher(info, SPEC, wms, HttpRangeReader(), work / "wms-cache", threads=threads,
+                               rate_per_s=None) as p:  # fmt: skip
+            results = list(crop_partition(parquet, info, out, SPEC, buildings_fingerprint="b", resume=False,
+                                          prefetch=p, prefetch_depth=depth))  # fmt: skip
+            stats = p.stats.as_dict()
+    elif kind == "prefetch":
         with Prefetcher(info, SPEC, HttpRangeReader(), work, threads=threads) as p:
             results = list(crop_partition(parquet, info, out, SPEC, buildings_fingerprint="b", resume=False,
                                           prefetch=p, prefetch_depth=depth))  # fmt: skip
@@ -70,6 +88,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=16)
     p.add_argument("--depth", type=int, default=2)
     p.add_argument("--out", type=Path, default=Path("bench/out"))
+    p.add_argument("--source", choices=("http", "wms"), default="http", help="tiles over HTTP, or a WMS (MapServer)")
+    p.add_argument("--block-px", type=int, default=512, help="GetMap size of the WMS run")
     p.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -90,6 +110,8 @@ def main(argv: list[str] | None = None) -> None:
     tiles = sorted(m.ortho_dir.glob("*.tif"))
     local = build_mosaic([str(t.resolve()) for t in tiles], work / "local.vrt", name="local")
     (work / "local.json").write_text(local.to_json())
+    if args.source == "wms":
+        return wms_run(args, work, parquet, local)
     with range_server(m.ortho_dir, latency_s=args.latency_ms / 1000) as (url, _):
         remote = build_mosaic([f"/vsicurl/{url}/{t.name}" for t in tiles], work / "remote.vrt", name="remote")
         (work / "remote.json").write_text(remote.to_json())
@@ -108,7 +130,38 @@ def main(argv: list[str] | None = None) -> None:
         "bench": "prefetch", "buildings": args.buildings, "latency_ms": args.latency_ms,
         "local_chips_per_s": round(lo, 1), "direct_chips_per_s": round(di, 1), "prefetch_chips_per_s": round(pf, 1),
         "ratio_vs_direct": round(pf / di, 2), "fraction_of_local": round(pf / lo, 3),
-        "prefetch_mib": round(s["bytes"] / 2**20, 1), "prefetch_requests": s["requests"],
+        "source": "http", "prefetch_mib": round(s["bytes"] / 2**20, 1), "prefetch_requests": s["requests"],
+    }))  # fmt: skip
+
+
+def wms_run(args: argparse.Namespace, work: Path, parquet: Path, local: MosaicInfo) -> None:
+    """The same buildings from MapServer serving the tiles as a WMS: GDAL's direct reads vs the prefetch."""
+    from tests.standins.mapserver import LAYER, wms_server
+
+    with wms_server(work / "local.vrt", local.bounds, latency_s=args.latency_ms / 1000) as (url, control):
+        wms = WmsLayer(url, LAYER, format="image/png", block_px=args.block_px)
+        xml = write_service_tile(wms, open_layer(wms, HttpRangeReader()), work / "service.xml")
+        (work / "wms.json").write_text(build_mosaic([str(xml)], work / "wms.vrt", name="wms").to_json())
+        (work / "wms_layer.json").write_text(json.dumps(wms.__dict__))
+        print(f"{args.buildings:,} buildings from MapServer's WMS, {args.block_px} px PNG GetMaps, "
+              f"{args.latency_ms:g} ms per request")  # fmt: skip
+        res = {}
+        for k in ("local", "wms-prefetch", "wms-direct"):
+            before = control.log()["getmaps"]
+            res[k] = {**run(k, work, parquet, args.threads, args.depth), "getmaps": control.log()["getmaps"] - before}
+    lo, pf, di = (res[k]["chips_per_s"] for k in ("local", "wms-prefetch", "wms-direct"))
+    s = res["wms-prefetch"]
+    print(f"local files                     : {lo:8,.0f} chips/s")
+    print(f"direct GDAL WMS driver          : {di:8,.0f} chips/s ({res['wms-direct']['getmaps']:,} GetMaps)")
+    print(f"prefetch ({args.threads} threads, depth {args.depth})  : {pf:8,.0f} chips/s ({s['getmaps']:,} GetMaps)")
+    print(f"prefetch / direct               : {pf / di:.1f}x")
+    print(f"prefetch / local                : {pf / lo:.3f}")
+    print(json.dumps({
+        "bench": "prefetch", "source": "wms", "buildings": args.buildings, "latency_ms": args.latency_ms,
+        "block_px": args.block_px, "local_chips_per_s": round(lo, 1), "direct_chips_per_s": round(di, 1),
+        "prefetch_chips_per_s": round(pf, 1), "ratio_vs_direct": round(pf / di, 2),
+        "fraction_of_local": round(pf / lo, 3), "direct_getmaps": res["wms-direct"]["getmaps"],
+        "prefetch_getmaps": s["getmaps"], "prefetch_mib": round(s["bytes"] / 2**20, 1),
     }))  # fmt: skip
 
 

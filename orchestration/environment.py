@@ -52,6 +52,29 @@ PROD_ENV = {
     **POD_ENV,
 }
 
+# Either environment: imagery read from an OGC WMS instead of tile files (see README, "Imagery from a WMS").
+WMS_ENV = {
+    "BATIVISION_WMS_URL": "WMS endpoint, e.g. https://data.geopf.fr/wms-r (unset: tile files under the sources)",
+    "BATIVISION_WMS_LAYER": "WMS layer (default ORTHOIMAGERY.ORTHOPHOTOS, IGN's BD ORTHO)",
+    "BATIVISION_WMS_STYLE": "WMS style (default: the layer's own)",
+    "BATIVISION_WMS_FORMAT": "GetMap format, image/jpeg (default) or image/png",
+    "BATIVISION_WMS_REQUESTS_PER_S": "most GetMap requests started per second (default 10)",
+}
+
+
+def wms_settings(cache: Path) -> dict:
+    """``OrthoImagery``'s WMS fields from :data:`WMS_ENV` (none when ``BATIVISION_WMS_URL`` is unset)."""
+    url = os.environ.get("BATIVISION_WMS_URL", "").strip()
+    if not url:
+        return {}
+    fields = {"wms_url": url, "wms_cache_dir": str(cache / "wms")}
+    for var, field in (("LAYER", "wms_layer"), ("STYLE", "wms_style"), ("FORMAT", "wms_format")):
+        if f"BATIVISION_WMS_{var}" in os.environ:
+            fields[field] = os.environ[f"BATIVISION_WMS_{var}"]
+    if os.environ.get("BATIVISION_WMS_REQUESTS_PER_S"):
+        fields["wms_requests_per_s"] = float(os.environ["BATIVISION_WMS_REQUESTS_PER_S"])
+    return fields
+
 
 def data_dir() -> Path:
     return Path(os.environ.get("BATIVISION_DATA_DIR", REPO_ROOT / "data")).resolve()
@@ -67,7 +90,7 @@ def local_resources() -> dict:
     return {
         "warehouse": DuckDBWarehouse(path=str(data / "warehouse.duckdb")),
         "store": LocalObjectStore(root=str(data / "store")),
-        "imagery": OrthoImagery(root=str(sources)),
+        "imagery": OrthoImagery(root=str(sources), **wms_settings(data / "cache")),
         "footprints": FootprintSource(root=str(sources)),
         "models": ModelStore(root=str(data / "store" / "models"), shipped=str(REPO_ROOT / "models")),
         "dbt": DbtCliResource(
@@ -106,7 +129,7 @@ def prod_resources() -> dict:
             staging_dir=str(cache),
         ),
         "store": store(),
-        "imagery": OrthoImagery(root=sources, api_endpoint=gcs_endpoint),
+        "imagery": OrthoImagery(root=sources, api_endpoint=gcs_endpoint, **wms_settings(cache)),
         "footprints": FootprintSource(root=sources, api_endpoint=gcs_endpoint, cache_dir=str(cache / "sources")),
         "models": ModelStore(store=store(), shipped=str(REPO_ROOT / "models")),
         "dbt": DbtCliResource(

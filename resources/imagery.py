@@ -5,6 +5,11 @@ département: ``<root>/<dep>/ortho/*.tif``, ``<root>/<dep>/footprints/<file>``
 (any OGR format) and ``<root>/<dep>/labels.csv``. A missing input is an error
 naming the partition and the path that was looked at.
 
+The imagery may instead be an OGC WMS (``wms_url``, e.g. IGN's Géoplateforme
+``https://data.geopf.fr/wms-r``, layer ``ORTHOIMAGERY.ORTHOPHOTOS``): the mosaic is
+then the service itself (``ops.imagery.wms``), and the chips step fetches its
+GetMap blocks ahead of the crop (``ops.crop.service_prefetch``).
+
 ``root`` may be a bucket, ``gs://<bucket>/<prefix>`` (production). Tiles are
 then read in place by GDAL through ``/vsigs/<bucket>/<key>`` (the mosaic VRT
 points at them; GDAL authenticates with the same application default
@@ -21,8 +26,10 @@ from pathlib import Path
 from dagster import ConfigurableResource
 from pydantic import Field
 
+from ops.geo.departements import native_epsg
 from ops.imagery.mosaic import TILE_SUFFIXES, find_tiles, tiles_digest
 from ops.imagery.remote import HTTP_TIMEOUT_S, ByPrefixReader, HttpRangeReader, RangeReader
+from ops.imagery.wms import GEOPLATEFORME_LAYER, WmsLayer, open_layer, write_service_tile
 from resources.gcs import GcsRangeReader, download_prefix, gcs_client, split_gs_uri
 
 ENDPOINT_HELP = "Cloud Storage API endpoint for gs:// roots; None = Google's. http:// = an emulator (tests)"
@@ -51,6 +58,48 @@ class OrthoImagery(ConfigurableResource):
         description="Seconds a tile server (http(s) or Cloud Storage) may stay silent before the chips step's "
         "range request is dropped and retried (a stalled server costs a retry, never a hung step)",
     )
+
+    wms_url: str | None = Field(
+        default=None,
+        description="An OGC WMS endpoint serving the orthophoto instead of tile files, e.g. "
+        "https://data.geopf.fr/wms-r (IGN Géoplateforme); None = tiles under root",
+    )
+    wms_layer: str = Field(default=GEOPLATEFORME_LAYER, description="The WMS layer (Géoplateforme: BD ORTHO's)")
+    wms_style: str = Field(default="", description="The WMS style ('' = the layer's default)")
+    wms_format: str = Field(
+        default="image/jpeg", description="GetMap format: image/jpeg (smaller, lossy) or image/png (lossless)"
+    )
+    wms_resolution_m: float = Field(default=0.2, gt=0, description="Metres per pixel asked of the WMS (BD ORTHO: 0.2)")
+    wms_block_px: int = Field(
+        default=1024, ge=16, le=8192, description="Width and height of each GetMap: the crop's block of the layer"
+    )
+    wms_max_getmap_px: int = Field(
+        default=2048, ge=16, description="Largest GetMap side allowed (the service's MaxWidth caps it too)"
+    )
+    wms_requests_per_s: float = Field(
+        default=10.0, gt=0, description="Most GetMap requests started per second (the service's fair use)"
+    )
+    wms_threads: int = Field(default=8, ge=1, description="GetMap requests in flight at once")
+    wms_cache_dir: str = Field(
+        default=str(Path(tempfile.gettempdir()) / "bativision-wms"), description="Local cache of GetMap answers"
+    )
+    wms_cache_mb: int = Field(default=2048, ge=16, description="Bound of the GetMap cache on local disk (MiB)")
+
+    def wms(self, departement: str) -> WmsLayer | None:
+        """The WMS layer in the département's CRS, or None when the imagery is tile files."""
+        if not self.wms_url:
+            return None
+        return WmsLayer(
+            self.wms_url, self.wms_layer, self.wms_style, self.wms_format, native_epsg(departement),
+            self.wms_resolution_m, self.wms_block_px,
+        )  # fmt: skip
+
+    def service_tile(self, departement: str, path: Path) -> str:
+        """Check the WMS layer (at once: the error names the URL and layer) and write its GDAL description at ``path``."""
+        wms = self.wms(departement)
+        assert wms is not None
+        grid = open_layer(wms, HttpRangeReader(self.http_timeout_s), self.wms_max_getmap_px)
+        return str(write_service_tile(wms, grid, path, self.http_timeout_s))
 
     def _gs_tiles(self, departement: str) -> list[tuple[str, int, int]]:
         """(GDAL path, size, generation) of the tiles under a gs:// root, sorted by name."""
@@ -85,7 +134,13 @@ class OrthoImagery(ConfigurableResource):
         return ByPrefixReader({"/vsigs/": gcs, "gs://": gcs, "/vsicurl/": http, "http://": http, "https://": http})
 
     def fingerprint(self, departement: str) -> str | None:
-        """Changes when the département's tiles do (None: it has no imagery). Used by the sensor."""
+        """Changes when the département's tiles do (None: it has no imagery). Used by the sensor.
+
+        A WMS has no files to watch: its fingerprint is its configuration (the monthly run refetches it).
+        """
+        wms = self.wms(departement)
+        if wms is not None:
+            return hashlib.sha256(repr(wms).encode()).hexdigest()[:16]
         if is_gs(self.root):
             found = self._gs_tiles(departement)
             if not found:

@@ -29,6 +29,11 @@ def mosaic_vrt(dep: str) -> str:
     return f"{MOSAIC_ROOT}/{dep}/mosaic.vrt"
 
 
+def mosaic_service(dep: str) -> str:
+    """The GDAL WMS description of the partition's imagery when it is a WMS layer (the mosaic's one tile)."""
+    return f"{MOSAIC_ROOT}/{dep}/service.xml"
+
+
 def mosaic_info(dep: str) -> str:
     """What the crop needs of the mosaic and the VRT does not say (``ops.imagery.mosaic.MosaicInfo`` as JSON)."""
     return f"{MOSAIC_ROOT}/{dep}/mosaic.json"

@@ -76,6 +76,8 @@ class PrefetchStats:
     seconds: float = 0.0  # summed over units (they overlap the crop)
     whole_files: int = 0
     unavailable_tiles: int = 0  # given up after every retry: their buildings are quarantined (status error)
+    cached: int = 0  # blocks a WMS prefetch found in its local cache (ops.crop.service_prefetch)
+    unavailable_blocks: int = 0  # GetMap blocks given up after every retry (their buildings: status error)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, **kw: float) -> None:

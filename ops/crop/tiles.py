@@ -9,6 +9,7 @@ import numpy as np
 from ops.crop.units import CellTask, part_number
 from ops.imagery.blocks import BlockReader
 from ops.imagery.mosaic import MosaicInfo
+from ops.imagery.wms import CachedBlockReader, is_cache_folder
 
 
 class TileSet:
@@ -36,14 +37,15 @@ class TileSet:
         self.decoded: list[tuple[int, int, int]] | None = None  # set to a list to record every block decoded
         self.decodes = 0  # blocks decoded so far
         self.last: tuple[str, int] | None = None  # (cell, part) cut last: its blocks are kept for the next part
-        self._readers: dict[int, BlockReader] = {}
+        self._readers: dict[int, BlockReader | CachedBlockReader] = {}
         self._cache: dict[tuple[int, int, int], np.ndarray] = {}
         self._bottoms: list[tuple[int, tuple[int, int, int]]] = []  # heap of (last row + 1, block key)
 
     def _reader(self, i: int) -> BlockReader:
         r = self._readers.get(i)
         if r is None:
-            r = self._readers[i] = BlockReader(self.paths[i])
+            path = self.paths[i]  # a prefetched WMS layer is read from its GetMap cache
+            r = self._readers[i] = CachedBlockReader(path) if is_cache_folder(path) else BlockReader(path)
         return r
 
     def use_paths(self, overrides: dict[int, str] | None) -> None:

@@ -138,6 +138,21 @@ class HttpRangeReader:
             raise FetchError(f"{self.url(path)}: the server gives no Content-Length")
         return int(n)
 
+    def get(self, url: str) -> bytes:
+        """The whole body of ``url`` (a WMS request): transient failures raise :class:`TransientFetchError`.
+
+        A body cut short (fewer bytes than the Content-Length) is transient too.
+        """
+        with self._open(urllib.request.Request(url)) as r:
+            try:
+                data = r.read()
+            except (http.client.HTTPException, OSError) as exc:  # reset or timed out mid-body
+                raise TransientFetchError(f"{url}: {exc}") from exc
+            expected = r.headers.get("Content-Length")
+        if expected is not None and len(data) != int(expected):
+            raise TransientFetchError(f"{url}: short read, {len(data)} of {expected} bytes")
+        return data
+
     def read(self, path: str, start: int, stop: int) -> bytes:
         req = urllib.request.Request(self.url(path), headers={"Range": f"bytes={start}-{stop - 1}"})
         with self._open(req) as r:
