@@ -47,11 +47,11 @@ install-browser:
 	  command -v apt-get >/dev/null || { echo "install chromium and chromedriver (Debian: chromium chromium-driver)"; exit 1; }; \
 	  $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends chromium chromium-driver; }
 
-# The WMS tests serve a synthetic département with Debian's MapServer (the OGC reference server).
+# The WMS/WMTS tests serve a synthetic département with Debian's MapServer and MapCache (OGC reference servers).
 install-mapserver:
-	@command -v mapserv >/dev/null || { \
-	  command -v apt-get >/dev/null || { echo "install MapServer's CGI program mapserv (Debian: cgi-mapserver)"; exit 1; }; \
-	  $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends cgi-mapserver; }
+	@command -v mapserv >/dev/null && test -x /usr/lib/cgi-bin/mapcache || { \
+	  command -v apt-get >/dev/null || { echo "install MapServer and MapCache's CGI programs (Debian: cgi-mapserver mapcache-cgi)"; exit 1; }; \
+	  $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends cgi-mapserver mapcache-cgi; }
 
 demo: install
 	$(BIN)/python -m orchestration.demo

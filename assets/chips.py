@@ -93,8 +93,8 @@ def chips(
             )
 
         remote = any(is_remote(t.path) for t in info.tiles)
-        wms = imagery.wms(dep)
-        use_prefetch = config.prefetch == "always" or (config.prefetch == "auto" and (remote or wms is not None))
+        service = imagery.wms_url is not None
+        use_prefetch = config.prefetch == "always" or (config.prefetch == "auto" and (remote or service))
         fetcher = _prefetcher(config, imagery, info, spec, dep, context) if use_prefetch else contextlib.nullcontext()
         with partition_lock(out, f"partition {dep}: chips"), fetcher as prefetcher:
             for _ in crop_partition(
@@ -136,8 +136,8 @@ def chips(
 def _prefetcher(
     config: ChipsConfig, imagery: OrthoImagery, info: MosaicInfo, spec: ChipSpec, dep: str, context
 ) -> Prefetcher | ServicePrefetcher:
-    """GetMap blocks of a WMS layer, or the blocks of remote tiles, fetched ahead of the crop."""
-    wms = imagery.wms(dep)
+    """The images of a WMS/WMTS layer, or the blocks of remote tiles, fetched ahead of the crop."""
+    wms = imagery.service(dep)
     if wms is not None:
         return ServicePrefetcher(
             info, spec, wms, HttpRangeReader(imagery.http_timeout_s), Path(imagery.wms_cache_dir),

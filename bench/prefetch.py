@@ -42,7 +42,7 @@ from ops.crop.service_prefetch import ServicePrefetcher
 from ops.geo.footprints import iter_building_batches, write_buildings_geoparquet
 from ops.imagery.mosaic import MosaicInfo, build_mosaic
 from ops.imagery.remote import HttpRangeReader
-from ops.imagery.wms import WmsLayer, open_layer, write_service_tile
+from ops.imagery.wms import WmsLayer, gdal_wms_xml, open_layer, write_service_tile
 from synthetic import generate_departement
 
 
@@ -140,7 +140,7 @@ def wms_run(args: argparse.Namespace, work: Path, parquet: Path, local: MosaicIn
 
     with wms_server(work / "local.vrt", local.bounds, latency_s=args.latency_ms / 1000) as (url, control):
         wms = WmsLayer(url, LAYER, format="image/png", block_px=args.block_px)
-        xml = write_service_tile(wms, open_layer(wms, HttpRangeReader()), work / "service.xml")
+        xml = write_service_tile(gdal_wms_xml(wms, open_layer(wms, HttpRangeReader())), work / "service.xml")
         (work / "wms.json").write_text(build_mosaic([str(xml)], work / "wms.vrt", name="wms").to_json())
         (work / "wms_layer.json").write_text(json.dumps(wms.__dict__))
         print(f"{args.buildings:,} buildings from MapServer's WMS, {args.block_px} px PNG GetMaps, "

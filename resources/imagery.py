@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import tempfile
 from pathlib import Path
+from typing import Literal
 
 from dagster import ConfigurableResource
 from pydantic import Field
@@ -29,7 +30,8 @@ from pydantic import Field
 from ops.geo.departements import native_epsg
 from ops.imagery.mosaic import TILE_SUFFIXES, find_tiles, tiles_digest
 from ops.imagery.remote import HTTP_TIMEOUT_S, ByPrefixReader, HttpRangeReader, RangeReader
-from ops.imagery.wms import GEOPLATEFORME_LAYER, WmsLayer, open_layer, write_service_tile
+from ops.imagery.wms import GEOPLATEFORME_LAYER, LayerGrid, WmsLayer, gdal_wms_xml, open_layer, write_service_tile
+from ops.imagery.wmts import WmtsLayer, gdal_wmts_xml, open_wmts_layer
 from resources.gcs import GcsRangeReader, download_prefix, gcs_client, split_gs_uri
 
 ENDPOINT_HELP = "Cloud Storage API endpoint for gs:// roots; None = Google's. http:// = an emulator (tests)"
@@ -61,45 +63,65 @@ class OrthoImagery(ConfigurableResource):
 
     wms_url: str | None = Field(
         default=None,
-        description="An OGC WMS endpoint serving the orthophoto instead of tile files, e.g. "
-        "https://data.geopf.fr/wms-r (IGN Géoplateforme); None = tiles under root",
+        description="An OGC WMS (or WMTS, see wms_protocol) endpoint serving the orthophoto instead of tile files, "
+        "e.g. https://data.geopf.fr/wms-r (IGN Géoplateforme); None = tiles under root",
     )
-    wms_layer: str = Field(default=GEOPLATEFORME_LAYER, description="The WMS layer (Géoplateforme: BD ORTHO's)")
-    wms_style: str = Field(default="", description="The WMS style ('' = the layer's default)")
+    wms_protocol: Literal["WMS", "WMTS"] = Field(default="WMS", description="WMS (GetMap) or WMTS (GetTile, KVP)")
+    wms_layer: str = Field(default=GEOPLATEFORME_LAYER, description="The layer (Géoplateforme: BD ORTHO's)")
+    wms_style: str = Field(default="", description="The style ('' = the layer's default; a WMTS names one)")
     wms_format: str = Field(
-        default="image/jpeg", description="GetMap format: image/jpeg (smaller, lossy) or image/png (lossless)"
+        default="image/jpeg", description="Image format asked: image/jpeg (smaller, lossy) or image/png (lossless)"
     )
-    wms_resolution_m: float = Field(default=0.2, gt=0, description="Metres per pixel asked of the WMS (BD ORTHO: 0.2)")
+    wms_resolution_m: float = Field(default=0.2, gt=0, description="Metres per pixel asked (BD ORTHO: 0.2)")
     wms_block_px: int = Field(
-        default=1024, ge=16, le=8192, description="Width and height of each GetMap: the crop's block of the layer"
+        default=1024, ge=16, le=8192, description="WMS: width and height of each GetMap, the crop's block of the layer"
     )
     wms_max_getmap_px: int = Field(
-        default=2048, ge=16, description="Largest GetMap side allowed (the service's MaxWidth caps it too)"
+        default=2048, ge=16, description="WMS: largest GetMap side allowed (the service's MaxWidth caps it too)"
+    )
+    wmts_tile_matrix_set: str = Field(
+        default="", description="WMTS: the tile matrix set, in the département's CRS (e.g. a Lambert-93 set)"
     )
     wms_requests_per_s: float = Field(
-        default=10.0, gt=0, description="Most GetMap requests started per second (the service's fair use)"
+        default=10.0, gt=0, description="Most GetMap/GetTile requests started per second (the service's fair use)"
     )
-    wms_threads: int = Field(default=8, ge=1, description="GetMap requests in flight at once")
+    wms_threads: int = Field(default=8, ge=1, description="Requests to the service in flight at once")
     wms_cache_dir: str = Field(
-        default=str(Path(tempfile.gettempdir()) / "bativision-wms"), description="Local cache of GetMap answers"
+        default=str(Path(tempfile.gettempdir()) / "bativision-wms"), description="Local cache of the service's images"
     )
-    wms_cache_mb: int = Field(default=2048, ge=16, description="Bound of the GetMap cache on local disk (MiB)")
+    wms_cache_mb: int = Field(default=2048, ge=16, description="Bound of that cache on local disk (MiB)")
 
-    def wms(self, departement: str) -> WmsLayer | None:
-        """The WMS layer in the département's CRS, or None when the imagery is tile files."""
+    def service(self, departement: str) -> WmsLayer | WmtsLayer | None:
+        """The layer in the département's CRS (a WMTS: its tile matrix read from the capabilities), or None (tiles).
+
+        A wrong layer, set or resolution raises :class:`ops.imagery.wms.WmsError` naming the URL and the layer.
+        """
         if not self.wms_url:
             return None
+        if self.wms_protocol == "WMTS":
+            return self._wmts(departement)[0]
         return WmsLayer(
             self.wms_url, self.wms_layer, self.wms_style, self.wms_format, native_epsg(departement),
             self.wms_resolution_m, self.wms_block_px,
         )  # fmt: skip
 
+    def _wmts(self, departement: str) -> tuple[WmtsLayer, LayerGrid]:
+        assert self.wms_url
+        wmts = WmtsLayer(
+            self.wms_url, self.wms_layer, self.wms_style, self.wms_format, self.wmts_tile_matrix_set,
+            native_epsg(departement), self.wms_resolution_m,
+        )  # fmt: skip
+        return open_wmts_layer(wmts, HttpRangeReader(self.http_timeout_s))
+
     def service_tile(self, departement: str, path: Path) -> str:
-        """Check the WMS layer (at once: the error names the URL and layer) and write its GDAL description at ``path``."""
-        wms = self.wms(departement)
-        assert wms is not None
+        """Check the layer (at once: the error names the URL and layer) and write its GDAL description at ``path``."""
+        if self.wms_protocol == "WMTS":
+            wmts, grid = self._wmts(departement)
+            return str(write_service_tile(gdal_wmts_xml(wmts, grid, self.http_timeout_s), path))
+        wms = self.service(departement)
+        assert isinstance(wms, WmsLayer)
         grid = open_layer(wms, HttpRangeReader(self.http_timeout_s), self.wms_max_getmap_px)
-        return str(write_service_tile(wms, grid, path, self.http_timeout_s))
+        return str(write_service_tile(gdal_wms_xml(wms, grid, self.http_timeout_s), path))
 
     def _gs_tiles(self, departement: str) -> list[tuple[str, int, int]]:
         """(GDAL path, size, generation) of the tiles under a gs:// root, sorted by name."""
@@ -138,9 +160,10 @@ class OrthoImagery(ConfigurableResource):
 
         A WMS has no files to watch: its fingerprint is its configuration (the monthly run refetches it).
         """
-        wms = self.wms(departement)
-        if wms is not None:
-            return hashlib.sha256(repr(wms).encode()).hexdigest()[:16]
+        if self.wms_url:
+            key = (self.wms_url, self.wms_protocol, self.wms_layer, self.wms_style, self.wms_format,
+                   self.wms_resolution_m, self.wms_block_px, self.wmts_tile_matrix_set)  # fmt: skip
+            return hashlib.sha256(repr(key).encode()).hexdigest()[:16]
         if is_gs(self.root):
             found = self._gs_tiles(departement)
             if not found:

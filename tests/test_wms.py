@@ -33,7 +33,7 @@ from ops.crop.units import cell_tasks
 from ops.geo.footprints import iter_building_batches, write_buildings_geoparquet
 from ops.imagery.mosaic import build_mosaic, find_tiles
 from ops.imagery.remote import HttpRangeReader, RetryPolicy
-from ops.imagery.wms import WmsError, WmsLayer, cache_bytes, open_layer, write_service_tile
+from ops.imagery.wms import WmsError, WmsLayer, cache_bytes, gdal_wms_xml, open_layer, write_service_tile
 from ops.shards import list_shards, open_chips, read_index
 from resources.imagery import OrthoImagery
 from tests.standins.mapserver import LAYER, wms_server
@@ -68,7 +68,7 @@ def _chips(folder: Path) -> dict[str, tuple[str, np.ndarray | None]]:
 
 def _service_mosaic(url: str, work: Path, fmt: str = "image/png", layer: str = LAYER):
     wms = WmsLayer(url, layer, format=fmt, block_px=BLOCK)
-    xml = write_service_tile(wms, open_layer(wms, HttpRangeReader()), work / "service.xml")
+    xml = write_service_tile(gdal_wms_xml(wms, open_layer(wms, HttpRangeReader())), work / "service.xml")
     return wms, build_mosaic([str(xml)], work / "service.vrt", name="wms")
 
 
@@ -217,3 +217,54 @@ def test_the_pipeline_runs_from_the_wms(served, small_dep, tmp_path, monkeypatch
     for bid, (_, chip) in local.items():
         if chip is not None:
             np.testing.assert_array_equal(got[bid][1], chip, err_msg=bid)
+
+
+def test_the_chips_step_runs_from_a_wmts_and_cuts_the_local_chips(served, small_dep, tmp_path, monkeypatch):
+    """MapCache's WMTS (tile matrix set LA93, 256 px tiles) in front of the same map: the GetTiles are prefetched.
+
+    The tile matrix reaches a little past the tiles (whole 256 px tiles): a service cannot tell "no imagery"
+    from its background colour, so a building there that the local tiles call `no_imagery` may be `nodata`.
+    """
+    from orchestration.definitions import all_assets
+    from orchestration.environment import local_resources
+
+    local, control = served[2], served[4]
+    monkeypatch.setenv("BATIVISION_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("BATIVISION_SOURCE_DIR", str(small_dep.root.parent))
+    resources = local_resources()
+    resources["imagery"] = OrthoImagery(
+        root=str(small_dep.root.parent), wms_url=control.wmts_url, wms_protocol="WMTS", wms_layer=LAYER,
+        wms_style="default", wms_format="image/png", wmts_tile_matrix_set="LA93",
+        wms_cache_dir=str(tmp_path / "wms-cache"),
+    )  # fmt: skip
+    dep = small_dep.departement
+    before = control.log()["getmaps"]
+    result = materialize(all_assets, selection=["buildings", "ortho_mosaic", "chips"], partition_key=dep,
+                         resources=resources, instance=DagsterInstance.ephemeral())  # fmt: skip
+    assert result.success and all(c.passed for c in result.get_asset_check_evaluations())
+    gettiles = [q for _, q in control.log()["log"][before:] if "GetTile" in q]
+    md = result.asset_materializations_for_node("chips")[0].metadata
+    assert md["prefetch"].value == "on" and md["prefetch_requests"].value == len(gettiles) > 0
+    assert all("TILEMATRIXSET=LA93" in q for q in gettiles)
+    got = _chips(tmp_path / "store" / "chips" / dep)
+    assert got.keys() == local.keys()
+    for bid, (status, chip) in local.items():
+        assert got[bid][0] == status or (status, got[bid][0]) == ("no_imagery", "nodata"), bid
+        if chip is not None:
+            np.testing.assert_array_equal(got[bid][1], chip, err_msg=bid)
+    assert sum(s == "ok" for s, _ in got.values()) == sum(s == "ok" for s, _ in local.values())
+
+
+def test_a_wmts_layer_or_tile_matrix_set_that_does_not_exist_fails_at_once_naming_them(served, tmp_path):
+    url = served[4].wmts_url
+
+    def tile(**kw) -> None:
+        args = {"wms_url": url, "wms_protocol": "WMTS", "wms_layer": LAYER, "wmts_tile_matrix_set": "LA93", **kw}
+        OrthoImagery(**args).service_tile("12", tmp_path / "s.xml")
+
+    with pytest.raises(WmsError, match=rf"{url}: no layer 'NOPE' in the WMTS capabilities \(layers: {LAYER}\)"):
+        tile(wms_layer="NOPE")
+    with pytest.raises(WmsError, match=rf"{url}: layer '{LAYER}' has no tile matrix set 'PM' \(sets: LA93\)"):
+        tile(wmts_tile_matrix_set="PM")
+    with pytest.raises(WmsError, match=r"'LA93' has no matrix at 0.5 m \(0: 0.2 m\)"):
+        tile(wms_resolution_m=0.5)

@@ -40,6 +40,7 @@ from ops.crop.units import CellTask
 from ops.imagery.mosaic import MosaicInfo
 from ops.imagery.remote import DEFAULT_RETRY, FetchError, GaveUpError, HttpRangeReader, RetryPolicy
 from ops.imagery.wms import BlockCache, CacheGrid, LayerGrid, RequestRate, WmsError, WmsLayer, cache_folder
+from ops.imagery.wmts import WmtsLayer
 
 Key = tuple[int, int]
 
@@ -59,7 +60,7 @@ class ServicePrefetcher:
         self,
         info: MosaicInfo,
         spec: ChipSpec,
-        wms: WmsLayer,
+        wms: WmsLayer | WmtsLayer,
         http: HttpRangeReader,
         cache_root: Path,
         *,
@@ -128,7 +129,7 @@ class ServicePrefetcher:
 
     def _fetch(self, key: Key) -> str | None:
         """Fetch block ``key`` into the cache; the error message if it was given up."""
-        url = self.wms.getmap_url(self.grid.block_bbox(*key), self.grid.block_px, self.grid.block_px)
+        url = self.wms.block_url(self.grid, *key)
         try:
             data = self.retry.call(url, lambda: self._get(url), on_retry=lambda: self.stats.add(retries=1))
         except GaveUpError as exc:

@@ -241,8 +241,11 @@ def build_mosaic(tiles: list[str], vrt_path: Path, *, name: str, target_epsg: in
                 )
             )
     assert ref is not None
-    res = float(ref["res"][0])
-    resy = float(ref["res"][1])
+    # to the nanometre: a raster whose geotransform is computed (a WMTS description: 1228.8 m / 6144 px) comes out
+    # as 0.19999999999999998, and chip windows on exact half-pixel ties would then snap one pixel away from the same
+    # windows on tiles at 0.2 (real tiles' 0.19999999999963 is 0.2 too, for any chip)
+    res = round(float(ref["res"][0]), 9)
+    resy = round(float(ref["res"][1]), 9)
     b = np.array([i.bounds for i in infos])
     minx, miny, maxx, maxy = b[:, 0].min(), b[:, 1].min(), b[:, 2].max(), b[:, 3].max()
     width = int(round((maxx - minx) / res))

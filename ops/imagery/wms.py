@@ -91,6 +91,10 @@ class WmsLayer:
         }  # fmt: skip
         return f"{self.url}{'&' if '?' in self.url else '?'}{urlencode(params)}"
 
+    def block_url(self, grid: LayerGrid, br: int, bc: int) -> str:
+        """The request of block (``br``, ``bc``) of ``grid``: what the prefetch fetches (WMTS has the same method)."""
+        return self.getmap_url(grid.block_bbox(br, bc), grid.block_px, grid.block_px)
+
     def capabilities_url(self) -> str:
         q = urlencode({"SERVICE": "WMS", "VERSION": self.version, "REQUEST": "GetCapabilities"})
         return f"{self.url}{'&' if '?' in self.url else '?'}{q}"
@@ -221,9 +225,8 @@ def gdal_wms_xml(wms: WmsLayer, grid: LayerGrid, timeout_s: float = 60.0) -> str
 """
 
 
-def write_service_tile(wms: WmsLayer, grid: LayerGrid, path: Path, timeout_s: float = 60.0) -> Path:
-    """Write the layer's GDAL WMS description at ``path`` (rewritten only when it changes: its date is the imagery's id)."""
-    xml = gdal_wms_xml(wms, grid, timeout_s)
+def write_service_tile(xml: str, path: Path) -> Path:
+    """Write a service's GDAL description at ``path``, only when it changes (its date is the imagery's id)."""
     if not (path.exists() and path.read_text() == xml):
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")

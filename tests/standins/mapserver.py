@@ -1,6 +1,6 @@
 """MapServer (Debian's ``mapserv``, the OGC reference WMS) serving a folder of orthophoto tiles on 127.0.0.1.
 
-Stands in for IGN's Géoplateforme WMS in the tests and in ``make bench-prefetch``:
+Stands in for IGN's Géoplateforme WMS (and WMTS) in the tests and in ``make bench-prefetch``:
 one layer (``ORTHO`` by default) in EPSG:2154 over a VRT of the tiles, PNG
 (lossless) and JPEG output, GetMap up to ``max_size`` px a side. ``mapserv`` is
 a CGI program: a small threaded HTTP front end runs it once per request, as
@@ -11,8 +11,12 @@ those through ``PUT /__behaviour`` and reads the GetMap log at ``/__log``.
 It runs in its own process: GDAL keeps Python's GIL while it reads from the
 WMS, so a server thread in the test's process would never answer.
 
+``/wmts`` is MapCache (Debian's ``mapcache-cgi``) in front of that WMS: a
+WMTS (KVP) with one tile matrix set, ``LA93`` (EPSG:2154, 0.2 m, 256 px tiles
+from the map's top-left corner).
+
 A missing ``mapserv`` is an error, not a skip: ``make install-mapserver``
-installs Debian's ``cgi-mapserver``.
+installs Debian's ``cgi-mapserver`` and ``mapcache-cgi``.
 """
 
 from __future__ import annotations
@@ -74,6 +78,36 @@ END
 """
 
 
+def mapcache_config(bounds: tuple[float, float, float, float], wms_url: str, layer: str, work: Path) -> str:
+    """MapCache as a WMTS in front of the map: tile matrix set ``LA93`` (EPSG:2154, 0.2 m, 256 px tiles)."""
+    minx, miny, maxx, maxy = bounds
+    return f"""<?xml version="1.0" encoding="UTF-8"?>
+<mapcache>
+  <grid name="LA93">
+    <srs>EPSG:2154</srs>
+    <units>m</units>
+    <extent>{minx} {miny} {maxx} {maxy}</extent>
+    <resolutions>0.2</resolutions>
+    <size>256 256</size>
+    <origin>top-left</origin>
+  </grid>
+  <source name="map" type="wms">
+    <getmap><params><FORMAT>image/png</FORMAT><LAYERS>{layer}</LAYERS></params></getmap>
+    <http><url>{wms_url}?</url></http>
+  </source>
+  <cache name="disk" type="disk"><base>{work / "mapcache"}</base></cache>
+  <format name="PNGFAST" type="PNG"><compression>fast</compression></format>
+  <tileset name="{layer}">
+    <source>map</source><cache>disk</cache><grid>LA93</grid><format>PNGFAST</format>
+    <metatile>1 1</metatile><metabuffer>0</metabuffer>
+  </tileset>
+  <service type="wmts" enabled="true"/>
+  <service type="wms" enabled="false"/>
+  <log_level>warn</log_level>
+</mapcache>
+"""
+
+
 class Behaviour:
     """What the front end does besides running mapserv; shared by its threads."""
 
@@ -87,7 +121,7 @@ class Behaviour:
 
     def next_fails(self, query: str) -> bool:
         with self.lock:
-            if "getmap" not in query.lower():
+            if "getmap" not in query.lower() and "gettile" not in query.lower():
                 return False
             self.getmaps += 1
             self.log.append((time.time(), query))
@@ -127,8 +161,10 @@ def _handler(env: dict[str, str], how: Behaviour) -> type[BaseHTTPRequestHandler
                 time.sleep(how.latency_s)
             if how.next_fails(parts.query):
                 return self._send(503, b"injected failure", "text/plain")
+            cgi = ["mapserv"] if parts.path != "/wmts" else ["/usr/lib/cgi-bin/mapcache"]
             run = subprocess.run(
-                ["mapserv"], env={**env, "QUERY_STRING": parts.query, "REQUEST_METHOD": "GET"},
+                cgi, env={**env, "QUERY_STRING": parts.query, "REQUEST_METHOD": "GET", "PATH_INFO": parts.path,
+                          "SCRIPT_NAME": "", "HTTP_HOST": self.headers.get("Host", "127.0.0.1")},
                 capture_output=True, check=False,
             )  # fmt: skip
             head, _, body = run.stdout.partition(b"\r\n\r\n")
@@ -146,6 +182,7 @@ class Control:
 
     def __init__(self, url: str) -> None:
         self.url = url
+        self.wmts_url = f"{url}/wmts"  # MapCache's WMTS (KVP) over the same map, tile matrix set LA93
 
     def set(self, **behaviour: float) -> None:
         """latency_s=seconds, fail_every=k (every k-th GetMap answers 503; 0: none)."""
@@ -164,13 +201,14 @@ def wms_server(
 ) -> Iterator[tuple[str, Control]]:
     """Serve the mosaic ``vrt`` (EPSG:2154) as a WMS at ``http://127.0.0.1:<port>/wms``; yields (URL, control)."""
     if shutil.which("mapserv") is None:
-        raise RuntimeError("mapserv not found: run `make install-mapserver` (Debian's cgi-mapserver)")
+        raise RuntimeError("mapserv not found: run `make install-mapserver` (Debian's cgi-mapserver, mapcache-cgi)")
     port = free_port()
     url = f"http://127.0.0.1:{port}/wms"
     work = Path(tempfile.mkdtemp(prefix="mapserver-"))
     (work / "ortho.map").write_text(mapfile(vrt, bounds, url, layer, max_size))
     # MapServer 8 reads its settings from a config file; the map to serve is fixed there, not taken from the URL
     (work / "mapserver.conf").write_text(f'CONFIG\n  ENV\n    MS_MAPFILE "{work / "ortho.map"}"\n  END\nEND\n')
+    (work / "mapcache.xml").write_text(mapcache_config(bounds, url, layer, work))
     cmd = [sys.executable, "-m", "tests.standins.mapserver", str(work / "mapserver.conf"), str(port)]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     with _process(cmd, work / "server.log", f"http://127.0.0.1:{port}/__log", env=env):
@@ -182,7 +220,11 @@ def wms_server(
 
 
 def serve(conf: Path, port: int) -> None:
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "MAPSERVER_CONFIG_FILE": str(conf)}
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "MAPSERVER_CONFIG_FILE": str(conf),
+        "MAPCACHE_CONFIG_FILE": str(conf.with_name("mapcache.xml")),
+    }
     server = ThreadingHTTPServer(("127.0.0.1", port), _handler(env, Behaviour()))
     server.daemon_threads = True
     server.serve_forever()
