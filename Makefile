@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 
-.PHONY: install install-emulators install-browser install-mapserver demo test ui recover lint sample clean bench-crop bench-infer bench-prefetch bench-pods capacity
+.PHONY: install install-emulators install-browser install-mapserver demo test ui recover lint sample clean bench-crop bench-infer bench-prefetch bench-convert bench-pods capacity
 
 $(BIN)/python:
 	@command -v $(PY) >/dev/null || { echo "$(PY) not found: install Python 3.11"; exit 1; }
@@ -85,6 +85,10 @@ bench-crop: $(VENV)/.bench-installed
 bench-prefetch: install install-mapserver
 	$(BIN)/python -m bench.prefetch
 	$(BIN)/python -m bench.prefetch --source wms --buildings 2000
+
+# JP2 decoded every month or converted once to COGs: the break-even (README, "Benchmarks")
+bench-convert: install
+	$(BIN)/python -m bench.convert
 
 bench-infer: install
 	$(BIN)/python -m bench.infer

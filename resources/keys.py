@@ -34,6 +34,11 @@ def mosaic_service(dep: str) -> str:
     return f"{MOSAIC_ROOT}/{dep}/service.xml"
 
 
+def converted_tiles(dep: str) -> str:
+    """The partition's JPEG 2000 tiles converted to COGs (``ortho_mosaic``'s ``convert``), one per tile."""
+    return f"{MOSAIC_ROOT}/{dep}/cog"
+
+
 def mosaic_info(dep: str) -> str:
     """What the crop needs of the mosaic and the VRT does not say (``ops.imagery.mosaic.MosaicInfo`` as JSON)."""
     return f"{MOSAIC_ROOT}/{dep}/mosaic.json"

@@ -34,6 +34,13 @@ def test_monthly_schedule_requests_every_departement_once():
     requests = list(monthly_reprocessing(ctx))
     assert len(requests) == 101 and len({r.partition_key for r in requests}) == 101
     assert len({r.run_key for r in requests}) == 101 and requests[0].run_key == "2026-12-01"[:7] + "-01"
+    # JPEG 2000 tiles converted once to COGs (README, "Benchmarks"): a config the job accepts
+    from dagster import validate_run_config
+
+    from orchestration.jobs import enrich_job
+
+    assert requests[0].run_config["ops"]["ortho_mosaic"]["config"] == {"convert": "jpeg"}
+    validate_run_config(defs.get_job_def(enrich_job.name), requests[0].run_config)
 
 
 def test_imagery_sensor_fires_once_per_changed_departement(tmp_path):
