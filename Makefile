@@ -80,7 +80,7 @@ $(VENV)/.bench-installed: $(STAMP) requirements-bench.lock
 	@touch $@
 
 bench-crop: $(VENV)/.bench-installed
-	$(BIN)/python -m bench.crop
+	$(BIN)/python -m bench.crop $(BENCH_ARGS)
 
 bench-prefetch: install install-mapserver
 	$(BIN)/python -m bench.prefetch

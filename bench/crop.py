@@ -1,6 +1,12 @@
 """Benchmark of the `chips` step against what a user would write, and against the decode floor.
 
-    make bench-crop            # or: .venv/bin/python -m bench.crop [--buildings 100000]
+    make bench-crop            # or: .venv/bin/python -m bench.crop [--buildings 100000] [--format jp2]
+    make bench-crop BENCH_ARGS="--format jpeg --buildings 20000"
+
+``--format`` is the imagery's encoding (``synthetic``'s ``imagery_format``): ``deflate`` (lossless
+GeoTIFF, the default, whose figures earlier runs are compared with), ``jpeg`` (JPEG COG, YCbCr q85)
+or ``jp2`` (lossy JPEG 2000 like BD ORTHO). The same département is generated once per format, under
+``--out`` for deflate and ``--out/<format>`` for the others, so the formats don't overwrite each other.
 
 Same files, same run:
 - **baseline**: one read per building, in source order, on the mosaic (VRT): rio-tiler's
@@ -9,8 +15,10 @@ Same files, same run:
   ``--baseline-buildings`` buildings (default 20,000) to keep the run short; chips/s is
   what is compared. rio-tiler's is *the* baseline (``ratio_vs_baseline``); the plain read is reported beside it.
 - **decode floor**: decompress once every raster block that the chips touch, with the fastest
-  decoder we have (``ops.imagery.blocks.BlockReader``: libdeflate on these tiles, about 7 % faster per
-  block than a GDAL windowed read), so the floor is not one our own crop could beat.
+  decoder we have (``ops.imagery.blocks.BlockReader``, with every CPU's thread where the format can
+  use them: libdeflate on DEFLATE tiles, about 7 % faster per block than a GDAL windowed read;
+  libjpeg-turbo on JPEG tiles, about 4x GDAL's libjpeg 9; OpenJPEG on each JPEG 2000 codestream
+  tile, threaded), so the floor is not one our own crop could beat.
 - **ours**: the real `chips` code path (``ops.crop.partition.crop_partition``), writing shards, with 1
   and 2 worker processes.
 - **memory**: peak RSS of the crop (1 worker, in a fresh process) for N and 2N buildings.
@@ -40,6 +48,7 @@ from rasterio.enums import Resampling
 from rasterio.windows import Window
 
 from bench.memory import peak_rss_bytes
+from ops.cpus import available_cpus
 from ops.crop.partition import crop_partition
 from ops.crop.spec import ChipSpec, chip_windows, intersects_any
 from ops.crop.tiles import TileSet
@@ -47,14 +56,19 @@ from ops.crop.writer import write_shard
 from ops.geo.footprints import iter_building_batches, write_buildings_geoparquet
 from ops.imagery.blocks import BlockReader
 from ops.imagery.mosaic import MosaicInfo, build_mosaic, find_tiles
-from synthetic import generate_departement
+from synthetic import IMAGERY_FORMATS, generate_departement
 
 DEP = "33"
 SPEC = ChipSpec()
 
 
-def prepare(out: Path, n: int) -> tuple[Path, Path, MosaicInfo, dict]:
-    m = generate_departement(out / "data", DEP, n, seed=0, tile_px=10_000, verbose=True)
+def format_folder(out: Path, imagery_format: str) -> Path:
+    """Where a format's data and work live: ``out`` itself for deflate (as before ``--format``), else ``out/<format>``."""
+    return out if imagery_format == "deflate" else out / imagery_format
+
+
+def prepare(out: Path, n: int, imagery_format: str = "deflate") -> tuple[Path, Path, MosaicInfo, dict]:
+    m = generate_departement(out / "data", DEP, n, seed=0, tile_px=10_000, verbose=True, imagery_format=imagery_format)
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
     full = work / f"buildings_{n}.parquet"
@@ -135,8 +149,11 @@ def baseline(kind: str, vrt: Path, windows: np.ndarray, folder: Path) -> float:
     return len(windows) / (time.perf_counter() - t0)
 
 
-def decode_floor(info: MosaicInfo, windows: np.ndarray) -> tuple[float, int, int]:
-    """Seconds to decompress once every block the windows touch; (seconds, blocks, bytes)."""
+def decode_floor(info: MosaicInfo, windows: np.ndarray) -> tuple[float, int, int, str]:
+    """Seconds to decompress once every block the windows touch; (seconds, blocks, bytes, decoder).
+
+    One process with all the CPUs' threads for the formats whose blocks can use them (JPEG 2000).
+    """
     ts = TileSet(info)
     res, left, top = info.resolution, info.bounds[0], info.bounds[3]
     cols = np.rint((windows[:, 0] - left) / res).astype(np.int64)
@@ -147,13 +164,15 @@ def decode_floor(info: MosaicInfo, windows: np.ndarray) -> tuple[float, int, int
     t0 = time.perf_counter()
     nbytes = 0
     readers: dict[int, BlockReader] = {}
+    threads = available_cpus()
     for i, br, bc in sorted(needed):
-        reader = readers.get(i) or readers.setdefault(i, BlockReader(info.tiles[i].path))
+        reader = readers.get(i) or readers.setdefault(i, BlockReader(info.tiles[i].path, threads))
         nbytes += reader.read(br, bc).nbytes
     seconds = time.perf_counter() - t0
+    decoders = sorted({r.decoder for r in readers.values()})
     for reader in readers.values():
         reader.close()
-    return seconds, len(needed), nbytes
+    return seconds, len(needed), nbytes, "+".join(decoders)
 
 
 def ours(parquet: Path, info: MosaicInfo, folder: Path, workers: int) -> tuple[float, int, float, int]:
@@ -176,8 +195,11 @@ def child(kind: str, work: Path, parquet: Path, n_sample: int) -> dict:
         return {"chips_per_s": baseline(kind, work / "mosaic.vrt", sample, work / f"baseline_{kind}")}
     if kind == "floor":
         windows = windows_in_source_order(parquet, info)
-        seconds, blocks, nbytes = decode_floor(info, windows)
-        return {"chips_per_s": len(windows) / seconds, "blocks": blocks, "bytes": nbytes, "seconds": seconds}
+        seconds, blocks, nbytes, decoder = decode_floor(info, windows)
+        return {
+            "chips_per_s": len(windows) / seconds, "blocks": blocks, "bytes": nbytes, "seconds": seconds,
+            "decoder": decoder,
+        }  # fmt: skip
     workers = int(kind.removeprefix("ours"))
     seconds, chips, bpc, blocks = ours(parquet, info, work / f"ours_{workers}", workers)
     return {"chips_per_s": chips / seconds, "chips": chips, "seconds": seconds, "bytes_per_chip": bpc, "blocks": blocks}
@@ -212,6 +234,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--buildings", type=int, default=100_000)
     p.add_argument("--baseline-buildings", type=int, default=20_000)
     p.add_argument("--out", type=Path, default=Path("bench/out"))
+    p.add_argument("--format", choices=IMAGERY_FORMATS, default="deflate", help="the imagery's encoding (see above)")
     p.add_argument("--repeats", type=int, default=5, help="rounds (each runs every contender once)")
     p.add_argument("--rss-child", nargs=3, help=argparse.SUPPRESS)
     p.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
@@ -222,9 +245,10 @@ def main(argv: list[str] | None = None) -> None:
         kind, work, parquet, n = args.child
         print(json.dumps(child(kind, Path(work), Path(parquet), int(n))))
         return None
-    full, half, info, facts = prepare(args.out, args.buildings)
-    work = args.out / "work"
-    print(f"data: {facts}")
+    root = format_folder(args.out, args.format)
+    full, half, info, facts = prepare(root, args.buildings, args.format)
+    work = root / "work"
+    print(f"data ({args.format}): {facts}")
     print(f"{args.repeats} rounds; in each, every contender runs once, one after the other, in a fresh process. "
           "Ratios are taken within a round (this VM's speed drifts by 10-40 % over minutes) and the median "
           "round is reported; chips/s are medians too.")  # fmt: skip
@@ -256,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
     bpc = o1["bytes_per_chip"]
     print(f"baseline rio-tiler part() per building : {base_rt:8,.0f} chips/s ({nb:,} buildings)")
     print(f"baseline rasterio read per building    : {base_rio:8,.0f} chips/s ({nb:,} buildings)")
-    print(f"decode floor ({fl['blocks']:,} blocks, {fl['bytes'] / 2**20:,.0f} MiB, "
+    print(f"decode floor ({fl['decoder']}, {fl['blocks']:,} blocks, {fl['bytes'] / 2**20:,.0f} MiB, "
           f"{fl['bytes'] / 2**20 / fl['seconds']:,.0f} MiB/s in round 1) : {floor:8,.0f} chips/s")  # fmt: skip
     print(f"ours, 1 worker                         : {one:8,.0f} chips/s ({o1['chips']:,} chips)")
     print(f"ours, 2 workers                        : {two:8,.0f} chips/s ({scale:.2f}x one worker)")
@@ -272,6 +296,8 @@ def main(argv: list[str] | None = None) -> None:
           f"(+{100 * (rss_2n / rss_n - 1):.1f} %)")  # fmt: skip
     result = {
         "bench": "crop",
+        "format": args.format,
+        "decoder": fl["decoder"],
         "chips_per_s": round(one, 1),
         "chips_per_s_2_workers": round(two, 1),
         "baseline_chips_per_s": round(base_rt, 1),

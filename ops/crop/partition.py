@@ -43,18 +43,25 @@ _WORKER: dict = {}
 
 
 # GDAL's own block cache (5 % of RAM by default) would keep every block we decode:
-# TileSet already holds the ones still needed, so GDAL gets a small one.
+# TileSet already holds the ones still needed, so GDAL gets a small one. Small, not smaller than a
+# few blocks: rasterio.Env takes GDAL_CACHEMAX in *bytes* (it calls GDALSetCacheMax64), and a cache
+# smaller than one block makes GDAL decode a multi-band block once per band it cannot keep (measured:
+# JP2OpenJPEG decoded every 1024 px codestream tile twice per window, 2x the CPU).
 GDAL_CACHE_MB = 64
 PER_LANE = 2  # units in flight per crop worker: one cut, one queued behind it
 
 
-def _init_worker(info_json: str, spec: ChipSpec) -> None:
-    """Set up a crop process: one torch thread (the workers are the parallelism), a small GDAL cache, a writer."""
+def _init_worker(info_json: str, spec: ChipSpec, decode_threads: int = 1) -> None:
+    """Set up a crop process: one torch thread (the workers are the parallelism), a small GDAL cache, a writer.
+
+    ``decode_threads``: this worker's share of the CPUs, for the one decode that can use threads (a
+    JPEG 2000 tile, see ``ops.imagery.blocks``): the workers together then use each CPU once.
+    """
     torch.set_num_threads(1)
-    os.environ["GDAL_CACHEMAX"] = str(GDAL_CACHE_MB)
+    os.environ["GDAL_CACHEMAX"] = str(GDAL_CACHE_MB)  # as an environment variable, GDAL reads MB
     info = MosaicInfo.from_json(info_json)
     writer = ShardWriter(row_shape=(3, spec.size, spec.size))
-    _WORKER.update(tiles=TileSet(info), info=info, spec=spec, writer=writer)
+    _WORKER.update(tiles=TileSet(info, decode_threads), info=info, spec=spec, writer=writer)
 
 
 def _run_task(task: CellTask, folder: Path, meta: dict[str, str]) -> CellResult:
@@ -231,7 +238,7 @@ def crop_partition(
     by_shard = {t.shard_id: t for t in todo}
     single = workers <= 1 or len(todo) <= 1
     n = 1 if single else min(workers, len(todo), available_cpus())
-    init_args = (info.to_json(), spec)
+    init_args = (info.to_json(), spec, max(1, available_cpus() // n))
     ready = _prefetched(todo, prefetch, prefetch_depth)
     # in-process, the worker set-up must not outlive the crop (a later step in the same process, or a
     # caller, would run torch on one thread)
@@ -248,7 +255,7 @@ def crop_partition(
         ]
         cut = _cut_in_lanes(lanes, ready, out_dir, meta, prefetched=prefetch is not None)
     try:
-        with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
+        with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB << 20):  # bytes (see GDAL_CACHE_MB)
             for r in cut:
                 if prefetch is not None:
                     prefetch.release(by_shard[r.shard_id])

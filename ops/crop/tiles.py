@@ -24,8 +24,9 @@ class TileSet:
     duplicate ours.
     """
 
-    def __init__(self, info: MosaicInfo) -> None:
+    def __init__(self, info: MosaicInfo, decode_threads: int = 1) -> None:
         self.info = info
+        self.decode_threads = decode_threads  # threads one block may be decoded with (JPEG 2000, see BlockReader)
         res, left, top = info.resolution, info.bounds[0], info.bounds[3]
         t = info.tiles
         self.col0 = np.array([round((x.bounds[0] - left) / res) for x in t], dtype=np.int64)
@@ -45,7 +46,9 @@ class TileSet:
         r = self._readers.get(i)
         if r is None:
             path = self.paths[i]  # a prefetched WMS layer is read from its GetMap cache
-            r = self._readers[i] = CachedBlockReader(path) if is_cache_folder(path) else BlockReader(path)
+            r = self._readers[i] = (
+                CachedBlockReader(path) if is_cache_folder(path) else BlockReader(path, self.decode_threads)
+            )
         return r
 
     def use_paths(self, overrides: dict[int, str] | None) -> None:

@@ -169,7 +169,7 @@ def convert_tile(
     tmp = out_dir / f"{dst.stem}.{os.getpid()}.cog.tmp"
     options = cog_options(compression, block, threads)
     try:
-        with rasterio.Env(GDAL_NUM_THREADS=str(threads), GDAL_CACHEMAX=GDAL_CACHE_MB):
+        with rasterio.Env(GDAL_NUM_THREADS=str(threads), GDAL_CACHEMAX=GDAL_CACHE_MB << 20):  # bytes, in an Env
             _decode_to_raw(source, raw, {SOURCE_TAG: Path(source).name, DIGEST_TAG: digest})
             try:
                 rasterio.shutil.copy(str(raw), str(tmp), driver="COG", **options)
