@@ -36,8 +36,8 @@ from ops.crop.spec import ChipSpec
 from ops.geo.footprints import iter_building_batches, write_buildings_geoparquet
 from ops.imagery.convert import DIGEST_TAG, SOURCE_TAG, ConvertError, convert_tiles
 from ops.imagery.mosaic import build_mosaic, find_tiles
-from ops.shards import list_shards, open_chips, read_index
 from synthetic import SampleManifest, generate_departement
+from tests.shardfiles import read_chips
 
 pytestmark = pytest.mark.reliability
 
@@ -56,14 +56,7 @@ def _crop(tiles: list[str], buildings: Path, work: Path) -> tuple[dict[str, np.n
     info = build_mosaic(tiles, work / "mosaic.vrt", name=work.name)
     out = work / "chips"
     list(crop_partition(buildings, info, out, ChipSpec(), buildings_fingerprint="f", workers=1, resume=False))
-    chips, status = {}, {}
-    for shard in list_shards(out):
-        arr = open_chips(out, shard)
-        for r in read_index(out, shard).to_pandas().itertuples():
-            status[r.building_id] = (r.status, r.valid_fraction)
-            if r.row >= 0:
-                chips[r.building_id] = np.asarray(arr[r.row], dtype=np.int16)
-    return chips, status
+    return read_chips(out)
 
 
 @pytest.mark.slow

@@ -38,9 +38,9 @@ from ops.crop.partition import crop_partition
 from ops.crop.spec import ChipSpec
 from ops.geo.footprints import iter_building_batches, write_buildings_geoparquet
 from ops.imagery.mosaic import build_mosaic, find_tiles
-from ops.shards import list_shards, open_chips, read_index
 from synthetic import SampleManifest, generate_departement, load_manifest
 from synthetic.cli import main as synthetic_cli
+from tests.shardfiles import read_chips
 
 pytestmark = pytest.mark.reliability
 
@@ -66,14 +66,7 @@ def _crop(m: SampleManifest, work: Path) -> tuple[dict[str, np.ndarray], dict[st
     info = build_mosaic(find_tiles(m.ortho_dir), work / "mosaic.vrt", name=m.imagery_format)
     out = work / "chips"
     list(crop_partition(buildings, info, out, ChipSpec(), buildings_fingerprint="f", workers=1, resume=False))
-    chips, status = {}, {}
-    for shard in list_shards(out):
-        arr = open_chips(out, shard)
-        for r in read_index(out, shard).to_pandas().itertuples():
-            status[r.building_id] = (r.status, r.valid_fraction)
-            if r.row >= 0:
-                chips[r.building_id] = np.asarray(arr[r.row], dtype=np.int16)
-    return chips, status
+    return read_chips(out)
 
 
 @pytest.mark.slow
