@@ -93,7 +93,7 @@ def chips(
             )
 
         remote = any(is_remote(t.path) for t in info.tiles)
-        service = imagery.wms_url is not None
+        service = bool(imagery.wms_url)
         use_prefetch = config.prefetch == "always" or (config.prefetch == "auto" and (remote or service))
         fetcher = _prefetcher(config, imagery, info, spec, dep, context) if use_prefetch else contextlib.nullcontext()
         with partition_lock(out, f"partition {dep}: chips"), fetcher as prefetcher:
