@@ -40,7 +40,7 @@ def test_monthly_schedule_requests_every_departement_once():
     from orchestration.jobs import enrich_job
 
     assert requests[0].run_config["ops"]["ortho_mosaic"]["config"] == {"convert": "jpeg"}
-    validate_run_config(defs.get_job_def(enrich_job.name), requests[0].run_config)
+    validate_run_config(defs.resolve_job_def(enrich_job.name), requests[0].run_config)
 
 
 def test_imagery_sensor_fires_once_per_changed_departement(tmp_path):
