@@ -98,6 +98,12 @@ class FetchedTask(CellTask):
 
     unavailable: dict[int, str] = field(default_factory=dict)
 
+    @classmethod
+    def of(cls, task: CellTask, tile_paths: dict[int, str], unavailable: dict[int, str]) -> FetchedTask:
+        """``task`` with its tiles read from ``tile_paths`` (what a prefetch made local)."""
+        base = {f.name: getattr(task, f.name) for f in fields(CellTask)}
+        return cls(**{**base, "tile_paths": tile_paths}, unavailable=unavailable)
+
 
 def name_remote_tiles(index: pa.Table, task: CellTask, info: MosaicInfo) -> pa.Table:
     """``index`` with its messages naming the remote tiles rather than the local copies the crop read.
@@ -304,8 +310,7 @@ class Prefetcher:
         seconds = time.perf_counter() - t0
         self.stats.add(units=1, blocks=n_blocks, seconds=seconds)
         self.log(f"prefetched {task.shard_id}: {n_blocks} blocks of {len(needed)} tile(s) in {seconds:.1f} s")
-        base = {f.name: getattr(task, f.name) for f in fields(CellTask)}
-        return FetchedTask(**{**base, "tile_paths": paths}, unavailable=unavailable)
+        return FetchedTask.of(task, paths, unavailable)
 
     def _local_copy(self, i: int, blocks: set[tuple[int, int]], folder: Path) -> str:
         """Tile ``i``'s local copy holding ``blocks`` (its whole file when it has no block table)."""

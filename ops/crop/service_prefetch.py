@@ -30,7 +30,6 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import fields
 from pathlib import Path
 
 from ops.crop.prefetch import FetchedTask, PrefetchStats
@@ -112,7 +111,7 @@ class ServicePrefetcher:
         for t in tasks:
             needed |= self._needed(t)
         self.planned = len(needed)
-        cached = sum(self.cache.path(*k).exists() for k in needed)
+        cached = sum(self.cache.holds(k) for k in needed)
         self.log(
             f"{self.wms.url} layer {self.wms.layer}: {len(needed)} GetMap blocks of {self.grid.block_px} px "
             f"for {len(tasks)} units, {cached} already in the cache {self.cache.folder}"
@@ -197,9 +196,8 @@ class ServicePrefetcher:
             f"prefetched {task.shard_id}: {len(needed)} GetMap blocks, {len(needed) - len(missing)} of them "
             f"already cached, {len(failed)} given up, in {seconds:.1f} s"
         )
-        base = {f.name: getattr(task, f.name) for f in fields(CellTask)}
         unavailable = {0: f"{len(failed)} GetMap block(s) given up, first: {failed[min(failed)]}"} if failed else {}
-        return FetchedTask(**{**base, "tile_paths": {0: str(self.cache.folder)}}, unavailable=unavailable)
+        return FetchedTask.of(task, {0: str(self.cache.folder)}, unavailable)
 
     def release(self, task: CellTask) -> None:
         with self._lock:

@@ -193,9 +193,17 @@ def open_layer(
     return layer_grid(wms, extent)
 
 
+def corners_xml(grid: LayerGrid) -> str:
+    """The corners of a GDAL WMS ``DataWindow`` (also used by ``ops.imagery.wmts``)."""
+    minx, miny, maxx, maxy = grid.bounds
+    return (
+        f"    <UpperLeftX>{minx!r}</UpperLeftX>\n    <UpperLeftY>{maxy!r}</UpperLeftY>\n"
+        f"    <LowerRightX>{maxx!r}</LowerRightX>\n    <LowerRightY>{miny!r}</LowerRightY>"
+    )
+
+
 def gdal_wms_xml(wms: WmsLayer, grid: LayerGrid, timeout_s: float = 60.0) -> str:
     """The GDAL WMS description of the layer: a raster whose blocks are this module's GetMap requests."""
-    minx, miny, maxx, maxy = grid.bounds
     server = wms.url + ("&" if "?" in wms.url else "?")
     return f"""<GDAL_WMS>
   <Service name="WMS">
@@ -208,10 +216,7 @@ def gdal_wms_xml(wms: WmsLayer, grid: LayerGrid, timeout_s: float = 60.0) -> str
     <Transparent>FALSE</Transparent>
   </Service>
   <DataWindow>
-    <UpperLeftX>{minx!r}</UpperLeftX>
-    <UpperLeftY>{maxy!r}</UpperLeftY>
-    <LowerRightX>{maxx!r}</LowerRightX>
-    <LowerRightY>{miny!r}</LowerRightY>
+{corners_xml(grid)}
     <SizeX>{grid.width}</SizeX>
     <SizeY>{grid.height}</SizeY>
   </DataWindow>
@@ -308,6 +313,11 @@ class BlockCache:
 
     def error_path(self, br: int, bc: int) -> Path:
         return self.folder / f"r{br}_c{bc}.err"
+
+    def holds(self, key: tuple[int, int]) -> bool:
+        """Whether block ``key`` is cached, from the cache's own index (no file touched, no use recorded)."""
+        with self._lock:
+            return key in self._sizes
 
     def has(self, key: tuple[int, int]) -> bool:
         with self._lock:

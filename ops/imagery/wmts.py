@@ -24,7 +24,7 @@ from urllib.parse import urlencode
 from xml.sax.saxutils import escape
 
 from ops.imagery.remote import DEFAULT_RETRY, FetchError, GaveUpError, HttpRangeReader, RetryPolicy
-from ops.imagery.wms import _EXT, LayerGrid, WmsError
+from ops.imagery.wms import _EXT, LayerGrid, WmsError, corners_xml
 
 PIXEL_M = 0.28e-3  # OGC's standardised rendering pixel: resolution = scale denominator × 0.28 mm (metric CRSs)
 
@@ -171,7 +171,6 @@ def gdal_wmts_xml(wmts: WmtsLayer, grid: LayerGrid, timeout_s: float = 60.0) -> 
     column and row from the matrix's top-left corner. (GDAL's own WMTS driver
     reads the capabilities at every open and reads in 128 px blocks, not tiles.)
     """
-    minx, miny, maxx, maxy = grid.bounds
     params = {
         "SERVICE": "WMTS", "REQUEST": "GetTile", "VERSION": "1.0.0", "LAYER": wmts.layer, "STYLE": wmts.style,
         "FORMAT": wmts.format, "TILEMATRIXSET": wmts.tile_matrix_set, "TILEMATRIX": wmts.tile_matrix,
@@ -182,10 +181,7 @@ def gdal_wmts_xml(wmts: WmtsLayer, grid: LayerGrid, timeout_s: float = 60.0) -> 
     <ServerUrl>{escape(template)}</ServerUrl>
   </Service>
   <DataWindow>
-    <UpperLeftX>{minx!r}</UpperLeftX>
-    <UpperLeftY>{maxy!r}</UpperLeftY>
-    <LowerRightX>{maxx!r}</LowerRightX>
-    <LowerRightY>{miny!r}</LowerRightY>
+{corners_xml(grid)}
     <TileLevel>0</TileLevel>
     <TileCountX>{grid.width // grid.block_px}</TileCountX>
     <TileCountY>{grid.height // grid.block_px}</TileCountY>
