@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 
-.PHONY: install install-emulators install-browser install-mapserver demo test ui recover lint sample clean bench-crop bench-infer bench-prefetch bench-convert bench-pods capacity
+.PHONY: install install-emulators install-browser install-mapserver demo test ui recover lint sample clean bench-crop bench-infer bench-cuda bench-prefetch bench-convert bench-pods capacity
 
 $(BIN)/python:
 	@command -v $(PY) >/dev/null || { echo "$(PY) not found: install Python 3.11"; exit 1; }
@@ -92,6 +92,10 @@ bench-convert: install
 
 bench-infer: install
 	$(BIN)/python -m bench.infer
+
+# the step's compute on a GPU machine (runs on CPU too): it needs torch, rasterio, shapely and pyproj, not Dagster
+bench-cuda: install
+	$(BIN)/python -m bench.cuda
 
 # memory and scratch of each step, measured: the figures orchestration/pods.py sizes the step pods from
 bench-pods: install

@@ -11,6 +11,10 @@ hold downstream.
 
 It streams the source in Arrow batches: memory stays flat whatever the size of
 the département.
+
+pyogrio (GDAL/OGR) is imported where a vector source is opened, not with the
+module: the predictions step imports it only to split the partition's GeoParquet
+by cell (pyarrow alone), and its GPU image needs no second GDAL.
 """
 
 from __future__ import annotations
@@ -24,7 +28,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pyogrio
 import shapely
 from pyproj import CRS, Transformer
 
@@ -130,6 +133,8 @@ class _Source:
             pf = pq.ParquetFile(self.path)
             yield self.geoparquet_geom, pf.iter_batches(self.batch_size, columns=[*columns, self.geoparquet_geom])
             return
+        import pyogrio
+
         with pyogrio.raw.open_arrow(
             self.path,
             layer=self.layer,
@@ -163,6 +168,8 @@ def _open_source(path: Path, layer: str | int | None, batch_size: int) -> _Sourc
         fields = [n for n in schema.names if n != geom]
         crs = json.dumps(crs) if isinstance(crs, dict) else crs
         return _Source(path, fields, crs, layer, batch_size, geom, pf.metadata.num_rows)
+    import pyogrio
+
     try:
         info = pyogrio.read_info(path, layer=layer)
         layers = [str(name) for name, _kind in pyogrio.list_layers(path)]
@@ -456,6 +463,8 @@ def count_features(path: Path, layer: str | int | None = None) -> int:
     """How many features (rows) a footprint source holds, counted by its reader, not by ours."""
     if path.suffix.lower() in (".parquet", ".geoparquet"):
         return pq.ParquetFile(path).metadata.num_rows
+    import pyogrio
+
     try:
         return int(pyogrio.read_info(path, layer=layer, force_feature_count=True)["features"])
     except Exception as exc:

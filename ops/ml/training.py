@@ -93,6 +93,7 @@ def metrics_from_confusion(cm: np.ndarray, classes: list[str]) -> dict:
 
 
 @torch.no_grad()
+@torch.inference_mode()  # no autograd graph: the held-out pass after each epoch would hold one per batch
 def predict_logits(model: nn.Module, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
     model.eval()
     dev = next(model.parameters()).device
@@ -236,6 +237,7 @@ def segmentation_metrics(cm: np.ndarray, classes: list[str]) -> dict:
 
 
 @torch.no_grad()
+@torch.inference_mode()
 def predict_masks(model: nn.Module, x: np.ndarray, batch_size: int = 128) -> np.ndarray:
     """Argmax class per pixel, (N, S, S) uint8."""
     model.eval()
