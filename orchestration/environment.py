@@ -21,8 +21,9 @@ import os
 import sys
 from pathlib import Path
 
-from dagster import multiprocess_executor
+from dagster import EnvVar, multiprocess_executor
 from dagster_dbt import DbtCliResource
+from dagster_gcp import BigQueryResource, GCSResource
 from dagster_k8s import k8s_job_executor
 
 from assets.dbt import DBT_DIR
@@ -42,8 +43,10 @@ PROD_ENV = {
     "BATIVISION_BQ_PROJECT": "GCP project of the BigQuery dataset (required)",
     "BATIVISION_BQ_DATASET": "BigQuery dataset of `buildings`, `predictions` and the dbt models (required)",
     "BATIVISION_BQ_LOCATION": "BigQuery location (default EU)",
+    "BATIVISION_GCP_CREDENTIALS": "base64 service-account key for BigQuery (unset: workload identity / ADC)",
     "BATIVISION_GCS_BUCKET": "bucket of the object store and the model store (required)",
     "BATIVISION_GCS_PREFIX": "key prefix of the artefacts in the bucket (default bativision)",
+    "BATIVISION_COMPUTE_LOG_PREFIX": "key prefix of the steps' stdout/stderr in the bucket (the instance's compute_logs)",
     "BATIVISION_SOURCE_URI": "gs:// folder with one sub-folder per département (default gs://<bucket>/sources)",
     "BATIVISION_CACHE_DIR": "local scratch folder of a step's pod (default: the temp dir)",
     "BATIVISION_BQ_API_ENDPOINT": "BigQuery endpoint override (unset in production; tests: the emulator)",
@@ -116,15 +119,25 @@ def prod_resources() -> dict:
     gcs_endpoint = os.environ.get("BATIVISION_GCS_API_ENDPOINT") or None
     sources = os.environ.get("BATIVISION_SOURCE_URI") or f"gs://{bucket}/sources"
     cache = scratch_dir()
+    project = _required("BATIVISION_BQ_PROJECT")
+    gcs = GCSResource(project=project)
 
     def store() -> GcsObjectStore:
-        return GcsObjectStore(root=str(cache / "store"), bucket=bucket, prefix=prefix, api_endpoint=gcs_endpoint)
+        return GcsObjectStore(
+            root=str(cache / "store"), gcs=gcs, bucket=bucket, prefix=prefix, api_endpoint=gcs_endpoint
+        )
 
     return {
         "warehouse": BigQueryWarehouse(
-            project=_required("BATIVISION_BQ_PROJECT"),
+            bigquery=BigQueryResource(
+                project=project,
+                location=os.environ.get("BATIVISION_BQ_LOCATION", "EU"),
+                # by reference: the UI and the run records show the variable's name, never the key
+                gcp_credentials=EnvVar("BATIVISION_GCP_CREDENTIALS")
+                if os.environ.get("BATIVISION_GCP_CREDENTIALS")
+                else None,
+            ),
             dataset=_required("BATIVISION_BQ_DATASET"),
-            location=os.environ.get("BATIVISION_BQ_LOCATION", "EU"),
             api_endpoint=os.environ.get("BATIVISION_BQ_API_ENDPOINT") or None,
             staging_dir=str(cache),
         ),

@@ -35,6 +35,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from dagster import get_dagster_logger
+from dagster_gcp import BigQueryResource
 from google.api_core.exceptions import GoogleAPICallError
 from google.cloud import bigquery
 from pydantic import Field, PrivateAttr
@@ -107,11 +108,21 @@ def run_transaction(
 
 
 class BigQueryWarehouse(Warehouse):
-    """A BigQuery dataset as the warehouse (production)."""
+    """A BigQuery dataset as the warehouse (production).
 
-    project: str = Field(description="GCP project of the dataset (and of the query jobs)")
+    Where and as whom it works — project, location, credentials — is dagster-gcp's
+    ``BigQueryResource``, nested here, so the UI shows the BigQuery configuration the
+    client is really built from. The client itself is built here, not by that
+    resource's ``get_client()``: it cannot point at another endpoint (the tests'
+    emulator), and for a key it sets ``GOOGLE_APPLICATION_CREDENTIALS`` process-wide
+    for the duration of a context, while a step's threads share one long-lived client.
+    One construction serves production and the tests.
+    """
+
+    bigquery: BigQueryResource = Field(
+        description="dagster-gcp's BigQuery resource: project of the dataset and of the jobs, location, credentials"
+    )
     dataset: str = Field(description="Dataset holding `buildings` and `predictions`")
-    location: str = Field(default="EU", description="Dataset location (jobs run there)")
     api_endpoint: str | None = Field(
         default=None, description="BigQuery API endpoint; None = Google's. An http:// endpoint is an emulator (tests)"
     )
@@ -124,11 +135,22 @@ class BigQueryWarehouse(Warehouse):
     def kind(self) -> str:
         return "bigquery"
 
+    @property
+    def project(self) -> str:
+        if not self.bigquery.project:
+            raise ValueError("BigQueryWarehouse: bigquery.project is not set (BATIVISION_BQ_PROJECT)")
+        return self.bigquery.project
+
+    @property
+    def location(self) -> str:
+        return self.bigquery.location or "EU"
+
     def client(self) -> bigquery.Client:
         if self._client is None:
+            scopes = ["https://www.googleapis.com/auth/bigquery"]
             self._client = bigquery.Client(
                 project=self.project,
-                credentials=credentials_for(self.api_endpoint, ["https://www.googleapis.com/auth/bigquery"]),
+                credentials=credentials_for(self.api_endpoint, scopes, self.bigquery.gcp_credentials),
                 location=self.location,
                 client_options=client_options(self.api_endpoint),
             )

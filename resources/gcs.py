@@ -26,6 +26,7 @@ from typing import Any
 
 import requests
 from dagster import InitResourceContext, get_dagster_logger
+from dagster_gcp import GCSResource
 from google.api_core import exceptions as gexc
 from google.api_core.retry import if_transient_error
 from google.cloud import storage
@@ -72,8 +73,14 @@ def download_prefix(client: storage.Client, bucket: str, prefix: str, dest: Path
 
 
 class GcsObjectStore(ObjectStore):
-    """``gs://<bucket>/<prefix>/`` as object store, through a per-execution local cache under ``root``."""
+    """``gs://<bucket>/<prefix>/`` as object store, through a per-execution local cache under ``root``.
 
+    The project is dagster-gcp's ``GCSResource``, nested here so the UI shows it; the
+    client is built by :func:`gcs_client` rather than by that resource, which cannot
+    point at another endpoint (the tests' emulator): one construction for both.
+    """
+
+    gcs: GCSResource = Field(description="dagster-gcp's Cloud Storage resource: the project of the client")
     root: str = Field(
         default=str(Path(tempfile.gettempdir()) / "bativision-store"),
         description="Local cache folder; each execution works in a fresh sub-folder of it",
@@ -109,7 +116,7 @@ class GcsObjectStore(ObjectStore):
 
     def client(self) -> storage.Client:
         if self._client is None:
-            self._client = gcs_client(self.api_endpoint)
+            self._client = gcs_client(self.api_endpoint, self.gcs.project)
         return self._client
 
     def _local(self) -> Path:

@@ -331,3 +331,18 @@ def test_helm_values_queue_a_monthly_backfill_as_the_instance_does_and_hold_no_s
                 yield from secrets(value, f"{path}[{k}]")
 
     assert not list(secrets(values)), "credentials belong in Secrets or workload identity, not in values"
+
+
+def test_helm_values_keep_step_logs_where_the_instance_does():
+    """The chart's compute log manager is prod.yaml's: GCS, in the ConfigMap's bucket, under the ConfigMap's prefix."""
+    values = yaml.safe_load(VALUES.read_text())["computeLogManager"]
+    prod = yaml.safe_load((REPO / "orchestration" / "instance" / "prod.yaml").read_text())["compute_logs"]
+    env = yaml.safe_load((REPO / "k8s" / "bativision-env.yaml").read_text())["data"]
+    assert values["type"] == prod["class"] == "GCSComputeLogManager"
+    gcs = values["config"]["gcsComputeLogManager"]
+    assert (
+        prod["config"]["bucket"] == {"env": "BATIVISION_GCS_BUCKET"} and gcs["bucket"] == env["BATIVISION_GCS_BUCKET"]
+    )
+    assert prod["config"]["prefix"] == {"env": "BATIVISION_COMPUTE_LOG_PREFIX"}
+    assert gcs["prefix"] == env["BATIVISION_COMPUTE_LOG_PREFIX"]
+    assert gcs["uploadInterval"] == prod["config"]["upload_interval"]

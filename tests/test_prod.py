@@ -201,7 +201,7 @@ def test_a_bigquery_answering_503_to_every_third_request_still_gets_the_partitio
 
     batches = list(wgs84_batches(resources["store"].path("buildings/12/buildings.parquet"), 2154))
     with faulty_proxy(wh.api_endpoint, every=3) as (url, faults):
-        flaky = BigQueryWarehouse(project=wh.project, dataset=wh.dataset, location=wh.location, api_endpoint=url)
+        flaky = BigQueryWarehouse(bigquery=wh.bigquery, dataset=wh.dataset, api_endpoint=url)
         assert flaky.replace_partition("buildings", "12", batches) == dep.n_buildings
         n = flaky.query("select count(*) n, count(distinct building_id) d from buildings where departement = ?", ["12"])
     assert faults.injected >= 2, f"{faults.requests} requests, {faults.injected} failed: the test proved nothing"
@@ -317,7 +317,9 @@ def test_store_uploads_what_a_step_wrote_and_nothing_else(cloud, tmp_path):
     endpoint = resources["store"].api_endpoint
 
     def execution() -> GcsObjectStore:
-        store = GcsObjectStore(root=str(tmp_path), bucket=BUCKET, prefix="unit", api_endpoint=endpoint)
+        store = GcsObjectStore(
+            root=str(tmp_path), gcs=resources["store"].gcs, bucket=BUCKET, prefix="unit", api_endpoint=endpoint
+        )
         store.setup_for_execution(None)
         return store
 
