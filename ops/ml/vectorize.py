@@ -10,6 +10,7 @@ once, when rows are written (:func:`ops.geo.reproject.to_wgs84_wkb`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -47,6 +48,20 @@ def rasterize_masks(
     return out
 
 
+def _pixel_window(bounds: Sequence[float], tr: Affine, size: int) -> tuple[slice, slice]:
+    """The chip's rows and columns within a pixel of ``bounds`` (map coordinates).
+
+    Traced polygons follow pixel edges and are simplified by half a pixel, so
+    none of the pixels outside this window can give a polygon that reaches ``bounds``.
+    """
+    minx, miny, maxx, maxy = bounds
+    if not all(math.isfinite(v) for v in bounds):  # an empty geometry: nothing can reach it
+        return slice(0, 0), slice(0, 0)
+    c0, c1 = math.floor((minx - tr.c) / tr.a) - 1, math.ceil((maxx - tr.c) / tr.a) + 1
+    r0, r1 = math.floor((maxy - tr.f) / tr.e) - 1, math.ceil((miny - tr.f) / tr.e) + 1
+    return slice(max(r0, 0), max(min(r1, size), 0)), slice(max(c0, 0), max(min(c1, size), 0))
+
+
 @dataclass
 class ChipPolygons:
     """The polygons of one class found in one chip, clipped to the building."""
@@ -77,6 +92,9 @@ def polygons_from_probability(
     if not mask.any():
         return ChipPolygons(None, 0.0, 0.0)
     tr = chip_transform(window, size)
+    if clip is not None and not mask[_pixel_window(clip.bounds, tr, size)].any():
+        # nothing near the building (a panel on the neighbour's roof): what tracing would find, the clip removes
+        return ChipPolygons(None, 0.0, 0.0)
     px_area = abs(tr.a * tr.e)
     polys = [shapely.geometry.shape(g) for g, v in features.shapes(mask, mask=mask.astype(bool), transform=tr) if v]
     geoms = shapely.simplify(np.array(polys, dtype=object), abs(tr.a) / 2)
