@@ -50,7 +50,7 @@ def test_a_chip_whose_hits_are_all_away_from_the_building_is_not_traced_and_noth
         x0, y0 = WINDOW[0] + rng.uniform(0, 17) * px / 0.3, WINDOW[1] + rng.uniform(0, 17)
         building = shapely.box(x0, y0, x0 + rng.uniform(0.5, 8), y0 + rng.uniform(0.5, 8))
         clip = building.buffer(0.5)
-        got = polygons_from_probability(prob, WINDOW, clip=clip, min_area_px=4)
+        got = polygons_from_probability(prob, WINDOW, clip=building, clip_buffer_m=0.5, min_area_px=4)
         whole = polygons_from_probability(prob, WINDOW, min_area_px=0)
         near = [] if whole.geometry is None else shapely.get_parts(shapely.intersection(whole.geometry, clip))
         kept = [g for g in near if g.geom_type == "Polygon" and g.area >= 4 * px * px]

@@ -63,18 +63,18 @@ def segmentation_columns(
     out_probs: list[str | None] = [None] * n
     geoms: list[shapely.Geometry | None] = [None] * n
     peak = probs[:, 1:].reshape(n, c - 1, -1).max(axis=2)  # (N, C-1), over the whole chip
+    hit = peak.max(axis=1) > threshold
     for i in range(n):
-        if peak[i].max() <= threshold:  # nothing anywhere in the chip: no polygon, no tracing
+        if not hit[i]:  # nothing anywhere in the chip: no polygon, no tracing
             p = peak[i]
         else:
             fp = footprints[i]
             fp = shapely.from_wkb(fp) if isinstance(fp, bytes) else fp
-            clip = fp.buffer(buffer_m) if fp is not None else None
             best = None
             p = np.zeros(c - 1)
             for k in range(1, c):
                 found = polygons_from_probability(
-                    probs[i, k], windows[i], threshold=threshold, min_area_px=min_area, clip=clip
+                    probs[i, k], windows[i], threshold=threshold, min_area_px=min_area, clip=fp, clip_buffer_m=buffer_m
                 )
                 if found.geometry is not None:
                     p[k - 1] = max(found.score, threshold)

@@ -78,13 +78,14 @@ def polygons_from_probability(
     threshold: float = 0.5,
     min_area_px: int = 4,
     clip: shapely.Geometry | None = None,
+    clip_buffer_m: float = 0.0,
 ) -> ChipPolygons:
     """Vectorise one class's probability map (S×S) into map polygons.
 
     Pixels above ``threshold`` are traced along pixel edges, simplified by
     half a pixel (the staircase of a straight edge goes, the corners stay),
     specks under ``min_area_px`` pixels dropped, and the rest clipped to
-    ``clip`` (the building footprint, slightly buffered): a panel on the
+    ``clip`` (the building footprint) grown by ``clip_buffer_m``: a panel on the
     neighbour's roof, visible in the chip's margin, is not this building's.
     """
     size = prob.shape[-1]
@@ -92,15 +93,19 @@ def polygons_from_probability(
     if not mask.any():
         return ChipPolygons(None, 0.0, 0.0)
     tr = chip_transform(window, size)
-    if clip is not None and not mask[_pixel_window(clip.bounds, tr, size)].any():
-        # nothing near the building (a panel on the neighbour's roof): what tracing would find, the clip removes
-        return ChipPolygons(None, 0.0, 0.0)
+    if clip is not None:
+        minx, miny, maxx, maxy = clip.bounds
+        near = (minx - clip_buffer_m, miny - clip_buffer_m, maxx + clip_buffer_m, maxy + clip_buffer_m)
+        if not mask[_pixel_window(near, tr, size)].any():
+            # nothing near the building (a panel on the neighbour's roof): what tracing would find, the clip
+            # removes; the buffer is only drawn for the chips traced
+            return ChipPolygons(None, 0.0, 0.0)
     px_area = abs(tr.a * tr.e)
     polys = [shapely.geometry.shape(g) for g, v in features.shapes(mask, mask=mask.astype(bool), transform=tr) if v]
     geoms = shapely.simplify(np.array(polys, dtype=object), abs(tr.a) / 2)
     geoms = geoms[shapely.area(geoms) >= min_area_px * px_area]
     if clip is not None and len(geoms):
-        geoms = shapely.intersection(geoms, clip)
+        geoms = shapely.intersection(geoms, clip.buffer(clip_buffer_m) if clip_buffer_m else clip)
         geoms = np.array([p for g in geoms for p in shapely.get_parts(g) if p.geom_type == "Polygon"], dtype=object)
         if len(geoms):
             geoms = geoms[shapely.area(geoms) >= min_area_px * px_area]
