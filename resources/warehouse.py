@@ -14,6 +14,7 @@ share a Dagster concurrency pool.
 
 from __future__ import annotations
 
+import os
 import time
 from abc import abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
@@ -148,6 +149,32 @@ class Warehouse(ConfigurableResource):
         """Environment variables dbt's profile reads to reach this warehouse."""
 
 
+#: A new DuckDB file's headers (one main, two database headers of 4 KiB): smaller, it is still being written.
+DUCKDB_HEADERS_BYTES = 3 * 4096
+#: How long a file without its headers may be another process's creation rather than a bad file.
+CREATION_WINDOW_S = 30.0
+
+
+def _locked(exc: duckdb.IOException) -> bool:
+    return "lock" in str(exc).lower()
+
+
+def _being_created(path: str, exc: duckdb.IOException) -> bool:
+    """Another process is creating the file: DuckDB found it before its headers were written.
+
+    Two steps that write a warehouse nobody has written yet (a backfill's first
+    partitions) both create it; the second must wait like for a lock, not fail.
+    A file that stays without headers, or a big file that is not DuckDB, is an error.
+    """
+    if "not a valid duckdb database file" not in str(exc).lower():
+        return False
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return True
+    return st.st_size < DUCKDB_HEADERS_BYTES and time.time() - st.st_mtime < CREATION_WINDOW_S
+
+
 class DuckDBWarehouse(Warehouse):
     """A DuckDB file as the warehouse (the embedded default)."""
 
@@ -169,7 +196,7 @@ class DuckDBWarehouse(Warehouse):
                 con = duckdb.connect(self.path, read_only=read_only, config={"autoinstall_known_extensions": False})
                 break
             except duckdb.IOException as exc:
-                if "lock" not in str(exc).lower() or time.monotonic() > deadline:
+                if not (_locked(exc) or _being_created(self.path, exc)) or time.monotonic() > deadline:
                     raise
                 get_dagster_logger().info(f"{self.path} is locked by another process; retrying in {delay:.1f} s")
                 time.sleep(delay)

@@ -8,8 +8,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
+import duckdb
 import geopandas as gpd
 import pyogrio
 import pytest
@@ -61,6 +64,44 @@ def test_two_partitions_written_at_once_by_two_processes_both_land_whole(tmp_pat
     )
     got = {r.departement: (r.n, r.d) for r in rows.itertuples()}
     assert got == {dep: (n, n) for dep, n in sizes.items()}
+
+
+def test_a_warehouse_file_another_writer_is_creating_is_waited_for_and_a_bad_one_named(tmp_path):
+    """Two first writers create the file at once: the one that finds it without its headers waits.
+
+    Seen once under load: the second process opened the file the first had just created and got
+    "not a valid DuckDB database file". A file that stays headerless, or a big non-DuckDB file, fails at once.
+    """
+    db = tmp_path / "w.duckdb"
+    db.touch()  # created, headers not yet written: what the second writer finds
+    done = tmp_path / "done.duckdb"
+    duckdb.connect(str(done)).close()
+
+    def finish_creation() -> None:
+        time.sleep(0.6)
+        os.replace(done, db)
+
+    writer = threading.Thread(target=finish_creation)
+    writer.start()
+    t0 = time.monotonic()
+    with DuckDBWarehouse(path=str(db), lock_timeout_s=30).connect() as con:
+        assert con.execute("select 42").fetchone() == (42,)
+    writer.join()
+    assert time.monotonic() - t0 >= 0.5  # it waited for the creation rather than failing
+
+    stale = tmp_path / "stale.duckdb"
+    stale.touch()
+    os.utime(stale, (time.time() - 120, time.time() - 120))  # headerless for two minutes: not a creation
+    big = tmp_path / "notes.duckdb"
+    big.write_text("not a database\n" * 2000)
+    for bad in (stale, big):
+        t0 = time.monotonic()
+        with (
+            pytest.raises(duckdb.IOException, match="not a valid DuckDB database file"),
+            DuckDBWarehouse(path=str(bad), lock_timeout_s=30).connect(),
+        ):
+            pass
+        assert time.monotonic() - t0 < 5
 
 
 def _published(warehouse: DuckDBWarehouse, dep: str) -> dict[str, list[str]]:
