@@ -3,7 +3,9 @@
 A real PostgreSQL server is started on 127.0.0.1; the instance is built from
 the repository's prod.yaml with only the environment variables it names, a
 partition is materialized through it, and the test then reads Postgres
-directly: the run and its materialization events must be there.
+directly: the run and its materialization events must be there. prod.yaml also
+keeps the steps' stdout/stderr in Cloud Storage: the storage emulator stands in
+(``STORAGE_EMULATOR_HOST``, see ``tests/test_compute_logs.py``).
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from dagster import AssetKey, DagsterInstance, materialize
 
 from orchestration.definitions import all_assets
 from orchestration.environment import REPO_ROOT
-from tests.standins.servers import postgres_server
+from resources.gcs import gcs_client
+from tests.standins.servers import gcs_emulator, postgres_server
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow, pytest.mark.xdist_group("postgres")]
 
@@ -28,9 +31,21 @@ def pg():
         yield server
 
 
+@pytest.fixture(scope="module")
+def log_bucket(tmp_path_factory):
+    """The Cloud Storage emulator with the bucket prod.yaml's compute logs go to: {variable: value}."""
+    with gcs_emulator(tmp_path_factory.mktemp("gcs")) as url:
+        gcs_client(url).create_bucket("bativision-logs")
+        yield {
+            "STORAGE_EMULATOR_HOST": url,
+            "BATIVISION_GCS_BUCKET": "bativision-logs",
+            "BATIVISION_COMPUTE_LOG_PREFIX": "bativision/compute-logs",
+        }
+
+
 @pytest.fixture
-def instance(pg, tmp_path, monkeypatch):
-    for k, v in pg.env().items():
+def instance(pg, log_bucket, tmp_path, monkeypatch):
+    for k, v in {**pg.env(), **log_bucket}.items():
         monkeypatch.setenv(k, v)
     home = tmp_path / "dagster_home"
     home.mkdir()
@@ -45,6 +60,7 @@ def test_prod_instance_stores_runs_events_and_schedules_in_postgres(instance):
     assert type(instance.run_storage).__name__ == "PostgresRunStorage"
     assert type(instance.event_log_storage).__name__ == "PostgresEventLogStorage"
     assert type(instance.schedule_storage).__name__ == "PostgresScheduleStorage"
+    assert type(instance.compute_log_manager).__name__ == "GCSComputeLogManager"
 
 
 def test_a_materialized_partition_is_recorded_in_postgres(instance, pg, small_dep, tmp_path, monkeypatch):
@@ -79,7 +95,7 @@ def test_a_materialized_partition_is_recorded_in_postgres(instance, pg, small_de
 
 @pytest.mark.reliability
 def test_the_storage_password_given_by_the_environment_is_nowhere_in_the_run_records(
-    instance, pg, small_dep, tmp_path, monkeypatch
+    instance, pg, log_bucket, small_dep, tmp_path, monkeypatch
 ):
     """prod.yaml reads DAGSTER_PG_PASSWORD from the environment: no run config, tag, event or log line holds it."""
     monkeypatch.setenv("BATIVISION_DATA_DIR", str(tmp_path / "data"))
@@ -104,3 +120,7 @@ def test_the_storage_password_given_by_the_environment_is_nowhere_in_the_run_rec
         con.close()
     events = instance.all_logs(result.run_id)
     assert events and not [e for e in events if pg.password in (e.message or "") or pg.password in str(e.dagster_event)]
+    # nor the step's stdout/stderr, which prod.yaml keeps in the bucket
+    bucket = gcs_client(log_bucket["STORAGE_EMULATOR_HOST"]).bucket(log_bucket["BATIVISION_GCS_BUCKET"])
+    logs = [b for b in bucket.list_blobs(prefix=log_bucket["BATIVISION_COMPUTE_LOG_PREFIX"]) if result.run_id in b.name]
+    assert logs and not [b.name for b in logs if pg.password.encode() in b.download_as_bytes()]
