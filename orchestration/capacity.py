@@ -65,12 +65,8 @@ ESTIMATE = "estimate"
 # and JPEG / JPEG 2000 tiles (decoded by GDAL, not the fast path) are slower; nothing measured them.
 CROP_CHIPS_PER_S_PER_CORE = 5_000.0
 
-# Stated, not measured on the production GPU: plausible images/s of each shipped model on one NVIDIA
-# L4 (g2-standard-8), 64 × 64 chips, batch 512 under autocast, from stored shards to rows. The only GPU
-# measured is an H200 (`make bench-cuda`, README "Benchmarks": the step's compute without Dagster and
-# the warehouse load, 300,000 buildings): roof_type 173,969, solar_panels 53,572, both 45,387 images/s,
-# bound by one CPU core, not by the GPU. An L4 has a fraction of an H200's fp16 throughput; until one is
-# measured the figures below stay the conservative plan.
+# Stated for one NVIDIA L4 (g2-standard-8), 64 × 64 chips, batch 512, shards to rows: no L4 was measured. An H200
+# was (make bench-cuda, README): both models 45,387 images/s, bound by one CPU core; an L4 has a fraction of its fp16.
 GPU_IMAGES_PER_S: Mapping[str, float] = MappingProxyType({ROOF_TYPE: 8_000.0, SOLAR_PANELS: 2_000.0})
 
 # Measured: `make bench-infer` (README "Benchmarks"), the real `predictions` step on CPU, 50,000
