@@ -44,16 +44,11 @@ from ops.cpus import available_cpus
 from ops.ml.batch_size import choose_batch_size
 from ops.ml.card import check_outputs, load_model
 from ops.ml.inference import BatchRunner, forward_fn, pick_device, reuse_freed_memory
-from ops.ml.predict import ModelRun, check_partition, predict_partition
+from ops.ml.predict import ModelRun, check_partition
 from ops.shards import list_shards
-from tests.realchips import real_chips, write_partition
+from tests.realchips import real_chips, shipped_model, stage_predictions, write_partition
 
-MODELS = Path(__file__).parents[1] / "models"
 DEP = "33"
-
-
-def model_dir(name: str) -> Path:
-    return MODELS / name / (MODELS / name / "CURRENT").read_text().strip()
 
 
 def ours(names: list[str], folder: Path, buildings: Path, out: Path, device: torch.device) -> tuple[float, dict]:
@@ -63,7 +58,7 @@ def ours(names: list[str], folder: Path, buildings: Path, out: Path, device: tor
     t0 = time.perf_counter()
     runs = []
     for name in names:
-        model, card = load_model(model_dir(name), device)
+        model, card = load_model(shipped_model(name), device)
         check_outputs(model, card, device)
         runs.append(ModelRun(card, BatchRunner(forward_fn(model, device), 1 << 30)))
     shards = list_shards(folder)
@@ -73,20 +68,7 @@ def ours(names: list[str], folder: Path, buildings: Path, out: Path, device: tor
     for r in runs:
         r.runner.max_batch = batch.size
     shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    staged = {r.card.name: out / f"{r.card.name}.parquet" for r in runs}
-    tally = predict_partition(
-        folder,
-        shards,
-        runs,
-        batch.size,
-        departement=DEP,
-        buildings=buildings,
-        staged=staged,
-        scratch=out / "scratch",
-        run_id="bench-cuda",
-        pin_memory=device.type == "cuda",
-    )
+    tally, staged = stage_predictions(folder, buildings, shards, runs, batch.size, out, device.type == "cuda")
     seconds = time.perf_counter() - t0
     rows = {n: pq.ParquetFile(p).metadata.num_rows for n, p in staged.items()}
     if any(v != expected for v in rows.values()):
@@ -117,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     results = {}
     for names in (["roof_type"], ["solar_panels"], ["roof_type", "solar_panels"]):
         key = "+".join(names)
-        models = [load_model(model_dir(n), device)[0] for n in names]
+        models = [load_model(shipped_model(n), device)[0] for n in names]
         pairs = []
         for _ in range(args.repeats):
             fo = [forward_only(m, chips, candidates, 1, device) for m in models]

@@ -19,9 +19,11 @@ import shapely
 
 from ops.geo.footprints import BUILDINGS_SCHEMA, write_buildings_geoparquet
 from ops.geo.grid import cell_ids
+from ops.ml.predict import ModelRun, PartitionPredictions, predict_partition
 from ops.shards import INDEX_SCHEMA, partial_path, publish_shard, shard_paths
 from tests.realdata import IGN_ORTHO
 
+MODELS = Path(__file__).parents[1] / "models"
 EPSG = 2154
 RES_M = 0.2  # the orthophoto's pixel: a 64 px chip covers 12.8 m
 
@@ -126,3 +128,29 @@ def write_partition(
             publish_shard(folder, shard, index, meta)
             shards.append(shard)
     return folder, buildings, shards
+
+
+def shipped_model(name: str) -> Path:
+    """The folder of a shipped model's current version (``models/<name>/CURRENT``)."""
+    return MODELS / name / (MODELS / name / "CURRENT").read_text().strip()
+
+
+def stage_predictions(
+    root: Path, buildings: Path, shards: list[str], runs: list[ModelRun], batch: int, out: Path, pin_memory: bool
+) -> tuple[PartitionPredictions, dict[str, Path]]:
+    """``predict_partition`` over the partition of :func:`write_partition`: each model's rows staged under ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    staged = {r.card.name: out / f"{r.card.name}.parquet" for r in runs}
+    tally = predict_partition(
+        root,
+        shards,
+        runs,
+        batch,
+        departement="33",
+        buildings=buildings,
+        staged=staged,
+        scratch=out / "scratch",
+        run_id=f"realchips-{out.name}",
+        pin_memory=pin_memory,
+    )
+    return tally, staged

@@ -17,21 +17,20 @@ import torch
 
 from ops.ml.card import load_model
 from ops.ml.inference import BatchRunner, forward_fn
-from ops.ml.predict import ModelRun, predict_partition
+from ops.ml.predict import ModelRun
 from ops.ml.training import TrainConfig, predict_logits, train_classifier
-from tests.realchips import real_chips, write_partition
+from tests.realchips import real_chips, shipped_model, stage_predictions, write_partition
 
 pytestmark = [
     pytest.mark.cuda,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 
-MODELS = Path(__file__).parents[1] / "models"
 CUDA, CPU = torch.device("cuda"), torch.device("cpu")
 
 
 def shipped(name: str, device: torch.device):
-    return load_model(MODELS / name / (MODELS / name / "CURRENT").read_text().strip(), device)
+    return load_model(shipped_model(name), device)
 
 
 @pytest.fixture(scope="module")
@@ -82,20 +81,7 @@ def _staged_rows(out: Path, folder: Path, buildings: Path, shards: list[str], de
     for name in ("roof_type", "solar_panels"):
         model, card = shipped(name, device)
         runs.append(ModelRun(card, BatchRunner(forward_fn(model, device), 512)))
-    out.mkdir(parents=True)
-    staged = {r.card.name: out / f"{r.card.name}.parquet" for r in runs}
-    tally = predict_partition(
-        folder,
-        shards,
-        runs,
-        512,
-        departement="33",
-        buildings=buildings,
-        staged=staged,
-        scratch=out / "scratch",
-        run_id=f"test-{device.type}",
-        pin_memory=device.type == "cuda",
-    )
+    tally, staged = stage_predictions(folder, buildings, shards, runs, 512, out, device.type == "cuda")
     return {"tally": tally, **{n: pq.read_table(p).to_pandas().set_index("building_id") for n, p in staged.items()}}
 
 

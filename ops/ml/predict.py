@@ -12,6 +12,7 @@ the warehouse to load.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -307,19 +308,13 @@ def predict_partition(
         segmenting = any(c.task == "segmentation" for c in cards)
         cell_files = split_by_cell(buildings, Path(tmp)) if segmenting else {}
 
-        last: dict[str, dict[str, bytes]] = {}
-
+        @functools.lru_cache(maxsize=1)  # one cell at a time: memory stays that of the biggest cell
         def footprints(cell: str) -> dict[str, bytes]:
             """A cell's footprints, read once for its consecutive shards (a dense cell has dozens)."""
             if cell not in cell_files:
                 return {}
-            if cell not in last:
-                t = pq.read_table(cell_files[cell])
-                last.clear()  # one cell at a time: memory stays that of the biggest cell
-                last[cell] = dict(
-                    zip(t.column("building_id").to_pylist(), t.column("geometry").to_pylist(), strict=True)
-                )
-            return last[cell]
+            t = pq.read_table(cell_files[cell])
+            return dict(zip(t.column("building_id").to_pylist(), t.column("geometry").to_pylist(), strict=True))
 
         try:
             results = predict_shards(
