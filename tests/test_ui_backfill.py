@@ -136,7 +136,7 @@ def browser(tmp_path):
 
 
 def test_a_backfill_of_two_departements_clicked_through_the_ui(dagster_dev, browser, tmp_path):
-    from selenium.common.exceptions import TimeoutException
+    from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support import expected_conditions as ec
@@ -184,10 +184,36 @@ def test_a_backfill_of_two_departements_clicked_through_the_ui(dagster_dev, brow
     wait.until(ec.element_to_be_clickable((By.XPATH, picker))).click()
     wait.until(ec.presence_of_element_located((By.XPATH, "//*[normalize-space()='Select all (101)']")))
     search = wait.until(ec.element_to_be_clickable((By.XPATH, "//input[@placeholder='Filter partitions']")))
-    for dep in ("12", "2A"):
-        search.clear()
+
+    def pick(dep: str) -> None:
+        """Filter the list down to ``dep`` and tick it, once the list has settled on the filter.
+
+        Why not ``clear()`` then click at once: ``clear()`` does not reach React's state (the
+        next key would append to the old filter), and a click while the list re-renders lands on
+        a label that is being replaced (stale) or on the row that the new list puts there.
+        """
+        label = f"//label[.//*[normalize-space()='{dep}']]"
+        search.send_keys(Keys.CONTROL, "a")
+        search.send_keys(Keys.BACKSPACE)
         search.send_keys(dep)
-        wait.until(ec.element_to_be_clickable((By.XPATH, f"//label[.//*[normalize-space()='{dep}']]"))).click()
+
+        def settled(b):  # the filter applied: our label shown, the unfiltered list's first entry gone
+            if search.get_attribute("value") != dep or b.find_elements(
+                By.XPATH, "//label[.//*[normalize-space()='01']]"
+            ):
+                return False
+            return b.find_elements(By.XPATH, label)
+
+        for _ in range(5):
+            try:
+                wait.until(settled)[0].click()
+                return
+            except StaleElementReferenceException:
+                time.sleep(0.5)
+        raise AssertionError(f"the backfill dialog's partition {dep} could not be ticked")
+
+    for dep in ("12", "2A"):
+        pick(dep)
     search.send_keys(Keys.ESCAPE)
     wait.until(ec.presence_of_element_located((By.XPATH, "//*[normalize-space()='2 partitions']")))
     shot("3-backfill-dialog")
