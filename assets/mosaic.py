@@ -43,8 +43,9 @@ class MosaicConfig(Config):
     group_name="ingest",
     kinds=kinds("gdal"),
     owners=PIPELINE,
-    # 2: overlapping, truncated tiles and mixed nodata refused; 3: a WMS/WMTS as source, JP2 converted on request
-    code_version="3",
+    # 2: overlapping, truncated tiles and mixed nodata refused; 3: a WMS/WMTS as source, JP2 converted on request;
+    # 4: gs:// tiles' generations in the imagery id, JP2 in a bucket converted (COGs in the store's bucket)
+    code_version="4",
     retry_policy=IO_RETRY,
     description="Virtual mosaic (VRT) over the département's orthophoto tiles, in its native CRS.",
 )
@@ -59,10 +60,14 @@ def ortho_mosaic(
         else:
             tiles = imagery.tiles(dep)
             context.log.info(f"partition {dep}: building a mosaic over {len(tiles)} tiles")
-        converted = _convert(context, config, dep, tiles, store) if config.convert != "never" else {}
-        tiles = [converted.get(t, t) for t in tiles]
+        versions = imagery.tile_versions(dep)
+        converted = _convert(context, config, dep, tiles, versions, imagery, store) if config.convert != "never" else {}
+        tiles = [converted[t][0] if t in converted else t for t in tiles]
+        versions |= {cog: digest for cog, digest in converted.values() if is_remote(cog)}
         vrt_key, info_key = keys.mosaic_vrt(dep), keys.mosaic_info(dep)
-        info = build_mosaic(tiles, store.path(vrt_key), name=f"ortho-{dep}", target_epsg=native_epsg(dep))
+        info = build_mosaic(
+            tiles, store.path(vrt_key), name=f"ortho-{dep}", target_epsg=native_epsg(dep), versions=versions
+        )
         store.path(info_key).write_text(info.to_json())
         w, h = info.bounds[2] - info.bounds[0], info.bounds[3] - info.bounds[1]
         return MaterializeResult(
@@ -82,20 +87,24 @@ def ortho_mosaic(
 
 
 def _convert(
-    context: AssetExecutionContext, config: MosaicConfig, dep: str, tiles: list[str], store: ObjectStore
-) -> dict[str, str]:
-    """{JP2 tile: its COG} for the département's JPEG 2000 tiles, converted or reused (see the module doc)."""
+    context: AssetExecutionContext,
+    config: MosaicConfig,
+    dep: str,
+    tiles: list[str],
+    versions: dict[str, str],
+    imagery: OrthoImagery,
+    store: ObjectStore,
+) -> dict[str, tuple[str, str]]:
+    """{JP2 tile: (its COG, the COG's source digest)} for the département's JPEG 2000 tiles, converted or reused.
+
+    Tiles in a bucket are downloaded one at a time for their conversion; with a bucket as store
+    the COGs are uploaded to it as they are finished and the mosaic reads them there (see
+    ``ops.imagery.convert``).
+    """
     jp2 = [t for t in tiles if t.lower().endswith(".jp2")]
-    key = keys.converted_tiles(dep)
     if not jp2:
         return {}
-    if any(is_remote(t) for t in jp2) or store.uri(key).startswith("gs://"):
-        # the COGs would have to be read from the bucket by the chips pods: not built yet (see README)
-        context.log.warning(
-            f"partition {dep}: convert={config.convert} is done on local tiles and a local object store only; "
-            f"the {len(jp2)} JPEG 2000 tiles are cropped as they are"
-        )
-        return {}
+    key = keys.converted_tiles(dep)
     t0 = time.perf_counter()
 
     def progress(done: int, total: int, c) -> None:
@@ -103,11 +112,12 @@ def _convert(
             how = "reused" if c.reused else f"converted in {c.seconds:.1f} s"
             context.log.info(f"partition {dep}: {done}/{total} JPEG 2000 tiles to COG ({Path(c.source).name} {how})")
 
-    done = convert_tiles(jp2, store.folder(key), compression=config.convert, threads=available_cpus(),
-                         progress=progress)  # fmt: skip
+    done = convert_tiles(jp2, store.cogs(key), compression=config.convert, threads=available_cpus(),
+                         versions=versions, fetch=imagery.download, progress=progress)  # fmt: skip
     fresh = [c for c in done if not c.reused]
     context.log.info(
         f"partition {dep}: {len(fresh)} tiles converted, {len(done) - len(fresh)} reused, "
-        f"{sum(c.bytes for c in done) / 2**20:,.0f} MiB of COGs, in {time.perf_counter() - t0:.1f} s"
+        f"{sum(c.bytes for c in done) / 2**20:,.0f} MiB of COGs in {store.uri(key)}, "
+        f"in {time.perf_counter() - t0:.1f} s"
     )
-    return {c.source: str(c.path) for c in done}
+    return {c.source: (c.location, c.digest) for c in done}

@@ -18,6 +18,7 @@ Imagery is not copied: tiles under ``gs://`` are read in place through GDAL's
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 import threading
@@ -30,8 +31,10 @@ from dagster_gcp import GCSResource
 from google.api_core import exceptions as gexc
 from google.api_core.retry import if_transient_error
 from google.cloud import storage
+from google.cloud.storage.retry import DEFAULT_RETRY
 from pydantic import Field, PrivateAttr
 
+from ops.imagery.convert import DIGEST_TAG, SOURCE_TAG, cog_name
 from ops.imagery.remote import HTTP_TIMEOUT_S, FetchError, TransientFetchError
 from resources.gcp import client_options, credentials_for
 from resources.object_store import ObjectStore
@@ -180,6 +183,10 @@ class GcsObjectStore(ObjectStore):
     def uri(self, key: str) -> str:
         return f"gs://{self.bucket}/{self.blob_name(key)}"
 
+    def cogs(self, key: str) -> GcsCogs:
+        """The prefix ``key`` of the bucket as the home of converted COGs (uploaded one by one, read in place)."""
+        return GcsCogs(self.client(), self.bucket, self.blob_name(key), Path(self.root) / "convert")
+
     def exists(self, key: str) -> bool:
         key = key.strip("/")
         if (self._local() / key).exists():
@@ -225,6 +232,63 @@ class GcsObjectStore(ObjectStore):
         if n:
             get_dagster_logger().info(f"uploaded {n} file(s) to gs://{self.bucket}/{self.blob_name('')}")
         return n
+
+
+class GcsCogs:
+    """Converted COGs under a prefix of the store's bucket, read in place by the chips pods (``/vsigs/``).
+
+    Why not the store's local mirror: a département's COGs are tens of gigabytes, and every chips
+    pod would download them all; here each COG is uploaded once, as it is finished, with the
+    digest of its source in the object's metadata, so that deciding what to reuse lists the prefix
+    and downloads nothing (``ops.imagery.convert.CogDestination``).
+
+    Why the digest is in the object's name too (``<stem>.<digest>.tif``): a COG made from a new
+    vintage of a tile is a new object, never an old path with new bytes. GDAL caches what it has
+    read of a ``/vsigs/`` path for the life of the process (the old header with the new blocks gave
+    "Premature end of JPEG file"), and a mosaic written before the new vintage keeps reading the
+    COG it names until it is rebuilt.
+    """
+
+    def __init__(self, client: storage.Client, bucket: str, prefix: str, scratch: Path) -> None:
+        self.client, self.bucket, self.prefix = client, bucket, prefix.strip("/")
+        self._scratch = scratch
+        self._objects: dict[str, list[storage.Blob]] = {}  # COG name → its objects (one, unless a put was cut)
+
+    def recorded(self) -> dict[str, str]:
+        self._objects.clear()
+        found: dict[str, str] = {}
+        blobs = self.client.list_blobs(self.bucket, prefix=self.prefix + "/", retry=DEFAULT_RETRY)
+        for b in sorted(blobs, key=lambda b: b.updated or 0):  # the newest last: it is the one kept
+            meta = b.metadata or {}
+            if DIGEST_TAG in meta and SOURCE_TAG in meta and "/" not in b.name[len(self.prefix) + 1 :]:
+                name = cog_name(meta[SOURCE_TAG])  # ours (foreign objects carry no digest): left alone otherwise
+                self._objects.setdefault(name, []).append(b)
+                found[name] = meta[DIGEST_TAG]
+        return found
+
+    def scratch(self) -> Path:
+        self._scratch.mkdir(parents=True, exist_ok=True)
+        return self._scratch
+
+    def put(self, name: str, cog: Path, digest: str, source: str) -> str:
+        blob = self.client.bucket(self.bucket).blob(f"{self.prefix}/{Path(name).stem}.{digest}.tif")
+        blob.metadata = {DIGEST_TAG: digest, SOURCE_TAG: source}
+        # one request per COG (a few MB) to an object name of its own: retrying it is safe
+        blob.upload_from_filename(str(cog), retry=DEFAULT_RETRY, timeout=HTTP_TIMEOUT_S)
+        self.remove(name)  # the older vintages, once the new one is there
+        self._objects[name] = [blob]
+        return self.location(name)
+
+    def location(self, name: str) -> str:
+        return f"/vsigs/{self.bucket}/{self._objects[name][-1].name}"
+
+    def size(self, name: str) -> int:
+        return int(self._objects[name][-1].size or 0)
+
+    def remove(self, name: str) -> None:
+        for blob in self._objects.pop(name, []):
+            with contextlib.suppress(gexc.NotFound):
+                blob.delete(retry=DEFAULT_RETRY)
 
 
 _TRANSIENT = (

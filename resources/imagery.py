@@ -29,7 +29,7 @@ from pydantic import Field
 
 from ops.geo.departements import native_epsg
 from ops.imagery.mosaic import TILE_SUFFIXES, find_tiles, tiles_digest
-from ops.imagery.remote import HTTP_TIMEOUT_S, ByPrefixReader, HttpRangeReader, RangeReader
+from ops.imagery.remote import HTTP_TIMEOUT_S, ByPrefixReader, HttpRangeReader, RangeReader, download, is_remote
 from ops.imagery.wms import GEOPLATEFORME_LAYER, LayerGrid, WmsLayer, gdal_wms_xml, open_layer, write_service_tile
 from ops.imagery.wmts import WmtsLayer, gdal_wmts_xml, open_wmts_layer
 from resources.gcs import GcsRangeReader, download_prefix, gcs_client, split_gs_uri
@@ -148,6 +148,23 @@ class OrthoImagery(ConfigurableResource):
         if not folder.is_dir():
             raise MissingInputError(f"partition {departement}: no imagery folder at {folder.resolve()}")
         return find_tiles(folder)
+
+    def tile_versions(self, departement: str) -> dict[str, str]:
+        """{tile: what identifies its content} where a stat can't tell: a gs:// tile's size and generation.
+
+        Local tiles are left out: their size and modification time are read where needed. Why it
+        matters: a new vintage of a tile uploaded under the same name must change the mosaic's
+        ``imagery_id`` (so chips are cut again) and be converted again.
+        """
+        if self.wms_url or not is_gs(self.root):
+            return {}
+        return {path: f"{size}:{gen}" for path, size, gen in self._gs_tiles(departement)}
+
+    def download(self, tile: str, folder: Path) -> Path:
+        """A remote tile copied whole to ``folder`` (retried with backoff); a local one as it is."""
+        if not is_remote(tile):
+            return Path(tile)
+        return download(self.range_reader(), tile, folder)
 
     def range_reader(self) -> RangeReader:
         """Where the chips step's prefetch reads remote tiles' bytes: Cloud Storage, HTTP, or local files."""

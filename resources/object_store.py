@@ -18,6 +18,8 @@ from pathlib import Path
 from dagster import ConfigurableResource
 from pydantic import Field
 
+from ops.imagery.convert import CogDestination, LocalCogs
+
 
 class ObjectStore(ConfigurableResource):
     """What assets need from an object store, whichever is behind it (assets annotate with this base)."""
@@ -37,6 +39,10 @@ class ObjectStore(ConfigurableResource):
     @abstractmethod
     def uri(self, key: str) -> str:
         """Where ``key`` lives, for people (``file://``, ``gs://``)."""
+
+    @abstractmethod
+    def cogs(self, key: str) -> CogDestination:
+        """The prefix ``key`` as the home of converted COGs, which GDAL reads where they are stored."""
 
     @abstractmethod
     def exists(self, key: str) -> bool:
@@ -70,6 +76,9 @@ class LocalObjectStore(ObjectStore):
 
     def uri(self, key: str) -> str:
         return self.path(key).as_uri()
+
+    def cogs(self, key: str) -> LocalCogs:
+        return LocalCogs(self.folder(key))
 
     def exists(self, key: str) -> bool:
         return self._abs(key).exists()

@@ -404,3 +404,21 @@ def test_a_cloud_storage_read_cut_short_or_stalled_is_retryable_and_names_the_ob
                 reader.read("/vsigs/tiles/t00.tif", 1000, 301000)  # request 2: the fault
             assert reader.read("/vsigs/tiles/t00.tif", 5, 9) == data[5:9]
     assert faults.injected == 1
+
+
+def test_a_tile_copied_whole_for_its_conversion_survives_503s_and_one_that_keeps_failing_is_named(
+    scene, faults, tmp_path
+):
+    """A JPEG 2000 tile in a bucket is copied whole before its conversion to COG (``ops.imagery.convert``)."""
+    from ops.imagery.remote import GaveUpError, download
+
+    root, _, local, _, url, _, _ = scene
+    name = Path(local.tiles[0].path).name
+    faults.set(every=2, status=503)
+    got = download(HttpRangeReader(), f"/vsicurl/{url}/{name}", tmp_path / "a", chunk=4096, policy=FAST_RETRY)
+    assert got.read_bytes() == (root / "www" / name).read_bytes()
+    assert faults.sent().get("503", 0) >= 2  # the copy really was hit, in several of its ranges
+    faults.set(broken=[name])
+    with pytest.raises(GaveUpError, match=rf"{url}/{name} bytes 0-4096: still failing after 4 attempts"):
+        download(HttpRangeReader(), f"/vsicurl/{url}/{name}", tmp_path / "b", chunk=4096, policy=FAST_RETRY)
+    assert list((tmp_path / "b").iterdir()) == []  # no partial copy left behind

@@ -19,6 +19,7 @@ only pointed at servers on 127.0.0.1: the ``local-bigquery`` emulator and
 
 from __future__ import annotations
 
+import re
 import uuid
 from pathlib import Path
 
@@ -362,3 +363,96 @@ def test_an_injection_on_bigquery_touches_no_row_and_names_are_refused(materiali
         with pytest.raises(ValueError, match="unknown warehouse table|no column"):
             wh.replace_partition(table, "12", [], where=where)
     assert counts() == before
+
+
+@pytest.mark.reliability
+def test_jp2_tiles_in_a_bucket_are_converted_into_the_bucket_and_kept_in_step(cloud, tmp_path_factory, tmp_path):
+    """BD ORTHO in a bucket, monthly reprocessing (convert: jpeg): the COGs land in the store's bucket, once.
+
+    What a user checks: the mosaic reads the COGs in place (``/vsigs/``), the chips pods' chips are
+    those of the same conversion and crop done on local disk, a second month uploads nothing, a new
+    vintage of a tile (same name, new generation) is converted again and changes the imagery id
+    (the chips are cut again) — even without conversion —, a tile gone from the bucket takes its COG.
+    """
+    import rasterio
+
+    from ops.crop.partition import crop_partition
+    from ops.crop.spec import ChipSpec
+    from ops.imagery.convert import DIGEST_TAG, SOURCE_TAG, convert_tiles
+    from ops.imagery.mosaic import build_mosaic, find_tiles
+    from ops.shards import list_shards, open_chips, read_index
+    from synthetic import generate_departement
+    from tests.test_convert import _rewrite_inverted
+
+    resources, gcs, _ = cloud
+    dep = generate_departement(tmp_path_factory.mktemp("jp2src"), "81", 80, seed=5, tile_px=500, imagery_format="jp2")
+    bucket = gcs.bucket(BUCKET)
+    assert upload_folder(gcs, dep.root, BUCKET, "sources/81") > 0
+    jp2 = sorted(p.name for p in dep.ortho_dir.glob("*.jp2"))
+    cog_prefix = "bativision/mosaic/81/cog/"
+
+    def mosaic(convert: str) -> tuple[dict, dict]:
+        r = _run(resources, ["ortho_mosaic"], "81", {"ops": {"ortho_mosaic": {"config": {"convert": convert}}}})
+        md = {k: v.value for k, v in r.asset_materializations_for_node("ortho_mosaic")[0].metadata.items()}
+        blobs = list(gcs.list_blobs(BUCKET, prefix=cog_prefix))
+        cogs = {b.metadata[SOURCE_TAG]: b for b in blobs}
+        assert len(cogs) == len(blobs)  # one COG per tile, nothing else left there (no older vintage, no temporary)
+        assert all(b.name == f"{cog_prefix}{Path(n).stem}.{b.metadata[DIGEST_TAG]}.tif" for n, b in cogs.items())
+        return md, cogs
+
+    _run(resources, ["buildings"], "81")
+    plain, none = mosaic("never")
+    assert none == {} and plain["tiles_converted"] == "none"
+
+    first, cogs = mosaic("jpeg")
+    assert first["tiles_converted"] == f"{len(jp2)} JPEG 2000 → jpeg COG"
+    assert sorted(cogs) == jp2
+    vrt = bucket.blob("bativision/mosaic/81/mosaic.vrt").download_as_text()
+    named = set(re.findall(rf"/vsigs/{BUCKET}/({cog_prefix}[^<]+)<", vrt))  # once per band
+    assert named == {b.name for b in cogs.values()} and "/sources/81/ortho/" not in vrt
+    assert first["imagery_id"] != plain["imagery_id"]
+
+    # the chips pods crop the COGs in the bucket: the chips of the same conversion and crop on local disk
+    chips_md = _run(resources, ["chips"], "81").asset_materializations_for_node("chips")[0].metadata
+    assert chips_md["prefetch_blocks"].value > 0
+    local_cogs = tmp_path / "cogs"
+    convert_tiles(find_tiles(dep.ortho_dir), local_cogs, compression="jpeg")
+    parquet = tmp_path / "buildings.parquet"
+    bucket.blob("bativision/buildings/81/buildings.parquet").download_to_filename(str(parquet))
+    info = build_mosaic(find_tiles(local_cogs), tmp_path / "local.vrt", name="local")
+    list(crop_partition(parquet, info, tmp_path / "local", ChipSpec(), buildings_fingerprint="x"))
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    shards = list_shards(tmp_path / "local")
+    assert shards
+    for s in shards:
+        for suffix in (".chips.npy", ".index.parquet"):
+            bucket.blob(f"bativision/chips/81/{s}{suffix}").download_to_filename(str(remote / (s + suffix)))
+        assert np.array_equal(open_chips(remote, s), open_chips(tmp_path / "local", s)), s
+        assert read_index(remote, s)["status"].equals(read_index(tmp_path / "local", s)["status"]), s
+
+    second, again = mosaic("jpeg")  # next month, nothing changed: nothing converted, nothing uploaded
+    assert {n: b.generation for n, b in again.items()} == {n: b.generation for n, b in cogs.items()}
+    assert second["imagery_id"] == first["imagery_id"]
+
+    # a new vintage of one tile, uploaded under the same name
+    changed = dep.ortho_dir / jp2[1]
+    _rewrite_inverted(changed)
+    bucket.blob(f"sources/81/ortho/{changed.name}").upload_from_filename(str(changed))
+    plain2, _ = mosaic("never")
+    assert plain2["imagery_id"] != plain["imagery_id"]  # the generation counts, not only the name
+    third, after = mosaic("jpeg")
+    assert {n for n in after if after[n].name != cogs[n].name} == {changed.name}  # a new object for it alone
+    assert {n: b.generation for n, b in after.items() if n != changed.name} == {
+        n: b.generation for n, b in cogs.items() if n != changed.name
+    }
+    assert third["imagery_id"] != first["imagery_id"]
+    with rasterio.open(f"/vsigs/{BUCKET}/{after[changed.name].name}") as d, rasterio.open(changed) as s:
+        assert np.abs(d.read().astype(np.int16) - s.read().astype(np.int16)).mean() < 3  # the new vintage's pixels
+
+    # a tile withdrawn from the bucket: its COG goes too, the others stay untouched
+    gone = jp2[-1]
+    bucket.blob(f"sources/81/ortho/{gone}").delete()
+    _, last = mosaic("jpeg")
+    assert sorted(last) == [n for n in jp2 if n != gone]
+    assert {n: b.generation for n, b in last.items()} == {n: after[n].generation for n in last}

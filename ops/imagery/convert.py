@@ -21,11 +21,20 @@ Why it is built this way:
 - **No overviews.** The crop reads full resolution only; overviews would cost a third more bytes
   and time for nothing it reads.
 - **Kept in step with the sources.** Each COG carries, in its GDAL metadata, its source's name
-  and a digest of the source's name, size and modification time and of the conversion settings.
+  and a digest of the source's name, version (size and modification time of a file, size and
+  generation of a Cloud Storage object) and of the conversion settings.
   A COG whose digest still matches is reused untouched; a changed source (or changed settings) is
   converted again; a COG of ours whose source is no longer in the list is deleted. That is how the
   converted imagery is invalidated when the tiles change. Every file is written under a ``.tmp``
   name and renamed into place, so a reader (or a resumed run) never sees half a COG.
+
+- **Where they live.** A :class:`CogDestination`: a local folder (:class:`LocalCogs`), or in
+  production a prefix of the object store's bucket (``resources.gcs.GcsCogs``) whose objects
+  record the digest in their metadata, so that deciding what to reuse lists the prefix and
+  downloads nothing. Remote sources (``/vsigs/``) are copied whole to a local file for their
+  conversion (a JPEG 2000 tile is decoded whole anyway) and the copy deleted; the mosaic then
+  names the COGs by their ``/vsigs/`` path and the chips pods read them in place, as they read
+  source tiles.
 
 The caller holds the partition's lock (``ops.locks``): two conversions of one folder at a time
 are not guarded here.
@@ -39,7 +48,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 import rasterio
 import rasterio.errors
@@ -71,10 +80,16 @@ class ConvertedTile:
     """One source tile and its COG: ``reused`` when the COG already matched the source."""
 
     source: str
-    path: Path
+    location: str
     reused: bool
     seconds: float
     bytes: int
+    digest: str  # of the source and settings: identifies the COG's content wherever it is stored
+
+    @property
+    def path(self) -> Path:
+        """The COG as a local path (meaningful for a local destination)."""
+        return Path(self.location)
 
 
 def cog_options(compression: Compression, block: int, threads: int) -> dict[str, str]:
@@ -87,17 +102,32 @@ def cog_options(compression: Compression, block: int, threads: int) -> dict[str,
     raise ValueError(f"compression must be 'jpeg' or 'deflate', got {compression!r}")
 
 
-def source_digest(source: str | Path, compression: Compression, block: int) -> str:
-    """A digest of the source's name, size and modification time, and of the settings it is converted with."""
-    p = Path(source)
-    st = p.stat()
-    key = f"{p.name}:{st.st_size}:{st.st_mtime_ns}:{compression}:{block}:{JPEG_QUALITY}:{CONVERT_VERSION}"
+def local_version(source: str | Path) -> str:
+    """What identifies a local tile's content: its size and modification time (``OSError`` if it is not there)."""
+    st = Path(source).stat()
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def source_digest(source: str | Path, compression: Compression, block: int, version: str | None = None) -> str:
+    """A digest of the source's name and version, and of the settings it is converted with.
+
+    ``version`` says what identifies the source's content: its size and modification time for a
+    local file (the default, :func:`local_version`), its size and generation for a Cloud Storage
+    object (``resources.imagery.OrthoImagery.tile_versions``).
+    """
+    version = local_version(source) if version is None else version
+    key = f"{Path(source).name}:{version}:{compression}:{block}:{JPEG_QUALITY}:{CONVERT_VERSION}"
     return hashlib.sha256(key.encode()).hexdigest()[:20]
 
 
+def cog_name(source: str | Path) -> str:
+    """The COG's file name: the source's stem + ``.tif``."""
+    return Path(source).stem + ".tif"
+
+
 def cog_path(source: str | Path, out_dir: Path) -> Path:
-    """Where the COG of ``source`` goes: ``out_dir`` / the source's stem + ``.tif``."""
-    return Path(out_dir) / (Path(source).stem + ".tif")
+    """Where the COG of ``source`` goes in a local folder: ``out_dir`` / :func:`cog_name`."""
+    return Path(out_dir) / cog_name(source)
 
 
 def recorded_digest(cog: Path) -> str | None:
@@ -109,12 +139,83 @@ def recorded_digest(cog: Path) -> str | None:
         return None
 
 
-def _decode_to_raw(source: str, raw: Path, tags: dict[str, str]) -> None:
-    """Decode ``source`` once, in strips of whole source blocks, into an uncompressed tiled GeoTIFF."""
+class CogDestination(Protocol):
+    """Where converted COGs are kept, and how the crop will read them: a local folder or a bucket prefix.
+
+    Why a protocol: production keeps the COGs in the object store's bucket, where the chips pods
+    read them in place (``resources.gcs.GcsCogs``); the embedded default in a folder
+    (:class:`LocalCogs`). The conversion, its reuse and its invalidation are the same for both.
+    """
+
+    def recorded(self) -> dict[str, str]:
+        """{COG name: the source digest it records} for every COG of ours there (foreign files left out)."""
+        ...
+
+    def scratch(self) -> Path:
+        """A local folder to write a COG in before :meth:`put` (and to download a remote source to)."""
+        ...
+
+    def put(self, name: str, cog: Path, digest: str, source: str) -> str:
+        """Keep the finished local ``cog`` as ``name`` (replacing any older one at once) and return its location."""
+        ...
+
+    def location(self, name: str) -> str:
+        """What GDAL opens to read the COG ``name`` (a local path, ``/vsigs/<bucket>/<key>``)."""
+        ...
+
+    def size(self, name: str) -> int:
+        """The stored COG's size in bytes."""
+        ...
+
+    def remove(self, name: str) -> None:
+        """Delete the COG ``name`` (its source is gone)."""
+        ...
+
+
+class LocalCogs:
+    """COGs in a local folder (the embedded default); temporaries are written beside them and renamed."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+
+    def recorded(self) -> dict[str, str]:
+        found: dict[str, str] = {}
+        if not self.folder.is_dir():
+            return found
+        for p in sorted(self.folder.iterdir()):
+            if p.name.endswith(_TMP_SUFFIXES):  # left by a killed conversion
+                p.unlink(missing_ok=True)
+            elif p.suffix == ".tif" and (digest := recorded_digest(p)):
+                found[p.name] = digest
+        return found
+
+    def scratch(self) -> Path:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        return self.folder
+
+    def put(self, name: str, cog: Path, digest: str, source: str) -> str:
+        os.replace(cog, self.folder / name)
+        return self.location(name)
+
+    def location(self, name: str) -> str:
+        return str(self.folder / name)
+
+    def size(self, name: str) -> int:
+        return (self.folder / name).stat().st_size
+
+    def remove(self, name: str) -> None:
+        (self.folder / name).unlink(missing_ok=True)
+
+
+def _decode_to_raw(source: str, raw: Path, tags: dict[str, str], label: str) -> None:
+    """Decode ``source`` once, in strips of whole source blocks, into an uncompressed tiled GeoTIFF.
+
+    ``label`` is how errors name the tile (the gs:// object rather than its local copy).
+    """
     try:
         src = rasterio.open(source)
     except rasterio.errors.RasterioError as exc:
-        raise ConvertError(f"{source}: cannot be opened as a raster ({exc})") from exc
+        raise ConvertError(f"{label}: cannot be opened as a raster ({exc})") from exc
     with src:
         bh = src.block_shapes[0][0]
         step = bh * max(1, -(-STRIP_ROWS // bh))
@@ -144,86 +245,84 @@ def _decode_to_raw(source: str, raw: Path, tags: dict[str, str]) -> None:
                     strip = src.read(window=win)
                 except rasterio.errors.RasterioError as exc:  # rasterio's message alone: "Read failed. See previous"
                     why = exc.__cause__ or exc
-                    raise ConvertError(f"{source}: rows {r0}-{r0 + win.height} could not be decoded: {why}") from exc
+                    raise ConvertError(f"{label}: rows {r0}-{r0 + win.height} could not be decoded: {why}") from exc
                 dst.write(strip, window=win)
 
 
-def convert_tile(
-    source: str, out_dir: Path, *, compression: Compression = "jpeg", block: int = 256, threads: int = 1
-) -> ConvertedTile:
-    """Convert one tile to ``out_dir``/<stem>.tif, or reuse the COG already there if it was made from this source.
-
-    Raises :class:`ConvertError` naming ``source`` when it cannot be read or decoded; nothing is
-    left behind then (the previous COG, if any, stays until a good one replaces it).
-    """
-    t0 = time.perf_counter()
-    dst = cog_path(source, out_dir)
-    try:
-        digest = source_digest(source, compression, block)
-    except OSError as exc:
-        raise ConvertError(f"{source}: cannot be read ({exc})") from exc
-    if dst.exists() and recorded_digest(dst) == digest:
-        return ConvertedTile(source, dst, True, time.perf_counter() - t0, dst.stat().st_size)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    raw = out_dir / f"{dst.stem}.{os.getpid()}.raw.tmp"
-    tmp = out_dir / f"{dst.stem}.{os.getpid()}.cog.tmp"
+def _convert_one(
+    source: str, label: str, cog: Path, digest: str, compression: Compression, block: int, threads: int
+) -> None:
+    """Decode ``source`` (a local file; ``label`` names it in errors) and write its COG at ``cog``."""
+    raw = cog.with_name(f"{Path(label).stem}.{os.getpid()}.raw.tmp")
     options = cog_options(compression, block, threads)
     try:
         with rasterio.Env(GDAL_NUM_THREADS=str(threads), GDAL_CACHEMAX=GDAL_CACHE_MB << 20):  # bytes, in an Env
-            _decode_to_raw(source, raw, {SOURCE_TAG: Path(source).name, DIGEST_TAG: digest})
+            _decode_to_raw(source, raw, {SOURCE_TAG: Path(label).name, DIGEST_TAG: digest}, label)
             try:
-                rasterio.shutil.copy(str(raw), str(tmp), driver="COG", **options)
+                rasterio.shutil.copy(str(raw), str(cog), driver="COG", **options)
             except rasterio.errors.RasterioError as exc:  # e.g. 16-bit pixels, which JPEG cannot hold
-                raise ConvertError(f"{source}: cannot be written as a {compression} COG: {exc}") from exc
-        os.replace(tmp, dst)
+                raise ConvertError(f"{label}: cannot be written as a {compression} COG: {exc}") from exc
+    except BaseException:
+        cog.unlink(missing_ok=True)
+        raise
     finally:
         raw.unlink(missing_ok=True)
-        tmp.unlink(missing_ok=True)
-    return ConvertedTile(source, dst, False, time.perf_counter() - t0, dst.stat().st_size)
-
-
-def remove_orphans(out_dir: Path, keep: set[Path]) -> list[Path]:
-    """Delete the COGs of ours in ``out_dir`` not in ``keep`` (their source is gone) and leftover temporaries.
-
-    Only files that carry our metadata tag are deleted: a foreign ``.tif`` in the folder is left alone.
-    """
-    removed: list[Path] = []
-    if not out_dir.is_dir():
-        return removed
-    for p in sorted(out_dir.iterdir()):
-        if p.name.endswith(_TMP_SUFFIXES) or (p.suffix == ".tif" and p not in keep and recorded_digest(p)):
-            p.unlink(missing_ok=True)
-            removed.append(p)
-    return removed
 
 
 def convert_tiles(
     tiles: list[str],
-    out_dir: Path,
+    destination: Path | CogDestination,
     *,
     compression: Compression = "jpeg",
     block: int = 256,
     threads: int = 1,
+    versions: dict[str, str] | None = None,
+    fetch: Callable[[str, Path], Path] | None = None,
     progress: Callable[[int, int, ConvertedTile], None] | None = None,
 ) -> list[ConvertedTile]:
-    """Bring ``out_dir`` in step with ``tiles``: one COG per tile, converted or reused, orphans deleted.
+    """Bring ``destination`` in step with ``tiles``: one COG per tile, converted or reused, orphans deleted.
 
-    ``threads`` is handed to GDAL for both the decoding (``GDAL_NUM_THREADS``) and the encoding
-    (``NUM_THREADS``). ``progress(done, total, tile)`` is called after each tile. Returns the
-    tiles in the order given; a tile that cannot be read raises :class:`ConvertError` naming it.
+    ``destination`` is a local folder or a :class:`CogDestination` (a bucket prefix). ``versions``
+    gives what identifies each source's content where a stat can't (remote tiles: size and
+    generation); ``fetch(source, folder)`` copies a remote source to a local file, deleted once
+    converted. ``threads`` is handed to GDAL for both the decoding (``GDAL_NUM_THREADS``) and the
+    encoding (``NUM_THREADS``). ``progress(done, total, tile)`` is called after each tile. Returns
+    the tiles in the order given; a tile that cannot be read raises :class:`ConvertError` naming it
+    (the COGs already done stay, a previous COG of that tile stays until a good one replaces it).
     """
-    out_dir = Path(out_dir)
+    dest = LocalCogs(destination) if isinstance(destination, (str, Path)) else destination
     cog_options(compression, block, threads)  # bad settings fail before any work
-    targets = [cog_path(t, out_dir) for t in tiles]
-    seen: dict[Path, str] = {}
-    for t, d in zip(tiles, targets, strict=True):
-        if d in seen:
-            raise ConvertError(f"{t} and {seen[d]} would both be converted to {d.name}")
-        seen[d] = t
-    remove_orphans(out_dir, set(targets))
-    done: list[ConvertedTile] = []
+    names: dict[str, str] = {}
     for t in tiles:
-        c = convert_tile(t, out_dir, compression=compression, block=block, threads=threads)
+        name = cog_name(t)
+        if name in names:
+            raise ConvertError(f"{t} and {names[name]} would both be converted to {name}")
+        names[name] = t
+    have = dest.recorded()
+    for orphan in sorted(have.keys() - names.keys()):  # its source is gone
+        dest.remove(orphan)
+    done: list[ConvertedTile] = []
+    for t, name in zip(tiles, names, strict=True):
+        t0 = time.perf_counter()
+        try:
+            digest = source_digest(t, compression, block, (versions or {}).get(t))
+        except OSError as exc:
+            raise ConvertError(f"{t}: cannot be read ({exc})") from exc
+        if have.get(name) == digest:
+            c = ConvertedTile(t, dest.location(name), True, time.perf_counter() - t0, dest.size(name), digest)
+        else:
+            scratch = dest.scratch()
+            local = fetch(t, scratch) if fetch is not None else Path(t)
+            tmp = scratch / f"{Path(t).stem}.{os.getpid()}.cog.tmp"
+            try:
+                _convert_one(str(local), t, tmp, digest, compression, block, threads)
+                size = tmp.stat().st_size
+                where = dest.put(name, tmp, digest, Path(t).name)
+            finally:
+                tmp.unlink(missing_ok=True)
+                if local != Path(t):
+                    local.unlink(missing_ok=True)
+            c = ConvertedTile(t, where, False, time.perf_counter() - t0, size, digest)
         done.append(c)
         if progress is not None:
             progress(len(done), len(tiles), c)

@@ -105,11 +105,18 @@ def find_tiles(folder: str | Path) -> list[str]:
     return tiles
 
 
-def tiles_digest(tiles: list[str]) -> str:
-    """A digest of the tiles' names, sizes and modification times: changes when the imagery does."""
+def tiles_digest(tiles: list[str], versions: dict[str, str] | None = None) -> str:
+    """A digest of the tiles' names, sizes and modification times: changes when the imagery does.
+
+    A remote tile has no stat: ``versions`` says what identifies its content (a Cloud Storage
+    object's size and generation, a converted COG's source digest).
+    """
     h = hashlib.sha256()
     for t in tiles:
         p = Path(t)
+        if versions and t in versions:
+            h.update(f"{p.name}:{versions[t]}\n".encode())
+            continue
         stat = p.stat() if p.exists() else None
         h.update(f"{p.name}:{stat.st_size if stat else ''}:{stat.st_mtime_ns if stat else ''}\n".encode())
     return h.hexdigest()[:16]
@@ -196,14 +203,21 @@ def check_no_overlap(infos: list[TileInfo], res: float) -> None:
         )
 
 
-def build_mosaic(tiles: list[str], vrt_path: Path, *, name: str, target_epsg: int | None = None) -> MosaicInfo:
+def build_mosaic(
+    tiles: list[str],
+    vrt_path: Path,
+    *,
+    name: str,
+    target_epsg: int | None = None,
+    versions: dict[str, str] | None = None,
+) -> MosaicInfo:
     """Check that ``tiles`` agree, write the VRT at ``vrt_path`` and return its :class:`MosaicInfo`.
 
     Every tile must be whole (see :func:`check_complete`), have the same band
     count, data type, resolution, declared nodata value and CRS (recognised as
     ``target_epsg`` when given), sit on the same pixel grid and overlap no
     other tile (see :func:`check_no_overlap`); the first tile that does not is
-    named in the error.
+    named in the error. ``versions`` identifies remote tiles' contents (see :func:`tiles_digest`).
     """
     if not tiles:
         raise MosaicError(f"{name}: no tiles given")
@@ -297,7 +311,7 @@ def build_mosaic(tiles: list[str], vrt_path: Path, *, name: str, target_epsg: in
     tmp.write_text(xml)
     tmp.replace(vrt_path)
     return MosaicInfo(
-        imagery_id=f"{name}-{tiles_digest(tiles)[:10]}",
+        imagery_id=f"{name}-{tiles_digest(tiles, versions)[:10]}",
         epsg=ref["epsg"],
         resolution=res,
         bounds=(float(minx), float(miny), float(maxx), float(maxy)),

@@ -27,13 +27,14 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 import rasterio
 
 from ops.imagery.blocks import block_range
 
+T = TypeVar("T")
 GDAL_RETRIES = 5  # GDAL's own retries when it reads a remote header (it backs off between them)
 REMOTE_PREFIXES = ("/vsigs/", "/vsicurl/", "/vsis3/", "/vsiaz/", "gs://", "http://", "https://")
 
@@ -80,7 +81,7 @@ class RetryPolicy:
     base_s: float = 0.25
     cap_s: float = 20.0
 
-    def call(self, what: str, fn: Callable[[], bytes], on_retry: Callable[[], None] | None = None) -> bytes:
+    def call(self, what: str, fn: Callable[[], T], on_retry: Callable[[], None] | None = None) -> T:
         for attempt in range(self.attempts):
             try:
                 return fn()
@@ -271,6 +272,28 @@ def write_sparse(path: Path, size: int, pieces: list[tuple[int, bytes]]) -> None
     finally:
         os.close(fd)
     tmp.replace(path)
+
+
+def download(
+    reader: RangeReader, path: str, folder: Path, *, chunk: int = 16 << 20, policy: RetryPolicy = DEFAULT_RETRY
+) -> Path:
+    """A whole remote file copied to ``folder`` / its name, in ``chunk``-byte ranges each retried with backoff.
+
+    For what is read whole anyway (a JPEG 2000 tile being converted): a failure names the file and
+    range (:class:`FetchError`), and nothing is left behind.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / f"{os.getpid()}-{Path(path).name}"
+    size = policy.call(f"{path}: size", lambda: reader.size(path))
+    try:
+        with open(out, "wb") as fh:
+            for start in range(0, size, chunk):
+                stop = min(size, start + chunk)
+                fh.write(policy.call(f"{path} bytes {start}-{stop}", lambda a=start, b=stop: reader.read(path, a, b)))
+    except BaseException:
+        out.unlink(missing_ok=True)
+        raise
+    return out
 
 
 class ByPrefixReader:
