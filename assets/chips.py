@@ -76,7 +76,7 @@ def chips(
         out = store.folder(keys.chips(dep))
         t0 = time.perf_counter()
         totals = dict.fromkeys(STATUSES, 0)
-        done_chips = {"n": 0, "reused": 0, "blocks": 0}
+        done_chips = {"n": 0, "reused": 0, "blocks": 0, "area_blocks": 0}
 
         def progress(r: CellResult, done: int, total: int) -> None:
             for k, v in r.counts.items():
@@ -84,6 +84,7 @@ def chips(
             done_chips["n"] += r.chips
             done_chips["reused"] += int(r.reused)
             done_chips["blocks"] += r.blocks
+            done_chips["area_blocks"] += r.area_blocks
             elapsed = time.perf_counter() - t0
             eta = elapsed / done * (total - done)
             how = "reused" if r.reused else f"{r.seconds:.1f} s"
@@ -127,6 +128,8 @@ def chips(
                 "chips_per_s": round(n_chips / seconds, 1) if seconds else 0.0,
                 "bytes_per_chip": round(stored / n_chips) if n_chips else 0,
                 "raster_blocks_decoded": done_chips["blocks"],
+                # JPEG 2000 blocks that few windows touch: only their areas decoded (ops.crop.tiles)
+                "raster_blocks_decoded_by_areas": done_chips["area_blocks"],
                 "folder": MetadataValue.path(str(out)),
                 **(prefetch_metadata(fetched, seconds) if fetched else {"prefetch": "off"}),
             }

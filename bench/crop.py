@@ -2,6 +2,7 @@
 
     make bench-crop            # or: .venv/bin/python -m bench.crop [--buildings 100000] [--format jp2]
     make bench-crop BENCH_ARGS="--format jpeg --buildings 20000"
+    make bench-crop BENCH_ARGS="--format jp2 --keep-one-in 20"   # rural density, JPEG 2000
 
 ``--format`` is the imagery's encoding (``synthetic``'s ``imagery_format``): ``deflate`` (lossless
 GeoTIFF, the default, whose figures earlier runs are compared with), ``jpeg`` (JPEG COG, YCbCr q85)
@@ -18,7 +19,10 @@ Same files, same run:
   decoder we have (``ops.imagery.blocks.BlockReader``, with every CPU's thread where the format can
   use them: libdeflate on DEFLATE tiles, about 7 % faster per block than a GDAL windowed read;
   libjpeg-turbo on JPEG tiles, about 4x GDAL's libjpeg 9; OpenJPEG on each JPEG 2000 codestream
-  tile, threaded), so the floor is not one our own crop could beat.
+  tile, threaded), so the floor is not one our own crop could beat by decoding blocks — except that on
+  JPEG 2000 the crop decodes only the areas the windows need of a block that few windows touch
+  (``ops.imagery.openjpeg``): there ``fraction_of_decode_floor`` can pass 1, the sparser the buildings
+  the more (``--keep-one-in``).
 - **ours**: the real `chips` code path (``ops.crop.partition.crop_partition``), writing shards, with 1
   and 2 worker processes.
 - **memory**: peak RSS of the crop (1 worker, in a fresh process) for N and 2N buildings.
@@ -93,6 +97,14 @@ def prepare(out: Path, n: int, imagery_format: str = "deflate") -> tuple[Path, P
         ),
     }
     return full, half, info, facts
+
+
+def thin(parquet: Path, k: int) -> Path:
+    """One building in ``k`` of ``parquet`` (every k-th row), written beside it."""
+    out = parquet.with_name(f"{parquet.stem}_1in{k}.parquet")
+    table = pq.read_table(parquet)
+    pq.write_table(table.take(np.arange(0, table.num_rows, k)), out)
+    return out
 
 
 def windows_in_source_order(parquet: Path, info: MosaicInfo) -> np.ndarray:
@@ -175,8 +187,8 @@ def decode_floor(info: MosaicInfo, windows: np.ndarray) -> tuple[float, int, int
     return seconds, len(needed), nbytes, "+".join(decoders)
 
 
-def ours(parquet: Path, info: MosaicInfo, folder: Path, workers: int) -> tuple[float, int, float, int]:
-    """(seconds, chips, stored bytes per chip, raster blocks decoded) of the real crop path."""
+def ours(parquet: Path, info: MosaicInfo, folder: Path, workers: int) -> tuple[float, int, float, int, int]:
+    """(seconds, chips, stored bytes per chip, raster blocks decoded, of which by areas) of the real crop path."""
     shutil.rmtree(folder, ignore_errors=True)
     t0 = time.perf_counter()
     results = list(crop_partition(parquet, info, folder, SPEC, buildings_fingerprint="bench", workers=workers,
@@ -184,7 +196,7 @@ def ours(parquet: Path, info: MosaicInfo, folder: Path, workers: int) -> tuple[f
     seconds = time.perf_counter() - t0
     chips = sum(r.chips for r in results)
     stored = sum(p.stat().st_size for p in folder.glob("*.chips.npy"))
-    return seconds, chips, stored / max(chips, 1), sum(r.blocks for r in results)
+    return seconds, chips, stored / max(chips, 1), sum(r.blocks for r in results), sum(r.area_blocks for r in results)
 
 
 def child(kind: str, work: Path, parquet: Path, n_sample: int) -> dict:
@@ -201,8 +213,11 @@ def child(kind: str, work: Path, parquet: Path, n_sample: int) -> dict:
             "decoder": decoder,
         }  # fmt: skip
     workers = int(kind.removeprefix("ours"))
-    seconds, chips, bpc, blocks = ours(parquet, info, work / f"ours_{workers}", workers)
-    return {"chips_per_s": chips / seconds, "chips": chips, "seconds": seconds, "bytes_per_chip": bpc, "blocks": blocks}
+    seconds, chips, bpc, blocks, by_areas = ours(parquet, info, work / f"ours_{workers}", workers)
+    return {
+        "chips_per_s": chips / seconds, "chips": chips, "seconds": seconds, "bytes_per_chip": bpc, "blocks": blocks,
+        "area_blocks": by_areas,
+    }  # fmt: skip
 
 
 def run_child(kind: str, work: Path, parquet: Path, n_sample: int = 0) -> dict:
@@ -236,6 +251,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=Path("bench/out"))
     p.add_argument("--format", choices=IMAGERY_FORMATS, default="deflate", help="the imagery's encoding (see above)")
     p.add_argument("--repeats", type=int, default=5, help="rounds (each runs every contender once)")
+    p.add_argument(
+        "--keep-one-in", type=int, default=1, metavar="K",
+        help="crop one building in K (a sparser, rural département on the same imagery: France averages about "
+        "60 buildings per km²; the sample is denser)",
+    )  # fmt: skip
     p.add_argument("--rss-child", nargs=3, help=argparse.SUPPRESS)
     p.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -248,6 +268,11 @@ def main(argv: list[str] | None = None) -> None:
     root = format_folder(args.out, args.format)
     full, half, info, facts = prepare(root, args.buildings, args.format)
     work = root / "work"
+    if args.keep_one_in > 1:
+        full, half = (thin(f, args.keep_one_in) for f in (full, half))
+        facts = {**facts, "kept_one_in": args.keep_one_in, "buildings": pq.ParquetFile(full).metadata.num_rows}
+        for k in ("buildings_per_km2_imagery", "buildings_per_km2_extent"):
+            facts[k] = round(facts[k] / args.keep_one_in, 1)
     print(f"data ({args.format}): {facts}")
     print(f"{args.repeats} rounds; in each, every contender runs once, one after the other, in a fresh process. "
           "Ratios are taken within a round (this VM's speed drifts by 10-40 % over minutes) and the median "
@@ -285,7 +310,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"ours, 1 worker                         : {one:8,.0f} chips/s ({o1['chips']:,} chips)")
     print(f"ours, 2 workers                        : {two:8,.0f} chips/s ({scale:.2f}x one worker)")
     print(f"raster blocks decoded                  : {o1['blocks']:,} with 1 worker, {o2['blocks']:,} with 2 "
-          f"(the floor's {fl['blocks']:,} are each needed block once; cells decode the blocks they share)")  # fmt: skip
+          f"(the floor's {fl['blocks']:,} are each needed block once, whole; cells decode the blocks they share); "
+          f"by areas only: {o1['area_blocks']:,} / {o2['area_blocks']:,}")  # fmt: skip
     rss_n = peak_rss(half, info, work)
     rss_2n = peak_rss(full, info, work)
     print(f"ratio ours/baseline (rio-tiler part()) : {ratio_rt:.2f}x")
@@ -311,6 +337,7 @@ def main(argv: list[str] | None = None) -> None:
         "bytes_per_chip": round(bpc),
         "blocks_decoded_1_worker": o1["blocks"],
         "blocks_decoded_2_workers": o2["blocks"],
+        "blocks_decoded_by_areas_1_worker": o1["area_blocks"],
         "blocks_needed": fl["blocks"],
         "peak_rss_mib_n": round(rss_n, 1),
         "peak_rss_mib_2n": round(rss_2n, 1),

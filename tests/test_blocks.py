@@ -269,3 +269,46 @@ def test_a_damaged_or_cut_jpeg2000_raises_naming_the_file_and_the_block(tmp_path
         with rasterio.open(path) as ds:  # a tile before the damage is whole
             ref = ds.read(window=Window(whole[1] * 128, whole[0] * 128, 128, 128)).transpose(1, 2, 0)
         np.testing.assert_array_equal(r.read(*whole), ref)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("name", JP2)
+def test_jpeg2000_areas_decoded_alone_are_the_whole_blocks_pixels(tmp_path, name, threads):
+    """What the crop decodes of a block few windows touch: random areas, and a one-pixel edge column."""
+    path = _jp2(tmp_path / name, **JP2[name])
+    r = BlockReader(str(path), threads)
+    assert r.decodes_areas
+    rng = np.random.default_rng(3)
+    for (br, bc), ref in _gdal_blocks(path, r.block):
+        h, w = ref.shape[:2]
+        areas = [(0, h, w - 1, w)]
+        for _ in range(4):
+            r0, c0 = int(rng.integers(0, h)), int(rng.integers(0, w))
+            areas.append((r0, int(rng.integers(r0 + 1, h + 1)), c0, int(rng.integers(c0 + 1, w + 1))))
+        got = r.read(br, bc, areas)
+        for a0, a1, b0, b1 in areas:
+            np.testing.assert_array_equal(got[a0:a1, b0:b1], ref[a0:a1, b0:b1], err_msg=f"{name} {br},{bc}")
+    r.close()
+
+
+def test_areas_are_merged_where_cheaper_and_a_busy_block_is_decoded_whole():
+    from ops.imagery.openjpeg import AREA_BUDGET, MAX_AREAS, area_cost, covers, plan_areas
+
+    one = [(100, 180, 200, 280)]
+    assert plan_areas(one, 1024, 1024) == one
+    near = [(100, 180, 200, 280), (120, 200, 230, 300)]  # overlapping windows: one box is cheaper than two
+    assert plan_areas(near, 1024, 1024) == [(100, 200, 200, 300)]
+    far = [(0, 64, 0, 64), (900, 964, 900, 964)]  # a box over the whole tile would cost more than both
+    assert sorted(plan_areas(far, 1024, 1024)) == far
+    rng = np.random.default_rng(5)
+    for n in (3, 8, 12):
+        areas = []
+        for _ in range(n):
+            r0, c0 = (int(v) for v in rng.integers(0, 960, 2))
+            areas.append((r0, r0 + 64, c0, c0 + 64))
+        planned = plan_areas(areas, 1024, 1024)
+        if planned is not None:  # whatever was merged still covers every window, within the budget
+            assert all(covers(planned, a) for a in areas)
+            assert sum(area_cost(a, 1024 * 1024) for a in planned) < AREA_BUDGET
+    assert plan_areas([(k, k + 8, 0, 8) for k in range(0, 8 * (MAX_AREAS + 1), 8)], 1024, 1024) is None
+    assert plan_areas([(0, 1000, 0, 1000)], 1024, 1024) is None  # nearly the whole tile: decoded whole

@@ -157,3 +157,35 @@ def test_the_format_is_in_the_cli_and_the_manifest_and_a_sample_of_another_is_re
 
     with pytest.raises(ValueError, match="imagery_format must be one of deflate, jpeg, jp2; got 'png'"):
         generate_departement(tmp_path, DEP, 40, 1, tile_px=256, imagery_format="png")  # type: ignore[arg-type]
+
+
+def test_jp2_blocks_decoded_by_areas_give_the_chips_of_whole_blocks(samples, tmp_path, monkeypatch):
+    """A JPEG 2000 block that few windows touch is decoded by areas only (``ops.imagery.openjpeg``): same chips.
+
+    Cut in parts of 40 buildings, so that a block decoded by areas for one part and kept for the next
+    must be decoded again where the next part needs more of it than was decoded.
+    """
+    import ops.imagery.openjpeg as oj
+
+    m = samples["jp2"]
+    buildings = tmp_path / "buildings.parquet"
+    write_buildings_geoparquet(iter_building_batches(m.footprints, DEP, m.epsg), buildings, m.epsg)
+    info = build_mosaic(find_tiles(m.ortho_dir), tmp_path / "mosaic.vrt", name="jp2")
+
+    def crop(name: str, budget: float):
+        monkeypatch.setattr(oj, "AREA_BUDGET", budget)
+        out = tmp_path / name
+        done = list(crop_partition(buildings, info, out, ChipSpec(), buildings_fingerprint="f", workers=1,
+                                   resume=False, part_size=40))  # fmt: skip
+        assert any(".p" in r.shard_id for r in done)  # cells really were cut in parts
+        return sum(r.area_blocks for r in done), sum(r.blocks for r in done), read_chips(out)
+
+    by_areas, blocks, (chips, status) = crop("areas", oj.AREA_BUDGET)
+    none, blocks_whole, (ref_chips, ref_status) = crop("whole", 0.0)
+    assert none == 0 and 0 < by_areas <= blocks and blocks_whole > 0
+    assert status.keys() == ref_status.keys() and len(ref_chips) > 250
+    for b, (s, v) in ref_status.items():
+        assert status[b][0] == s and (status[b][1] == v or v != v), b
+    assert chips.keys() == ref_chips.keys()
+    for b, chip in ref_chips.items():
+        np.testing.assert_array_equal(chips[b], chip, err_msg=b)

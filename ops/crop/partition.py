@@ -69,7 +69,7 @@ def _run_task(task: CellTask, folder: Path, meta: dict[str, str]) -> CellResult:
     t0 = time.perf_counter()
     w = _WORKER
     tiles, writer = w["tiles"], w["writer"]
-    decodes = tiles.decodes
+    decodes, area_decodes = tiles.decodes, tiles.area_decodes
     stream = writer.open(folder, task.shard_id, len(task.building_ids))
     try:
         chips, index = cut_cell(tiles, w["info"], task, w["spec"], stream)
@@ -81,7 +81,10 @@ def _run_task(task: CellTask, folder: Path, meta: dict[str, str]) -> CellResult:
         if not is_complete(task):  # a tile could not be fetched: a resumed run cuts this unit again
             meta = {**meta, "fingerprint": f"{meta['fingerprint']}-{INCOMPLETE}"}
     counts = status_counts(index.column("status").to_pylist())
-    result = CellResult(task.shard_id, counts, chips, time.perf_counter() - t0, blocks=tiles.decodes - decodes)
+    result = CellResult(
+        task.shard_id, counts, chips, time.perf_counter() - t0,
+        blocks=tiles.decodes - decodes, area_blocks=tiles.area_decodes - area_decodes,
+    )  # fmt: skip
     writer.submit(stream, folder, task.shard_id, index, meta)
     return result
 

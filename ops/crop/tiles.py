@@ -7,8 +7,9 @@ import heapq
 import numpy as np
 
 from ops.crop.units import CellTask, part_number
-from ops.imagery.blocks import BlockReader
+from ops.imagery.blocks import Area, BlockReader
 from ops.imagery.mosaic import MosaicInfo
+from ops.imagery.openjpeg import covers, plan_areas
 from ops.imagery.wms import CachedBlockReader, is_cache_folder
 
 
@@ -41,6 +42,10 @@ class TileSet:
         self._readers: dict[int, BlockReader | CachedBlockReader] = {}
         self._cache: dict[tuple[int, int, int], np.ndarray] = {}
         self._bottoms: list[tuple[int, tuple[int, int, int]]] = []  # heap of (last row + 1, block key)
+        # JPEG 2000 blocks of which only some areas are decoded (see :meth:`plan`): the plan, and what the cache holds
+        self._areas: dict[tuple[int, int, int], list[Area]] = {}
+        self._partial: dict[tuple[int, int, int], list[Area]] = {}
+        self.area_decodes = 0  # blocks decoded by areas so far (counted in `decodes` too)
 
     def _reader(self, i: int) -> BlockReader:
         r = self._readers.get(i)
@@ -110,11 +115,61 @@ class TileSet:
                 found.update((br, bc) for br in range(a, b + 1) for bc in range(c, d + 1))
         return out
 
+    def plan(self, cols: np.ndarray, rows: np.ndarray, npxs: np.ndarray) -> None:
+        """Decide, for the JPEG 2000 blocks these windows need, which are decoded by areas rather than whole.
+
+        Why: a codestream tile costs the same to decode whoever asks, and a rural block that two
+        chips touch needs a few per cent of it; OpenJPEG decodes an area from only its own
+        code-blocks (``ops.imagery.openjpeg``). The windows of the unit of work are all known before
+        its sweep, so each block's areas (window ∩ block) are too: a block is decoded by areas when
+        the cost model says that is cheaper, and whole otherwise (towns). A cached block of a
+        previous part decoded by areas that do not cover this part's is dropped and decoded again.
+        """
+        self._areas = {}
+        needed: dict[tuple[int, int, int], list[Area]] = {}
+        for i in range(len(self.paths)):
+            c0 = np.clip(cols - self.col0[i], 0, self.width[i])
+            c1 = np.clip(cols + npxs - self.col0[i], 0, self.width[i])
+            r0 = np.clip(rows - self.row0[i], 0, self.height[i])
+            r1 = np.clip(rows + npxs - self.row0[i], 0, self.height[i])
+            hit = (c1 > c0) & (r1 > r0)
+            if not hit.any() or not self._decodes_areas(i):
+                continue
+            bh, bw = self.block[i]
+            for a, b, c, d in zip(r0[hit].tolist(), r1[hit].tolist(), c0[hit].tolist(), c1[hit].tolist(), strict=True):
+                for br in range(a // bh, (b - 1) // bh + 1):
+                    for bc in range(c // bw, (d - 1) // bw + 1):
+                        y0, x0 = br * bh, bc * bw
+                        area = (max(a, y0) - y0, min(b, y0 + bh) - y0, max(c, x0) - x0, min(d, x0 + bw) - x0)
+                        needed.setdefault((i, br, bc), []).append(area)
+        for key, areas in needed.items():
+            i, br, bc = key
+            bh, bw = self.block[i]
+            h, w = min(bh, int(self.height[i]) - br * bh), min(bw, int(self.width[i]) - bc * bw)
+            planned = plan_areas(areas, h, w)
+            if planned is not None:
+                self._areas[key] = planned
+            held = self._partial.get(key)
+            if held is not None and key in self._cache and not all(covers(held, a) for a in areas):
+                del self._cache[key]  # its heap entry is dropped harmlessly when the sweep passes it
+
+    def _decodes_areas(self, i: int) -> bool:
+        try:
+            return self._reader(i).decodes_areas
+        except Exception:  # a tile that can't be opened: its windows' reads fail and quarantine them, as before
+            return False
+
     def _block(self, i: int, br: int, bc: int) -> np.ndarray:
         key = (i, br, bc)
         blk = self._cache.get(key)
         if blk is None:
-            blk = self._reader(i).read(br, bc)
+            areas = self._areas.get(key)
+            blk = self._reader(i).read(br, bc, areas)
+            if areas:
+                self._partial[key] = areas
+                self.area_decodes += 1
+            else:
+                self._partial.pop(key, None)
             self.decodes += 1
             if self.decoded is not None:
                 self.decoded.append(key)
@@ -135,11 +190,14 @@ class TileSet:
         """Forget blocks that end above mosaic row ``row`` (the sweep has passed them)."""
         heap = self._bottoms
         while heap and heap[0][0] <= row:
-            self._cache.pop(heapq.heappop(heap)[1], None)
+            key = heapq.heappop(heap)[1]
+            self._cache.pop(key, None)
+            self._partial.pop(key, None)
 
     def clear(self) -> None:
         self._cache.clear()
         self._bottoms.clear()
+        self._partial.clear()
 
     def read(self, col: int, row: int, npx: int, out: np.ndarray, hit: list[int]) -> None:
         """Fill ``out`` (npx, npx, bands), pre-filled with nodata, with the mosaic's pixels.
