@@ -66,8 +66,9 @@ def ortho_mosaic(
         versions |= {cog: digest for cog, digest in converted.values() if is_remote(cog)}
         vrt_key, info_key = keys.mosaic_vrt(dep), keys.mosaic_info(dep)
         info = build_mosaic(
-            tiles, store.path(vrt_key), name=f"ortho-{dep}", target_epsg=native_epsg(dep), versions=versions
-        )
+            tiles, store.path(vrt_key), name=f"ortho-{dep}", target_epsg=native_epsg(dep), versions=versions,
+            http_timeout_s=imagery.http_timeout_s,
+        )  # fmt: skip
         store.path(info_key).write_text(info.to_json())
         w, h = info.bounds[2] - info.bounds[0], info.bounds[3] - info.bounds[1]
         return MaterializeResult(

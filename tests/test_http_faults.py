@@ -32,7 +32,7 @@ from ops.crop.prefetch import Prefetcher
 from ops.crop.spec import ChipSpec
 from ops.geo.footprints import iter_building_batches, write_buildings_geoparquet
 from ops.imagery.blocks import block_range
-from ops.imagery.mosaic import MosaicInfo, build_mosaic, find_tiles
+from ops.imagery.mosaic import MosaicError, MosaicInfo, build_mosaic, find_tiles
 from ops.imagery.remote import HTTP_TIMEOUT_S, FetchError, HttpRangeReader, RetryPolicy
 from ops.shards import list_shards, open_chips, read_index
 from resources.imagery import OrthoImagery
@@ -96,6 +96,11 @@ class Faulty(Base):
         if name in faults.get("failing", []):
             self._sent("failing")
             return self._status(500)
+        if name in faults.get("stall_gdal", []) and self._client() == "gdal":
+            self._sent("stall_gdal")
+            time.sleep(faults["stall_s"])  # GDAL reading a header: accepted, then silence
+            self.close_connection = True
+            return
         if self._client() != "fetch" or not rng:
             return super().do_GET()
         if name in faults.get("missing", []):
@@ -422,3 +427,16 @@ def test_a_tile_copied_whole_for_its_conversion_survives_503s_and_one_that_keeps
     with pytest.raises(GaveUpError, match=rf"{url}/{name} bytes 0-4096: still failing after 4 attempts"):
         download(HttpRangeReader(), f"/vsicurl/{url}/{name}", tmp_path / "b", chunk=4096, policy=FAST_RETRY)
     assert list((tmp_path / "b").iterdir()) == []  # no partial copy left behind
+
+
+def test_a_server_that_stalls_while_gdal_reads_a_tile_header_fails_the_mosaic_naming_the_tile(scene, faults, tmp_path):
+    """GDAL's own remote reads (the mosaic opening a tile) give up on a silent server instead of hanging the step."""
+    root, _, local, _, url, _, _ = scene
+    name = "stalling.tif"  # a name GDAL has not read in this process: nothing of it is in GDAL's cache
+    (root / "www" / name).write_bytes((root / "www" / Path(local.tiles[0].path).name).read_bytes())
+    faults.set(stall_gdal=[name], stall_s=60)
+    t0 = time.monotonic()
+    with pytest.raises(MosaicError, match=rf"/vsicurl/{url}/{name}: cannot be opened"):
+        build_mosaic([f"/vsicurl/{url}/{name}"], tmp_path / "m.vrt", name="m", http_timeout_s=1)
+    assert time.monotonic() - t0 < 40  # 1 s stalls, retried: not the server's 60 s, nor for ever
+    assert faults.sent().get("stall_gdal", 0) >= 1

@@ -28,6 +28,7 @@ from pyproj import CRS
 from rasterio.enums import Resampling
 
 from ops.geo.crs import recognise_epsg
+from ops.imagery.remote import gdal_http_options, is_remote
 
 TILE_SUFFIXES = (".tif", ".tiff", ".jp2", ".vrt")
 _GDAL_TYPES = {"uint8": "Byte", "uint16": "UInt16", "int16": "Int16", "float32": "Float32"}
@@ -210,6 +211,7 @@ def build_mosaic(
     name: str,
     target_epsg: int | None = None,
     versions: dict[str, str] | None = None,
+    http_timeout_s: float | None = None,
 ) -> MosaicInfo:
     """Check that ``tiles`` agree, write the VRT at ``vrt_path`` and return its :class:`MosaicInfo`.
 
@@ -218,7 +220,18 @@ def build_mosaic(
     ``target_epsg`` when given), sit on the same pixel grid and overlap no
     other tile (see :func:`check_no_overlap`); the first tile that does not is
     named in the error. ``versions`` identifies remote tiles' contents (see :func:`tiles_digest`).
+    Remote tiles' headers are read with retries and a stall limit of ``http_timeout_s``
+    (``ops.imagery.remote.gdal_http_options``).
     """
+    if any(is_remote(t) for t in tiles):
+        with rasterio.Env(**gdal_http_options(http_timeout_s)):
+            return _build_mosaic(tiles, vrt_path, name, target_epsg, versions)
+    return _build_mosaic(tiles, vrt_path, name, target_epsg, versions)
+
+
+def _build_mosaic(
+    tiles: list[str], vrt_path: Path, name: str, target_epsg: int | None, versions: dict[str, str] | None
+) -> MosaicInfo:
     if not tiles:
         raise MosaicError(f"{name}: no tiles given")
     infos: list[TileInfo] = []

@@ -97,6 +97,24 @@ class RetryPolicy:
 DEFAULT_RETRY = RetryPolicy()
 
 
+def gdal_http_options(timeout_s: float | None = None) -> dict[str, str]:
+    """GDAL's settings for its own remote reads (tile headers, ``/vsigs/``, ``/vsicurl/``): retries and a stall limit.
+
+    Why: GDAL's defaults are no retry and no timeout at all, so a server that accepts a connection
+    and then sends nothing hangs the step for ever. A request is dropped (and retried, up to
+    :data:`GDAL_RETRIES` times) once it has received less than a byte a second for ``timeout_s``
+    seconds; a slow but steady transfer is never cut.
+    """
+    t = str(max(1, round(timeout_s if timeout_s is not None else HTTP_TIMEOUT_S)))
+    return {
+        "GDAL_HTTP_MAX_RETRY": str(GDAL_RETRIES),
+        "GDAL_HTTP_RETRY_DELAY": "1",
+        "GDAL_HTTP_CONNECTTIMEOUT": t,
+        "GDAL_HTTP_LOW_SPEED_TIME": t,
+        "GDAL_HTTP_LOW_SPEED_LIMIT": "1",
+    }
+
+
 HTTP_TIMEOUT_S = 60.0  # a connection that sends nothing for this long is dropped and the request retried
 
 
@@ -246,7 +264,7 @@ def read_layout(path: str, size: int) -> TileLayout | None:
     besides them (header, directories, tag arrays, masks) is "header" and is
     copied whole, so nothing GDAL may read when opening the copy is missing.
     """
-    with rasterio.Env(GDAL_HTTP_MAX_RETRY=GDAL_RETRIES, GDAL_HTTP_RETRY_DELAY=1), rasterio.open(path) as ds:
+    with rasterio.Env(**gdal_http_options()), rasterio.open(path) as ds:
         if ds.driver != "GTiff" or ds.get_tag_item("BLOCK_OFFSET_0_0", "TIFF", bidx=1) is None:
             return None
         planes = ds.count if ds.tags(ns="IMAGE_STRUCTURE").get("INTERLEAVE") == "BAND" else 1
@@ -254,7 +272,7 @@ def read_layout(path: str, size: int) -> TileLayout | None:
         levels = len(ds.overviews(1))
     data = [(int(a), int(a + b)) for a, b in zip(off.ravel(), n.ravel(), strict=True) if b > 0]
     for k in range(levels):
-        with rasterio.Env(GDAL_HTTP_MAX_RETRY=GDAL_RETRIES), rasterio.open(path, overview_level=k) as ov:
+        with rasterio.Env(**gdal_http_options()), rasterio.open(path, overview_level=k) as ov:
             o, m = _block_table(ov, planes)
         data += [(int(a), int(a + b)) for a, b in zip(o.ravel(), m.ravel(), strict=True) if b > 0]
     return TileLayout(path, size, off, n, header_ranges=complement(data, size))
