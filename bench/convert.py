@@ -129,8 +129,8 @@ def child(kind: str, work: Path) -> dict:
     source, _, density = name.partition("+")
     info = MosaicInfo.from_json((work / f"{source}.json").read_text())
     parquet = work / ("buildings_sparse.parquet" if density == "sparse" else "buildings.parquet")
-    seconds, chips, _, blocks = ours(parquet, info, work / f"chips_{source}", workers=1)
-    return {"seconds": seconds, "chips": chips, "blocks": blocks}
+    seconds, chips, _, blocks, by_areas = ours(parquet, info, work / f"chips_{source}", workers=1)
+    return {"seconds": seconds, "chips": chips, "blocks": blocks, "area_blocks": by_areas}
 
 
 def run_child(kind: str, work: Path) -> dict:
@@ -206,7 +206,8 @@ def main(argv: list[str] | None = None) -> None:
     for name in CROPPED:
         d = rounds[0][1][name]
         extra = "" if name == "jp2" else f", break-even {runs[name]:.1f} runs"
-        print(f"  from {name:11s}: {crop_s[name]:6.1f} s, {d['blocks']:,} blocks decoded, "
+        print(f"  from {name:11s}: {crop_s[name]:6.1f} s, {d['blocks']:,} blocks decoded "
+              f"({d['area_blocks']:,} of them by areas), "
               f"{100 * share[name]:.0f} % of the tiles' blocks touched{extra}")  # fmt: skip
     print(f"sparse ({facts['buildings'] // args.sparse:,} buildings, every {args.sparse}th): from jp2 "
           f"{crop_s['jp2+sparse']:.1f} s ({100 * share_sparse['jp2']:.0f} % of blocks), from jpeg256 "
