@@ -264,6 +264,10 @@ class GcsCogs:
                 name = cog_name(meta[SOURCE_TAG])  # ours (foreign objects carry no digest): left alone otherwise
                 self._objects.setdefault(name, []).append(b)
                 found[name] = meta[DIGEST_TAG]
+        for blobs in self._objects.values():  # an older vintage left by a put cut short: the newest is kept
+            while len(blobs) > 1:
+                with contextlib.suppress(gexc.NotFound):
+                    blobs.pop(0).delete(retry=DEFAULT_RETRY)
         return found
 
     def scratch(self) -> Path:

@@ -456,3 +456,20 @@ def test_jp2_tiles_in_a_bucket_are_converted_into_the_bucket_and_kept_in_step(cl
     _, last = mosaic("jpeg")
     assert sorted(last) == [n for n in jp2 if n != gone]
     assert {n: b.generation for n, b in last.items()} == {n: after[n].generation for n in last}
+
+    # two COGs of one tile (a conversion cut between its upload and the clean-up): the newest is weighed, the other
+    # deleted; here the newest records another digest, so the tile is converted again, once
+    kept = last[jp2[0]]
+    other = bucket.copy_blob(kept, bucket, f"{cog_prefix}{Path(jp2[0]).stem}.0000other.tif")
+    other.metadata = {**kept.metadata, DIGEST_TAG: "0000other"}
+    other.patch()
+    _, cleaned = mosaic("jpeg")  # asserts one object per tile again
+    assert cleaned[jp2[0]].name == kept.name and cleaned[jp2[0]].generation != kept.generation
+    assert {n: b.generation for n, b in cleaned.items() if n != jp2[0]} == {
+        n: b.generation for n, b in last.items() if n != jp2[0]
+    }
+
+    # a tile in the bucket that is not a JPEG 2000 after all: the step fails naming the object
+    bucket.blob(f"sources/81/ortho/{jp2[0]}").upload_from_string(b"<html>503 Service Unavailable</html>")
+    with pytest.raises(Exception, match=re.escape(f"/vsigs/{BUCKET}/sources/81/ortho/{jp2[0]}: cannot be opened")):
+        mosaic("jpeg")
