@@ -164,7 +164,8 @@ class TileSet:
         blk = self._cache.get(key)
         if blk is None:
             areas = self._areas.get(key)
-            blk = self._reader(i).read(br, bc, areas)
+            reader = self._reader(i)
+            blk = reader.read(br, bc, areas) if areas else reader.read(br, bc)  # a WMS cache reads whole blocks
             if areas:
                 self._partial[key] = areas
                 self.area_decodes += 1

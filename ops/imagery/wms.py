@@ -383,6 +383,8 @@ class CachedBlockReader:
     cause), so the buildings over it are quarantined with that message.
     """
 
+    decodes_areas = False  # a GetMap answer is decoded whole
+
     def __init__(self, folder: str) -> None:
         self.path = folder
         self.folder = Path(folder)
