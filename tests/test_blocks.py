@@ -266,6 +266,8 @@ def test_a_damaged_or_cut_jpeg2000_raises_naming_the_file_and_the_block(tmp_path
         assert r.decoder == "openjpeg"
         with pytest.raises(BlockReadError, match=re.escape(f"{bad}: block (1, 1)") + f".*{why}"):
             r.read(1, 1)
+        with pytest.raises(BlockReadError, match=re.escape(f"{bad}: block (1, 1)") + f".*{why}"):
+            r.read(1, 1, [(0, 8, 0, 8)])  # decoded by areas: the same error
         with rasterio.open(path) as ds:  # a tile before the damage is whole
             ref = ds.read(window=Window(whole[1] * 128, whole[0] * 128, 128, 128)).transpose(1, 2, 0)
         np.testing.assert_array_equal(r.read(*whole), ref)
