@@ -23,6 +23,7 @@ from ops.crop.units import CellResult
 from ops.geo.departements import check_departement
 from ops.imagery.mosaic import MosaicInfo
 from ops.imagery.remote import HttpRangeReader, is_remote
+from ops.imagery.wms import WmsError
 from ops.locks import partition_lock
 from ops.shards import STATUSES, list_shards, shard_paths
 from resources import keys
@@ -45,7 +46,8 @@ class ChipsConfig(Config):
     prefetch: Literal["auto", "always", "never"] = Field(
         default="auto",
         description="Fetch each cell's blocks of remote tiles (gs://, http) or its GetMap blocks (a WMS) in "
-        "parallel before cutting it; auto = when the mosaic's tiles are remote or a WMS",
+        "parallel before cutting it; auto = when the mosaic's tiles are remote or a WMS; never is refused with a "
+        "WMS/WMTS (its requests would bypass the rate limit and the cache)",
     )
     prefetch_threads: int = Field(default=16, description="Parallel range requests of the prefetch")
     prefetch_depth: int = Field(default=2, description="Cells fetched ahead of the one being cut")
@@ -70,6 +72,12 @@ def chips(
 ) -> MaterializeResult:
     with bad_input_fails_fast(context.partition_key):
         dep = check_departement(context.partition_key)
+        if imagery.wms_url and config.prefetch == "never":  # GDAL would read the service unthrottled, uncached
+            raise WmsError(
+                f"partition {dep}: chips config prefetch: never with a {imagery.wms_protocol} source "
+                f"({imagery.wms_url}, layer {imagery.wms_layer}): its requests would bypass the rate limit "
+                f"(wms_requests_per_s={imagery.wms_requests_per_s}) and the cache; use auto or always"
+            )
         spec = ChipSpec(config.size, config.margin_m, config.margin_ratio, config.min_valid_fraction)
         info = MosaicInfo.from_json(store.path(keys.mosaic_info(dep)).read_text())
         bpath = store.path(keys.buildings(dep))

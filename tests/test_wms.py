@@ -17,6 +17,7 @@ tests/test_formats.py), and every building the same status.
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 from urllib.parse import parse_qs
@@ -268,3 +269,18 @@ def test_a_wmts_layer_or_tile_matrix_set_that_does_not_exist_fails_at_once_namin
         tile(wmts_tile_matrix_set="PM")
     with pytest.raises(WmsError, match=r"'LA93' has no matrix at 0.5 m \(0: 0.2 m\)"):
         tile(wms_resolution_m=0.5)
+
+
+def test_prefetch_never_with_a_wms_is_refused_naming_the_setting(small_dep, tmp_path, monkeypatch):
+    """Without the prefetch, GDAL would read the service on its own: no rate limit, no cache. Refused before any request."""
+    from orchestration.definitions import all_assets
+    from orchestration.environment import local_resources
+
+    monkeypatch.setenv("BATIVISION_DATA_DIR", str(tmp_path))
+    resources = local_resources()
+    url = "http://127.0.0.1:9/wms"  # nothing listens there: the refusal must come before any request
+    resources["imagery"] = OrthoImagery(root=str(small_dep.root.parent), wms_url=url, wms_requests_per_s=4)
+    with pytest.raises(Exception, match=re.escape(f"prefetch: never with a WMS source ({url}, layer ")):
+        materialize(all_assets, selection=["chips"], partition_key=small_dep.departement, resources=resources,
+                    instance=DagsterInstance.ephemeral(),
+                    run_config={"ops": {"chips": {"config": {"prefetch": "never"}}}})  # fmt: skip
