@@ -91,6 +91,14 @@ class TileSet:
         )
         return np.where(held.any(axis=1), held.argmax(axis=1), -1)
 
+    def _clipped(self, i: int, cols: np.ndarray, rows: np.ndarray, npxs: np.ndarray) -> tuple[np.ndarray, ...]:
+        """(row0, row1, col0, col1, hit): the windows clipped to tile ``i``, in its pixels; ``hit``: non-empty."""
+        c0 = np.clip(cols - self.col0[i], 0, self.width[i])
+        c1 = np.clip(cols + npxs - self.col0[i], 0, self.width[i])
+        r0 = np.clip(rows - self.row0[i], 0, self.height[i])
+        r1 = np.clip(rows + npxs - self.row0[i], 0, self.height[i])
+        return r0, r1, c0, c1, (c1 > c0) & (r1 > r0)
+
     def blocks(self, cols: np.ndarray, rows: np.ndarray, npxs: np.ndarray) -> dict[int, set[tuple[int, int]]]:
         """{tile: {(block row, block col)}} of every block the windows touch.
 
@@ -100,11 +108,7 @@ class TileSet:
         out: dict[int, set[tuple[int, int]]] = {}
         for i in range(len(self.paths)):
             bh, bw = self.block[i]
-            c0 = np.clip(cols - self.col0[i], 0, self.width[i])
-            c1 = np.clip(cols + npxs - self.col0[i], 0, self.width[i])
-            r0 = np.clip(rows - self.row0[i], 0, self.height[i])
-            r1 = np.clip(rows + npxs - self.row0[i], 0, self.height[i])
-            hit = (c1 > c0) & (r1 > r0)
+            r0, r1, c0, c1, hit = self._clipped(i, cols, rows, npxs)
             if not hit.any():
                 continue
             found = out.setdefault(i, set())
@@ -115,7 +119,7 @@ class TileSet:
                 found.update((br, bc) for br in range(a, b + 1) for bc in range(c, d + 1))
         return out
 
-    def plan(self, cols: np.ndarray, rows: np.ndarray, npxs: np.ndarray) -> None:
+    def plan(self, cols: np.ndarray, rows: np.ndarray, npxs: np.ndarray, touch: np.ndarray) -> None:
         """Decide, for the JPEG 2000 blocks these windows need, which are decoded by areas rather than whole.
 
         Why: a codestream tile costs the same to decode whoever asks, and a rural block that two
@@ -124,17 +128,14 @@ class TileSet:
         its sweep, so each block's areas (window ∩ block) are too: a block is decoded by areas when
         the cost model says that is cheaper, and whole otherwise (towns). A cached block of a
         previous part decoded by areas that do not cover this part's is dropped and decoded again.
+        ``touch`` is :meth:`touching`'s answer for these windows: only the tiles they touch are looked at.
         """
         self._areas = {}
         needed: dict[tuple[int, int, int], list[Area]] = {}
-        for i in range(len(self.paths)):
-            c0 = np.clip(cols - self.col0[i], 0, self.width[i])
-            c1 = np.clip(cols + npxs - self.col0[i], 0, self.width[i])
-            r0 = np.clip(rows - self.row0[i], 0, self.height[i])
-            r1 = np.clip(rows + npxs - self.row0[i], 0, self.height[i])
-            hit = (c1 > c0) & (r1 > r0)
-            if not hit.any() or not self._decodes_areas(i):
+        for i in np.flatnonzero(touch.any(axis=0)).tolist():  # the tiles these windows touch (see touching)
+            if not self._decodes_areas(i):
                 continue
+            r0, r1, c0, c1, hit = self._clipped(i, cols, rows, npxs)
             bh, bw = self.block[i]
             for a, b, c, d in zip(r0[hit].tolist(), r1[hit].tolist(), c0[hit].tolist(), c1[hit].tolist(), strict=True):
                 for br in range(a // bh, (b - 1) // bh + 1):

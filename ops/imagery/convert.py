@@ -125,11 +125,6 @@ def cog_name(source: str | Path) -> str:
     return Path(source).stem + ".tif"
 
 
-def cog_path(source: str | Path, out_dir: Path) -> Path:
-    """Where the COG of ``source`` goes in a local folder: ``out_dir`` / :func:`cog_name`."""
-    return Path(out_dir) / cog_name(source)
-
-
 def recorded_digest(cog: Path) -> str | None:
     """The source digest a COG of ours records; None for a file that is not ours or can't be read."""
     try:
