@@ -19,11 +19,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from dagster import AssetExecutionContext, AssetKey, AssetSpec
+from dagster import AssetExecutionContext, AssetKey, AssetsDefinition, AssetSpec
 from dagster_dbt import DagsterDbtTranslator, DbtCliResource, DbtProject, dbt_assets
 
 from assets.owners import ANALYTICS
 from assets.partitions import departements_partitions
+from ops.ml.attributes import Attribute
 from resources.env import kinds, scratch_dir
 from resources.warehouse import WAREHOUSE_POOL, DuckDBWarehouse, Warehouse
 
@@ -134,16 +135,26 @@ class BativisionDbtTranslator(DagsterDbtTranslator):
         return spec.replace_attributes(kinds=(spec.kinds - {adapter}) | kinds(warehouse=True, store=False))
 
 
-@dbt_assets(
-    manifest=ensure_manifest(),
-    project=dbt_project,
-    dagster_dbt_translator=BativisionDbtTranslator(),
-    partitions_def=departements_partitions,
-    pool=WAREHOUSE_POOL,
-)
-def bativision_dbt_models(context: AssetExecutionContext, dbt: DbtCliResource, warehouse: Warehouse):
-    os.environ.update(warehouse.dbt_env())
-    args = ["build", "--vars", json.dumps({"departement": context.partition_key})]
-    # a folder of its own per invocation (dagster-dbt's naming), outside the project where it is read-only
-    name = f"{context.op_execution_context.op.name}-{context.run.run_id[:7]}-{uuid.uuid4().hex[:7]}"
-    yield from dbt.cli(args, context=context, target_path=run_target_dir() / name).stream()
+def dbt_vars(departement: str, attributes: Mapping[str, Attribute]) -> dict[str, Any]:
+    """What a partition's dbt run is told: its département and the declared attributes (their columns)."""
+    return {"departement": departement, "attribute_models": [a.dbt() for a in attributes.values()]}
+
+
+def dbt_models_asset(attributes: Mapping[str, Attribute]) -> AssetsDefinition:
+    """The dbt models as assets; `building_attributes` gets a column set per declared attribute (a dbt var)."""
+
+    @dbt_assets(
+        manifest=ensure_manifest(),
+        project=dbt_project,
+        dagster_dbt_translator=BativisionDbtTranslator(),
+        partitions_def=departements_partitions,
+        pool=WAREHOUSE_POOL,
+    )
+    def bativision_dbt_models(context: AssetExecutionContext, dbt: DbtCliResource, warehouse: Warehouse):
+        os.environ.update(warehouse.dbt_env())
+        args = ["build", "--vars", json.dumps(dbt_vars(context.partition_key, attributes))]
+        # a folder of its own per invocation (dagster-dbt's naming), outside the project where it is read-only
+        name = f"{context.op_execution_context.op.name}-{context.run.run_id[:7]}-{uuid.uuid4().hex[:7]}"
+        yield from dbt.cli(args, context=context, target_path=run_target_dir() / name).stream()
+
+    return bativision_dbt_models

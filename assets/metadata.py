@@ -116,3 +116,123 @@ def confusion_markdown(cm, classes: list[str]) -> MetadataValue:
     return MetadataValue.md(
         "| true \\ predicted | " + " | ".join(classes) + " |\n|---|" + "---:|" * len(classes) + "\n" + rows
     )
+
+
+def _ece_of(table: dict) -> float:
+    """The ECE a reliability table implies: Σ count × |accuracy − confidence| / Σ count (0.0 when empty)."""
+    counts = table.get("count", [])
+    total = sum(counts)
+    gaps = (
+        c * abs(a - f)
+        for c, a, f in zip(counts, table.get("accuracy", []), table.get("confidence", []), strict=False)
+        if c and a is not None and f is not None
+    )
+    return sum(gaps) / total if total else 0.0
+
+
+def reliability_figure(
+    before: dict,
+    after: dict,
+    title: str = "held-out reliability",
+    *,
+    ece_before: float | None = None,
+    ece_after: float | None = None,
+):
+    """A reliability diagram: accuracy against mean confidence per bin, before and after temperature scaling.
+
+    ``before`` and ``after`` are ``ops.ml.calibration.reliability`` tables
+    (lists per bin: lower, upper, confidence, accuracy, count; empty bins null).
+    Points on the diagonal are calibrated, below it over-confident. The ECEs in
+    the legend are computed from the tables unless given. A strip underneath
+    shows how many samples each bin holds, so a wild point of a near-empty bin
+    reads as such.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, hist) = plt.subplots(
+        2, 1, figsize=(3.8, 4.2), sharex=True, gridspec_kw={"height_ratios": [3, 1], "hspace": 0.08}
+    )
+    ax.plot([0, 1], [0, 1], ls="--", lw=0.8, color="0.5", label="calibrated")
+    series = (
+        ("before", before, ece_before, "tab:red", "o"),
+        ("after (cross-fitted)", after, ece_after, "tab:blue", "s"),
+    )
+    for offset, (name, table, ece, color, marker) in zip((-0.5, 0.5), series, strict=True):
+        table = table or {}
+        ece = _ece_of(table) if ece is None else ece
+        pts = [
+            (f, a)
+            for f, a in zip(table.get("confidence", []), table.get("accuracy", []), strict=False)
+            if f is not None and a is not None
+        ]
+        ax.plot(
+            [f for f, _ in pts],
+            [a for _, a in pts],
+            marker=marker,
+            ms=3.5,
+            lw=1,
+            color=color,
+            label=f"{name}: ECE {ece:.3f}",
+        )
+        lower, upper, counts = table.get("lower", []), table.get("upper", []), table.get("count", [])
+        if counts:
+            width = [(u - lo) / 2 for lo, u in zip(lower, upper, strict=False)]  # two bars side by side per bin
+            centres = [lo + w * (1 + offset) for lo, w in zip(lower, width, strict=False)]
+            hist.bar(centres, counts[: len(centres)], width=width, color=color, alpha=0.35, label=name)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy", fontsize=7)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=6, loc="upper left")
+    ax.tick_params(labelsize=6)
+    hist.set_xlabel("confidence (top score)", fontsize=7)
+    hist.set_ylabel("samples", fontsize=7)
+    hist.tick_params(labelsize=6)
+    return fig
+
+
+def predicted_vs_true_figure(y_true, y_pred, unit: str, title: str = "held-out predictions", max_points: int = 5_000):
+    """A regression model's held-out predictions against the truth, with the y = x line and MAE, R² in the legend.
+
+    The metrics are on every finite pair; the scatter is subsampled
+    deterministically to ``max_points`` so the PNG stays small.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from ops.ml.regression_metrics import regression_metrics
+
+    t, p = np.asarray(y_true, float).ravel(), np.asarray(y_pred, float).ravel()
+    keep = np.isfinite(t) & np.isfinite(p)
+    t, p = t[keep], p[keep]
+    m = regression_metrics(t, p, train_mean=float("nan"))
+    shown = np.arange(len(t))
+    if len(t) > max_points:
+        shown = np.sort(np.random.default_rng(0).choice(len(t), max_points, replace=False))
+    fig, ax = plt.subplots(figsize=(3.8, 3.6))
+    if len(t):
+        lo, hi = float(min(t.min(), p.min())), float(max(t.max(), p.max()))
+    else:
+        lo, hi = 0.0, 1.0
+    pad = (hi - lo) * 0.05 or 1.0
+    lo, hi = lo - pad, hi + pad
+    ax.plot([lo, hi], [lo, hi], ls="--", lw=0.8, color="0.5", label="y = x")
+    label = f"n = {len(t):,}" + (f" ({len(shown):,} shown)" if len(shown) < len(t) else "")
+    ax.scatter(t[shown], p[shown], s=3, alpha=0.5, lw=0, label=f"{label}\nMAE {m['mae']:.3g} {unit}, R² {m['r2']:.3f}")
+    if not len(t):
+        ax.text(0.5, 0.5, "no held-out samples", ha="center", va="center", transform=ax.transAxes, fontsize=8)
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(lo, hi)
+    ax.set_aspect("equal")
+    ax.set_xlabel(f"true ({unit})", fontsize=7)
+    ax.set_ylabel(f"predicted ({unit})", fontsize=7)
+    ax.set_title(title, fontsize=9)
+    ax.tick_params(labelsize=6)
+    ax.legend(fontsize=6, loc="upper left", markerscale=3)
+    return fig

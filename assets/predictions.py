@@ -1,4 +1,4 @@
-"""`predictions`: every model of the store run over a partition's chips, one row per building and model.
+"""`predictions`: every declared attribute's current model run over a partition's chips, one row per building and model.
 
 The compute is ``ops.ml.predict``: the chips are read once, each batch goes
 through every model, rows are staged to one Parquet file per model and the
@@ -15,7 +15,7 @@ import time
 
 import pyarrow.parquet as pq
 import torch
-from dagster import AssetExecutionContext, Config, MaterializeResult, MetadataValue, asset
+from dagster import AssetExecutionContext, AssetKey, AssetsDefinition, Config, MaterializeResult, MetadataValue, asset
 from pydantic import Field
 
 from assets.buildings import buildings
@@ -24,28 +24,30 @@ from assets.errors import IO_RETRY, bad_input_fails_fast
 from assets.metadata import chip_grid, counts_table, points_map
 from assets.owners import ML
 from assets.partitions import departements_partitions
-from assets.roof_model import roof_model
-from assets.solar_model import solar_model
 from ops.cpus import available_cpus
 from ops.geo.departements import check_departement, native_epsg
 from ops.geo.reproject import wgs84_batches
 from ops.imagery.mosaic import MosaicInfo
 from ops.locks import partition_lock
+from ops.ml.attributes import Attribute, load_attributes
 from ops.ml.batch_size import CPU_DEFAULT_BATCH, CUDA_DEFAULT_BATCH, choose_batch_size, machine_key, models_key
 from ops.ml.card import check_outputs
-from ops.ml.catalog import MODELS
 from ops.ml.inference import BatchRunner, forward_fn, pick_device, reuse_freed_memory
 from ops.ml.predict import ModelRun, PartitionPredictions, ShardPredictions, check_partition, predict_partition
 from ops.shards import list_shards, open_chips
 from resources import keys
 from resources.env import inference_pool, kinds
-from resources.model_store import ModelStore
+from resources.model_store import ModelNotFoundError, ModelStore
 from resources.object_store import ObjectStore
 from resources.warehouse import PartitionRows, Warehouse
 
 
 class PredictionsConfig(Config):
-    models: list[str] = Field(default_factory=lambda: list(MODELS), description="Models to run, by name (model store)")
+    models: list[str] = Field(
+        default_factory=list,
+        description="Models to run, by name (model store); empty = every attribute declared in models/attributes.yaml "
+        "that has a model (one without is skipped with a warning)",
+    )
     model_versions: dict[str, str] = Field(
         default_factory=dict, description="Model name → version to use (default: each model's current version)"
     )
@@ -59,24 +61,41 @@ class PredictionsConfig(Config):
     threads: int = Field(default=0, description="torch CPU threads; 0 = the CPUs this step may use (a pod's CPU limit)")
 
 
-@asset(
-    partitions_def=departements_partitions,
-    deps=[buildings, chips, roof_model, solar_model],
-    group_name="inference",
-    kinds=kinds("pytorch", "parquet", warehouse=True),
-    owners=ML,
-    pool=inference_pool(),
-    code_version="3",
-    retry_policy=IO_RETRY,
-    description="Roof type (classification) and solar panels (segmentation, polygons) of every building, "
-    "one row per building and model version.",
-)
-def predictions(
+def predictions_asset(attributes: dict[str, Attribute]) -> AssetsDefinition:
+    """The `predictions` asset for these declared attributes: each one's training asset is an input (lineage)."""
+    names = ", ".join(f"{a.name} ({a.task})" for a in attributes.values())
+
+    @asset(
+        name="predictions",
+        partitions_def=departements_partitions,
+        deps=[buildings, chips, *(AssetKey(a.asset) for a in attributes.values())],
+        group_name="inference",
+        kinds=kinds("pytorch", "parquet", warehouse=True),
+        owners=ML,
+        pool=inference_pool(),
+        code_version="4",
+        retry_policy=IO_RETRY,
+        description=f"Every declared attribute of every building — {names} — one row per building and model version.",
+    )
+    def predictions(
+        context: AssetExecutionContext,
+        config: PredictionsConfig,
+        store: ObjectStore,
+        models: ModelStore,
+        warehouse: Warehouse,
+    ) -> MaterializeResult:
+        return run_predictions(context, config, store, models, warehouse, list(attributes))
+
+    return predictions
+
+
+def run_predictions(
     context: AssetExecutionContext,
     config: PredictionsConfig,
     store: ObjectStore,
     models: ModelStore,
     warehouse: Warehouse,
+    declared: list[str],
 ) -> MaterializeResult:
     t_start = time.perf_counter()
     with bad_input_fails_fast(context.partition_key):
@@ -84,14 +103,27 @@ def predictions(
         device = pick_device(config.device)
         torch.set_num_threads(config.threads or available_cpus())
         reuse_freed_memory()
-        unknown = sorted(set(config.model_versions) - set(config.models))
+        unknown = sorted(set(config.model_versions) - set(config.models or declared))
         if unknown:
-            raise ValueError(f"model_versions names {unknown}, which are not in models {config.models}")
-        runs = []
-        for name in config.models:
-            model, card = models.load(name, config.model_versions.get(name), device)
+            raise ValueError(f"model_versions names {unknown}, which are not in models {config.models or declared}")
+        runs, untrained = [], []
+        for name in config.models or declared:
+            try:
+                model, card = models.load(name, config.model_versions.get(name), device)
+            except ModelNotFoundError:
+                if config.models:  # named by the user: not having it is an error
+                    raise
+                untrained.append(name)  # declared, never trained: the rest of the attributes still run
+                continue
             check_outputs(model, card, device)
-            runs.append(ModelRun(card, BatchRunner(forward_fn(model, device), 1 << 30, context.log.warning)))
+            runs.append(ModelRun(card, BatchRunner(forward_fn(model, device, card.task), 1 << 30, context.log.warning)))
+        if untrained:
+            context.log.warning(
+                f"partition {dep}: declared attribute(s) {untrained} have no model yet: materialize their training "
+                "asset (see models/attributes.yaml); predicting the others"
+            )
+        if not runs:
+            raise ModelNotFoundError(f"partition {dep}: no model to run: {untrained} are declared but none is trained")
         cards = [r.card for r in runs]
         folder = store.folder(keys.chips(dep))
         shards = list_shards(folder)
@@ -200,6 +232,19 @@ def predictions(
             metadata[f"{c.name}_staged"] = MetadataValue.path(str(staged[c.name]))
             if c.name in tally.area_m2:
                 metadata[f"{c.name}_area_m2"] = round(tally.area_m2[c.name], 1)
+            if tally.values.get(c.name, [0])[0]:
+                n, total, lo, hi = tally.values[c.name]
+                unit = c.unit or ""
+                metadata[f"{c.name}_values"] = MetadataValue.md(
+                    f"| predicted | mean | min | max |\n|---:|---:|---:|---:|\n"
+                    f"| {n:,} | {total / n:.3g} {unit} | {lo:.3g} {unit} | {hi:.3g} {unit} |"
+                )
         # from the step's start: model loading, checks, batch-size choice, warehouse load and these previews included
         metadata["total_seconds"] = round(time.perf_counter() - t_start, 2)
+        if untrained:
+            metadata["untrained_attributes"] = ", ".join(untrained)
         return MaterializeResult(metadata=metadata)
+
+
+#: The code location's `predictions`: the attributes of models/attributes.yaml (or BATIVISION_ATTRIBUTES).
+predictions = predictions_asset(load_attributes())

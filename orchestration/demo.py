@@ -17,7 +17,7 @@ from pathlib import Path
 
 from dagster import AssetKey, DagsterInstance, execute_job, reconstructable
 
-from ops.ml.catalog import MODELS
+from ops.ml.attributes import load_attributes
 from ops.shards import STATUSES
 from orchestration.environment import REPO_ROOT, data_dir, source_dir
 from orchestration.recovery import recover_dead_runs
@@ -101,7 +101,7 @@ def summary(dep: str, crop: dict, pred: dict, seconds: float) -> str:
     )
     meta = pred["predictions"]
     lines = [f"département {dep}", f"  buildings      {b:,}"]
-    for name in MODELS:
+    for name in load_attributes():
         version = meta.get(f"{name}_model_version")
         cur = rows[(rows.model_name == name) & (rows.model_version == version)]
         if cur.empty:
@@ -110,13 +110,18 @@ def summary(dep: str, crop: dict, pred: dict, seconds: float) -> str:
         lines += [
             f"  {name:<14} {int(cur.predicted):,} rows from {name}@{version} ({cur.task})",
             "    statuses     " + ", ".join(f"{s} {int(cur['n_' + s]):,}" for s in STATUSES),
-            f"    labels       {cur.label_distribution}   (mean score {cur.mean_score:.3f}, coverage {cur.coverage:.1%})",
         ]
+        if cur.task == "regression":
+            lines.append(f"    values       {meta.get(f'{name}_values', '')}".replace("\n", " ")[:160])
+        else:
+            lines.append(
+                f"    labels       {cur.label_distribution}   (mean score {cur.mean_score:.3f}, coverage {cur.coverage:.1%})"
+            )
         if f"{name}_area_m2" in meta:
             lines.append(f"    panel area   {meta[f'{name}_area_m2']:,.0f} m² of polygons in predictions.geometry")
     lines.append(
         f"  wall time      {seconds:.1f} s; chips {crop['chips']['chips_per_s']:,.0f}/s, "
-        f"inference {meta['chips_per_s']:,.0f} chips/s (both models, batch {meta['batch_size']})"
+        f"inference {meta['chips_per_s']:,.0f} chips/s (every model, batch {meta['batch_size']})"
     )
     return "\n".join(lines)
 
@@ -124,13 +129,24 @@ def summary(dep: str, crop: dict, pred: dict, seconds: float) -> str:
 def model_lines(models) -> list[str]:
     """Each current model's version and held-out metrics, from its model card."""
     out = []
-    for name in MODELS:
-        card = models.card(name)
+    for name in load_attributes():
+        try:
+            card = models.card(name)
+        except FileNotFoundError:
+            out.append(f"{name}: declared, no model yet (train it: `make demo-train`, or its asset in the UI)")
+            continue
         m = card.metrics
         if card.task == "segmentation":
             detail = f"panel IoU {m['iou']:.3f}, pixel macro-F1 {m['macro_f1']:.3f}"
+        elif card.task == "regression":
+            detail = (
+                f"MAE {m['mae']:.2f} {card.unit} vs {m['baseline_mae']:.2f} predicting the mean, "
+                f"RMSE {m['rmse']:.2f}, R² {m['r2']:.3f}"
+            )
         else:
             detail = f"accuracy {m['accuracy']:.3f} vs chance {m['chance_accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}"
+            if card.calibration:
+                detail += f", ECE {card.calibration['ece_before']:.3f} → {card.calibration['ece_after']:.3f} calibrated"
         out.append(f"{name}@{card.version} ({card.task}): held-out {detail}")
     return out
 
@@ -158,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{dep}: buildings, mosaic and chips materialized ({timing[dep]:.1f} s)")
     if args.train:
         budget = {"config": {"max_train_seconds": args.train_seconds}}
-        run(train_job, inst, run_config={"ops": {"roof_model": budget, "solar_model": budget}})
+        run(train_job, inst, run_config={"ops": {a.asset: budget for a in load_attributes().values()}})
     from orchestration.environment import local_resources
 
     for line in model_lines(local_resources()["models"]):
@@ -174,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
         print()
     print(f"done in {time.perf_counter() - t_start:.0f} s. Tables in {data_dir() / 'warehouse.duckdb'}.")
     print("Open the Dagster UI with `make ui` (then http://127.0.0.1:3000) to browse assets, runs and lineage.")
-    versions = {n: pred[args.departements[0]]["predictions"].get(f"{n}_model_version") for n in MODELS}
+    versions = {n: pred[args.departements[0]]["predictions"].get(f"{n}_model_version") for n in load_attributes()}
     print(json.dumps({"demo": "ok", "departements": args.departements, "models": versions}))
 
 

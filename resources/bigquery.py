@@ -41,7 +41,7 @@ from google.cloud import bigquery
 from pydantic import Field, PrivateAttr
 
 from resources.gcp import client_options, credentials_for
-from resources.warehouse import TABLE_COLUMNS, PartitionRows, Warehouse
+from resources.warehouse import TABLE_COLUMNS, PartitionRows, Warehouse, added_columns
 
 T = TypeVar("T")
 
@@ -167,6 +167,9 @@ class BigQueryWarehouse(Warehouse):
         ds.location = self.location
         client.create_dataset(ds, exists_ok=True)
         client.query_and_wait(table_ddl(self.table_id(table), table))
+        existing = [f.name for f in client.get_table(self.table_id(table)).schema]
+        for name, typ in added_columns(table, existing):  # a table of an earlier release: brought up to the contract
+            client.query_and_wait(f"ALTER TABLE `{self.table_id(table)}` ADD COLUMN {name} {_BQ_TYPES[typ]}")
         self._ready.add(table)
 
     def _stage(self, table: str, departement: str, batches: Iterable[pa.RecordBatch]) -> tuple[str | None, int]:

@@ -193,14 +193,10 @@ class OrthoImagery(ConfigurableResource):
 
 
 class FootprintSource(ConfigurableResource):
-    """Building footprints (and optional roof labels) per département."""
+    """Building footprints per département, and the files next to them that label buildings (training only)."""
 
     root: str = Field(default="data/sample", description="Folder with one sub-folder per département")
     subdir: str = Field(default="footprints", description="Sub-folder holding the footprint file")
-    labels_file: str = Field(default="labels.csv", description="Ground-truth labels (building id, roof_type)")
-    panels_file: str = Field(
-        default="solar_panels.gpkg", description="Ground-truth solar-panel polygons (any OGR format, native CRS)"
-    )
     api_endpoint: str | None = Field(default=None, description=ENDPOINT_HELP)
     cache_dir: str = Field(
         default=str(Path(tempfile.gettempdir()) / "bativision-sources"), description="Local copy of gs:// sources"
@@ -218,7 +214,7 @@ class FootprintSource(ConfigurableResource):
         if footprints:
             download_prefix(client, bucket, f"{key}/{self.subdir}", dest / self.subdir)
             return dest
-        name = file or self.labels_file
+        name = file or ""
         blob = client.bucket(bucket).blob(f"{key}/{name}")
         if blob.exists():
             blob.download_to_filename(str(dest / name))
@@ -250,11 +246,10 @@ class FootprintSource(ConfigurableResource):
             )
         return files[0].resolve()
 
-    def labels(self, departement: str) -> Path | None:
-        p = self._local_dep(departement, footprints=False) / self.labels_file
-        return p.resolve() if p.exists() else None
+    def source_file(self, departement: str, name: str) -> Path | None:
+        """A file of the département's folder, next to its footprints (label files, ground-truth polygons), if any.
 
-    def panels(self, departement: str) -> Path | None:
-        """Ground-truth solar-panel polygons of a département, if it has any (training only)."""
-        p = self._local_dep(departement, footprints=False, file=self.panels_file) / self.panels_file
+        Which files: the label sources of ``models/attributes.yaml`` (training only).
+        """
+        p = self._local_dep(departement, footprints=False, file=name) / name
         return p.resolve() if p.exists() else None

@@ -17,6 +17,7 @@ PREDICTIONS_ROOT = "predictions"
 BATCH_SIZE_ROOT = "inference/batch_size"
 SCRATCH_ROOT = "tmp"
 MODELS_ROOT = "models"
+LABELLING_ROOT = "labelling"
 
 
 def buildings(dep: str) -> str:
@@ -72,3 +73,13 @@ def model_version(name: str, version: str) -> str:
 def model_pointer(name: str) -> str:
     """The file holding the current version of model ``name``."""
     return f"{MODELS_ROOT}/{name}/CURRENT"
+
+
+def labelling_sheet(dep: str, attribute: str) -> str:
+    """The partition's labelling sheet for ``attribute`` (CSV, ``sheet.json`` beside it): labels for the next training."""
+    return f"{LABELLING_ROOT}/{dep}/{attribute}/sheet.csv"
+
+
+def labelling_chips(dep: str, attribute: str) -> str:
+    """The chips of the labelling sheet's buildings as PNGs (``<building_id>.png``), what the labeller looks at."""
+    return f"{LABELLING_ROOT}/{dep}/{attribute}/chips"

@@ -70,7 +70,7 @@ class ModelStore(ConfigurableResource):
             p.write_text(version)
             return version
         raise ModelNotFoundError(
-            f"no version of model {name!r} in {self.where()}: materialize its training asset (roof_model, solar_model) first"
+            f"no version of model {name!r} in {self.where()}: materialize its training asset (declared in models/attributes.yaml) first"
         )
 
     def load(

@@ -52,6 +52,7 @@ TABLE_COLUMNS: dict[str, list[tuple[str, str, bool]]] = {
         ("task", "string", True),
         ("label", "string", False),
         ("score", "float", False),
+        ("value", "float", False),  # regression attributes (added after the first release: see added_columns)
         ("probabilities", "string", False),
         ("geometry", "geometry", False),
         ("status", "string", True),
@@ -61,6 +62,17 @@ TABLE_COLUMNS: dict[str, list[tuple[str, str, bool]]] = {
     ],
 }
 _DUCKDB_TYPES = {"string": "VARCHAR", "float": "DOUBLE", "geometry": "GEOMETRY", "timestamp": "TIMESTAMP"}
+
+
+def added_columns(table: str, existing: Iterable[str]) -> list[tuple[str, str]]:
+    """Nullable columns of the contract that an existing table lacks: added in place, rows kept (NULL there).
+
+    A warehouse created by an earlier release (before ``predictions.value``) is
+    brought up to the contract instead of failing the publish; a missing
+    required column is not something a migration can invent, so it is left to fail.
+    """
+    have = {c.lower() for c in existing}
+    return [(name, typ) for name, typ, req in TABLE_COLUMNS[table] if not req and name not in have]
 
 
 def duckdb_ddl(table: str) -> str:
@@ -210,6 +222,9 @@ class DuckDBWarehouse(Warehouse):
     def ensure_tables(self, con: duckdb.DuckDBPyConnection) -> None:
         for table in TABLE_COLUMNS:
             con.execute(duckdb_ddl(table))
+            existing = [r[0] for r in con.execute(f"DESCRIBE {table}").fetchall()]
+            for name, typ in added_columns(table, existing):
+                con.execute(f"ALTER TABLE {table} ADD COLUMN {name} {_DUCKDB_TYPES[typ]}")
 
     def publish(self, departement: str, parts: Sequence[PartitionRows]) -> list[int]:
         """Replace each part's rows (``departement`` and its ``where`` equalities) in one transaction.

@@ -12,8 +12,13 @@ What is generated under ``DIR/<dep>/``:
 * ``footprints/batiment.gpkg`` -- layer ``batiment``, 2D MultiPolygon in the
   département's native CRS, BD TOPO v3 column names (``cleabs``, ``nature``,
   ``usage_1``, ``usage_2``, ``hauteur``, ``nombre_d_etages``, ``date_creation``,
-  ``etat_de_l_objet``), with deliberate defects (bow-tie polygons, zero-area
-  collinear polygons, empty / null geometries);
+  ``etat_de_l_objet``, ``mat_toits``), with deliberate defects (bow-tie polygons,
+  zero-area collinear polygons, empty / null geometries). ``mat_toits`` is BD TOPO's
+  roof-material code of the roof drawn, a label read from the footprints: ``"10"``
+  tiles (pitched), ``"20"`` slate (pitched, smooth slate / dark grey), ``"40"``
+  concrete (flat gravel), ``"90"`` other (flat smooth), ``"00"`` undetermined on
+  ~2 % and NULL on ~48 % of the buildings (as in the real BD TOPO) and on the
+  empty / unrepairable ones;
 * ``ortho/*.tif`` -- BD ORTHO-like RGB GeoTIFF tiles (tiled 256x256, DEFLATE +
   predictor 2, nodata 0), one of which has a rectangular nodata hole; a band of
   villages lies beyond the imagery on purpose. On request (``imagery_format``,
@@ -29,6 +34,10 @@ What is generated under ``DIR/<dep>/``:
   ``orientation_deg``, ``roof_colour``, ``in_nodata_hole`` and ``category`` (which
   of the manifest ``counts`` the building falls in); buildings that are not drawn
   (empty, unrepairable) carry a random class;
+* ``roof_slope.csv`` -- ``cleabs,slope_deg``: a regression label delivered as a CSV
+  keyed by building id, one row per building with a roof (not the empty or
+  unrepairable ones): 0.0 for flat roofs, the pitch the planes were shaded with
+  (15-25° on farms, 28-42° elsewhere) for gable and hip roofs, one decimal;
 * ``manifest.json`` -- written last (so an interrupted run is regenerated);
   :func:`load_manifest` reads it back. ``counts`` are exact: ``invalid_repairable``
   (bow-ties, ``make_valid`` gives polygons), ``invalid_unrepairable`` (collinear,
@@ -79,12 +88,13 @@ From Python::
 
     m = generate_departement(Path("data/sample"), "12", 3000, seed=0)
     m.footprints, m.ortho_dir, m.labels, m.counts   # paths and expected defect counts
+    m.roof_slope, m.material_counts                 # slope labels file, footprints per mat_toits code
     m = load_manifest(Path("data/sample/12"))       # same object, from manifest.json
 
 A second call with the same parameters returns the existing manifest without
 regenerating (pass ``overwrite=True`` to force). Same (département, buildings, seed,
 tile_px, resolution, imagery_format) gives byte-identical files (footprints, panels,
-labels, tiles, manifest), whatever the number of workers; another imagery_format
+labels, slopes, tiles, manifest), whatever the number of workers; another imagery_format
 changes the tiles only. Tile names follow BD ORTHO
 (``{dep}-2024-{x_km}-{y_km}-LA93-0M20.tif``, upper-left corner; JPEG 2000:
 ``{dep}-2024-{x_km}-{y_km}-LA93-0M20-E080.jp2``); when a tile is not a
@@ -100,10 +110,12 @@ from synthetic.manifest import (
     GENERATOR_VERSION,
     IMAGERY_FORMATS,
     MANIFEST_NAME,
+    MAT_CODES,
     ORTHO_YEAR,
     PANEL_LAYER,
     PANEL_SHARE,
     ROOF_CLASSES,
+    ROOF_SLOPE_NAME,
     SampleManifest,
     load_manifest,
 )
@@ -115,10 +127,12 @@ __all__ = [
     "GENERATOR_VERSION",
     "IMAGERY_FORMATS",
     "MANIFEST_NAME",
+    "MAT_CODES",
     "ORTHO_YEAR",
     "PANEL_LAYER",
     "PANEL_SHARE",
     "ROOF_CLASSES",
+    "ROOF_SLOPE_NAME",
     "SampleManifest",
     "generate_departement",
     "load_manifest",

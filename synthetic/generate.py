@@ -1,4 +1,4 @@
-"""The entry point that runs the stages: plan, tiles, footprints, labels, panels, then the manifest.
+"""The entry point that runs the stages: plan, tiles, footprints, labels, slopes, panels, then the manifest.
 
 :func:`generate_departement` reuses a sample already on disk when its manifest
 matches the parameters and this generator version; otherwise it removes only
@@ -23,13 +23,15 @@ from synthetic.manifest import (
     GENERATOR_VERSION,
     IMAGERY_FORMATS,
     MANIFEST_NAME,
+    MAT_CODES,
     ROOF_CLASSES,
+    ROOF_SLOPE_NAME,
     ImageryFormat,
     SampleManifest,
     load_manifest,
 )
 from synthetic.tiles import tile_name
-from synthetic.writers import write_footprints, write_labels, write_panels, write_tiles
+from synthetic.writers import write_footprints, write_labels, write_panels, write_roof_slope, write_tiles
 
 
 def _matches(m: SampleManifest, dep: str, n: int, seed: int, tile_px: int, res: float, fmt: str) -> bool:
@@ -44,6 +46,8 @@ def _matches(m: SampleManifest, dep: str, n: int, seed: int, tile_px: int, res: 
         and m.generator_version == GENERATOR_VERSION
         and m.footprints.exists()
         and m.labels.exists()
+        and m.roof_slope is not None
+        and m.roof_slope.exists()
         and m.panels is not None
         and m.panels.exists()
         and m.ortho_dir.is_dir()
@@ -53,7 +57,12 @@ def _matches(m: SampleManifest, dep: str, n: int, seed: int, tile_px: int, res: 
 def _clear(root: Path) -> None:
     """Remove what a previous generation wrote (only our own files), manifest first."""
     (root / MANIFEST_NAME).unlink(missing_ok=True)
-    for p in (root / "footprints" / "batiment.gpkg", root / "labels.csv", root / "solar_panels.gpkg"):
+    for p in (
+        root / "footprints" / "batiment.gpkg",
+        root / "labels.csv",
+        root / ROOF_SLOPE_NAME,
+        root / "solar_panels.gpkg",
+    ):
         p.unlink(missing_ok=True)
     ortho = root / "ortho"
     if ortho.is_dir():  # every format's tiles: the mosaic would take a previous format's tiles as well
@@ -127,9 +136,11 @@ def generate_departement(
     write_footprints(plan, footprints)
     labels = root / "labels.csv"
     write_labels(plan, labels)
+    roof_slope = root / ROOF_SLOPE_NAME
+    write_roof_slope(plan, roof_slope)
     panels = root / "solar_panels.gpkg"
     panel_count = write_panels(plan, panels)
-    log(f"footprints, labels and {panel_count} solar-panel arrays written ({time.perf_counter() - t0:.1f}s)")
+    log(f"footprints, labels, slopes and {panel_count} solar-panel arrays written ({time.perf_counter() - t0:.1f}s)")
 
     cat = plan.b["category"]
     counts = {k: int(np.sum(cat == i)) for i, k in enumerate(COUNT_KEYS)}
@@ -171,6 +182,8 @@ def generate_departement(
         panels=panels,
         panel_count=panel_count,
         imagery_format=imagery_format,
+        roof_slope=roof_slope,
+        material_counts={c: int(np.sum(plan.b["mat_toits"] == c)) for c in MAT_CODES},
     )
     tmp = root / (MANIFEST_NAME + ".tmp")
     tmp.write_text(json.dumps(manifest.to_json(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -19,7 +19,7 @@ from synthetic.footprints import choose_defects, finish_buildings
 from synthetic.manifest import CAT_NORMAL, CAT_OUTSIDE
 from synthetic.noise import crc, keyed_rng
 from synthetic.plan import Plan, defect_count
-from synthetic.roofs import choose_panels, shade_roofs
+from synthetic.roofs import choose_materials, choose_panels, shade_roofs
 from synthetic.settlements import Settlement, make_settlement, split_sizes, town_density, town_sizes
 from synthetic.tiles import choose_hole, choose_tiles
 
@@ -234,5 +234,6 @@ def make_plan(dep: str, n: int, seed: int, tile_px: int, res: float) -> Plan:
     choose_hole(plan)
     choose_defects(plan, rng)
     choose_panels(plan)
+    choose_materials(plan)  # its own stream, after the defects (categories) and the shading (textures)
     choose_tiles(plan)
     return plan

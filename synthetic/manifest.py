@@ -27,7 +27,8 @@ COUNT_KEYS: tuple[str, ...] = (
 )
 #: Bumped whenever the output for given parameters changes, so stale samples are regenerated.
 #: 3: the GeoPackages' ``gpkg_contents.last_change`` is a fixed date instead of the time of writing.
-GENERATOR_VERSION = 3
+#: 4: ``batiment`` has a ``mat_toits`` column and ``roof_slope.csv`` is written (imagery and labels.csv unchanged).
+GENERATOR_VERSION = 4
 #: Margin around a footprint's bounding box that defines its image chip (used for ``nodata_area``).
 CHIP_MARGIN_M = 2.0
 ORTHO_YEAR = 2024
@@ -41,6 +42,15 @@ MANIFEST_NAME = "manifest.json"
 #: Share of the eligible roofs (imaged, rectangular, room for a 2 × 1.6 m array) that carry solar panels.
 PANEL_SHARE = 0.33
 PANEL_LAYER = "solar_panels"
+#: The regression labels file (``cleabs,slope_deg``) next to ``labels.csv``.
+ROOF_SLOPE_NAME = "roof_slope.csv"
+#: BD TOPO v3 ``MAT_TOITS`` codes the generator writes (``mat_toits``): what the drawn texture shows.
+MAT_UNKNOWN, MAT_TILES, MAT_SLATE, MAT_CONCRETE, MAT_OTHER = "00", "10", "20", "40", "90"
+MAT_CODES: tuple[str, ...] = (MAT_UNKNOWN, MAT_TILES, MAT_SLATE, MAT_CONCRETE, MAT_OTHER)
+#: Shares of all buildings with no ``mat_toits`` and with "00" (undetermined); the real BD TOPO of
+#: Olemps (12) has 1,090 of 2,273 buildings without MAT_TOITS and 42 with "00".
+MAT_UNSET_SHARE = 0.48
+MAT_UNKNOWN_SHARE = 0.02
 
 #: Roof class codes, in ROOF_CLASSES order.
 FLAT, GABLE, HIP = 0, 1, 2
@@ -55,7 +65,9 @@ class SampleManifest:
     ``counts`` are the expected per-category building counts (they sum to
     ``n_buildings``), so tests can check a pipeline's statuses exactly.
     ``imagery_format`` is one of :data:`IMAGERY_FORMATS`: a sample written in
-    another format than the one asked for is not reused.
+    another format than the one asked for is not reused. ``roof_slope`` is the
+    ``cleabs,slope_deg`` regression labels file; ``material_counts`` counts the
+    footprints per ``mat_toits`` code (the others have none).
     """
 
     departement: str
@@ -79,6 +91,8 @@ class SampleManifest:
     panels: Path | None = None
     panel_count: int = 0
     imagery_format: str = "deflate"
+    roof_slope: Path | None = None
+    material_counts: dict[str, int] = field(default_factory=dict)
     generator_version: int = GENERATOR_VERSION
 
     def to_json(self) -> dict[str, Any]:
@@ -105,6 +119,8 @@ class SampleManifest:
             "panels": self.panels.relative_to(self.root).as_posix() if self.panels else None,
             "panel_count": self.panel_count,
             "imagery_format": self.imagery_format,
+            "roof_slope": self.roof_slope.relative_to(self.root).as_posix() if self.roof_slope else None,
+            "material_counts": dict(self.material_counts),
             "generator_version": self.generator_version,
         }
 
@@ -136,5 +152,8 @@ def load_manifest(dep_root: Path) -> SampleManifest:
         panel_count=int(data.get("panel_count", 0)),
         # samples written before the key existed are DEFLATE GeoTIFF, the only format then
         imagery_format=str(data.get("imagery_format", "deflate")),
+        # samples written before generator version 4 have neither
+        roof_slope=root / data["roof_slope"] if data.get("roof_slope") else None,
+        material_counts={k: int(v) for k, v in data.get("material_counts", {}).items()},
         generator_version=int(data.get("generator_version", 0)),
     )

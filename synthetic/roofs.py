@@ -1,10 +1,12 @@
-"""What roofs look like: class odds, colour palettes, sunlit planes, shadows and solar panels.
+"""What roofs look like: class odds, colour palettes, sunlit planes, shadows, solar panels, materials.
 
 Colours are shared by all classes with different weights, so colour alone never
 gives the class away. :func:`shade_roofs` lights each roof plane with a
 Lambertian sun and casts its shadow; :func:`choose_panels` puts solar-panel
 arrays (the segmentation ground truth) on about a third of the eligible roofs,
-from their own random stream.
+from their own random stream; :func:`choose_materials` derives BD TOPO's roof
+material code (``mat_toits``) from what is drawn and blanks it, like the real
+BD TOPO, on about half the buildings, from its own random stream too.
 """
 
 from __future__ import annotations
@@ -13,7 +15,21 @@ import math
 
 import numpy as np
 
-from synthetic.manifest import CAT_NORMAL, FLAT, HIP, PANEL_SHARE
+from synthetic.manifest import (
+    CAT_EMPTY,
+    CAT_NORMAL,
+    CAT_UNREPAIRABLE,
+    FLAT,
+    HIP,
+    MAT_CONCRETE,
+    MAT_OTHER,
+    MAT_SLATE,
+    MAT_TILES,
+    MAT_UNKNOWN,
+    MAT_UNKNOWN_SHARE,
+    MAT_UNSET_SHARE,
+    PANEL_SHARE,
+)
 from synthetic.noise import keyed_rng
 from synthetic.plan import Plan
 from synthetic.textures import TEX_GRAVEL, TEX_SMOOTH, TEX_TILES
@@ -114,3 +130,50 @@ def choose_panels(plan: Plan) -> None:
     b["panel"] = np.round(panel, 2)
     b["has_panel"] = has
     b["panel_rgb"] = np.clip(np.array([34.0, 44.0, 72.0])[None, :] * tone[:, None], 0, 255).astype(np.uint8)
+
+
+def has_roof(plan: Plan) -> np.ndarray:
+    """Buildings whose roof is known: every one but the empty and unrepairable geometries.
+
+    Those two are not drawn and their roof_type in ``labels.csv`` is random, so no
+    material or slope is given for them. Buildings beyond the imagery or in the
+    nodata hole keep theirs: their roof exists (labels.csv gives its class), the
+    imagery just does not show it, as with a real survey.
+    """
+    c = plan.b["category"]
+    return (c != CAT_EMPTY) & (c != CAT_UNREPAIRABLE)
+
+
+def choose_materials(plan: Plan) -> None:
+    """Set ``b["mat_toits"]``: BD TOPO v3's roof-material code of what is drawn, or None.
+
+    The code follows the texture and class :func:`shade_roofs` drew, so it is
+    learnable from the pixels: a pitched roof in smooth slate / dark grey is
+    slate (``"20"``), any other pitched roof tiles (``"10"``), a flat gravel
+    roof concrete (``"40"``) and a flat smooth one (bitumen) other (``"90"``).
+    As in the real BD TOPO (Olemps: 48 % of the buildings without MAT_TOITS,
+    1.8 % ``"00"``), :data:`~synthetic.manifest.MAT_UNSET_SHARE` of them get no
+    code and :data:`~synthetic.manifest.MAT_UNKNOWN_SHARE` get ``"00"``
+    (undetermined), picked from a stream of their own so that adding the column
+    moved no other attribute, label, panel, tree or pixel. Must run after
+    :func:`shade_roofs` (texture) and the defect choice (categories).
+    """
+    b = plan.b
+    rng = keyed_rng(plan.seed, plan.departement, plan.n, "mat_toits")
+    pick = rng.random(plan.n)  # drawn for every building, so the choice depends on nothing else
+    pitched = b["roof"] != FLAT
+    smooth = b["tex"] == TEX_SMOOTH
+    code = np.where(
+        pitched,
+        np.where(smooth, MAT_SLATE, MAT_TILES),
+        np.where(b["tex"] == TEX_GRAVEL, MAT_CONCRETE, MAT_OTHER),
+    ).astype(object)
+    code[pick < MAT_UNSET_SHARE + MAT_UNKNOWN_SHARE] = MAT_UNKNOWN
+    code[(pick < MAT_UNSET_SHARE) | ~has_roof(plan)] = None
+    b["mat_toits"] = code
+
+
+def slope_degrees(plan: Plan) -> np.ndarray:
+    """The drawn roof pitch in degrees: 0 for flat roofs (drawn flat whatever ``b["slope"]`` holds)."""
+    b = plan.b
+    return np.where(b["roof"] == FLAT, 0.0, np.degrees(b["slope"]))

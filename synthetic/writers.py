@@ -1,4 +1,4 @@
-"""Writing the sample's files: footprints and panels GeoPackages, ``labels.csv`` and the ortho tiles.
+"""Writing the sample's files: footprints and panels GeoPackages, the label CSVs and the ortho tiles.
 
 Each file is written under a temporary name and moved into place, so a reader
 never sees half a file. The GeoPackages are written with a fixed
@@ -25,7 +25,7 @@ from synthetic.footprints import footprint_geometries
 from synthetic.manifest import CAT_NODATA, COUNT_KEYS, PANEL_LAYER, ROOF_CLASSES
 from synthetic.plan import Plan
 from synthetic.render import render_tile
-from synthetic.roofs import ROOF_COLOURS
+from synthetic.roofs import ROOF_COLOURS, has_roof, slope_degrees
 from synthetic.tiles import TileJob, tile_jobs, tile_path
 
 #: What GDAL records as the GeoPackages' last change (``gpkg_contents.last_change``).
@@ -50,7 +50,11 @@ def _fixed_gpkg_date() -> Iterator[None]:
 
 
 def write_footprints(plan: Plan, path: Path) -> None:
-    """Write the BD TOPO-like ``batiment`` layer (GeoPackage, native CRS, MultiPolygon)."""
+    """Write the BD TOPO-like ``batiment`` layer (GeoPackage, native CRS, MultiPolygon).
+
+    ``mat_toits`` (roof material code, NULL on about half the buildings) is a
+    label source read straight from the footprints, as BD TOPO's MAT_TOITS is.
+    """
     import geopandas as gpd
     import pandas as pd
     import pyogrio
@@ -69,6 +73,7 @@ def write_footprints(plan: Plan, path: Path) -> None:
             "nombre_d_etages": etages,
             "date_creation": created.astype("datetime64[ms]"),
             "etat_de_l_objet": np.full(plan.n, "En service", dtype=object),
+            "mat_toits": b["mat_toits"],  # text codes ("00" keeps its zeros), None where unset
         }
     )
     gdf = gpd.GeoDataFrame(df, geometry=footprint_geometries(plan), crs=f"EPSG:{plan.epsg}")
@@ -121,6 +126,27 @@ def write_labels(plan: Plan, path: Path) -> None:
                 ]
             )
     os.replace(tmp, path)
+
+
+def write_roof_slope(plan: Plan, path: Path) -> int:
+    """``cleabs,slope_deg`` for every building with a roof (one decimal); returns the number of rows.
+
+    A regression target delivered as a CSV keyed by building id rather than a
+    footprint column. Flat roofs are 0.0 (drawn flat); gable and hip roofs carry
+    the pitch their planes were lit with, so it can be read from the shading.
+    Empty and unrepairable footprints have no drawn roof and no row.
+    """
+    b = plan.b
+    slope = slope_degrees(plan)
+    rows = np.flatnonzero(has_roof(plan))
+    tmp = path.with_suffix(".csv.tmp")
+    with tmp.open("w", newline="", encoding="utf-8") as fh:
+        wr = csv.writer(fh)
+        wr.writerow(["cleabs", "slope_deg"])
+        for i in rows:
+            wr.writerow([b["cleabs"][i], f"{slope[i]:.1f}"])
+    os.replace(tmp, path)
+    return int(rows.size)
 
 
 #: JPEG 2000 as BD ORTHO delivers it: lossy (irreversible 9/7 wavelet, YCC), 1024 px codestream tiles.

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ops.ml.nets import ARCHITECTURES, TASK_OF_ARCHITECTURE
+from ops.ml.nets import ARCHITECTURES, LATER_BUFFERS, TASK_OF_ARCHITECTURE
 
 
 class ModelMismatchError(ValueError):
@@ -30,7 +30,7 @@ class ModelCard:
     """What a model is, what it expects and how good it is."""
 
     name: str
-    task: str  # "classification" | "segmentation"
+    task: str  # "classification" | "segmentation" | "regression"
     classes: list[str]
     input_size: int
     bands: int
@@ -44,6 +44,10 @@ class ModelCard:
     created_at: str = ""
     #: segmentation: probability above which a pixel belongs to a class, smallest polygon kept (in chip pixels)
     postprocess: dict = field(default_factory=dict)
+    #: regression: the unit of the value (from the attribute's declaration)
+    unit: str | None = None
+    #: classification: the temperature and the expected calibration error before and after (ops.ml.calibration)
+    calibration: dict = field(default_factory=dict)
 
     def check_chips(self, chip_shape: tuple[int, ...], *, what: str) -> None:
         """Raise :class:`ModelMismatchError` if chips of ``chip_shape`` (…, C, H, W) don't fit."""
@@ -79,11 +83,10 @@ def check_outputs(model: nn.Module, card: ModelCard, device: str | torch.device 
     """
     x = torch.zeros((1, card.bands, card.input_size, card.input_size), dtype=torch.uint8, device=device)
     out = model(x)
-    want = (
-        (1, len(card.classes))
-        if card.task == "classification"
-        else (1, len(card.classes), card.input_size, card.input_size)
-    )
+    want = {
+        "classification": (1, len(card.classes)),
+        "regression": (1, 1),
+    }.get(card.task, (1, len(card.classes), card.input_size, card.input_size))
     if tuple(out.shape) != want:
         raise ModelMismatchError(
             f"model {card.name}@{card.version}: outputs {tuple(out.shape)} for one chip, but its card "
@@ -113,8 +116,12 @@ def load_model(folder: Path, device: str | torch.device = "cpu") -> tuple[nn.Mod
     if card.version and digest != card.version:
         raise ModelMismatchError(f"{folder}: weights hash {digest} does not match the card's version {card.version}")
     model = build_model(card)
+    state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    for key, value in model.state_dict().items():
+        if key in LATER_BUFFERS and key not in state:  # saved before the buffer existed: "as before"
+            state[key] = torch.full_like(value, LATER_BUFFERS[key])
     try:
-        model.load_state_dict(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True))
+        model.load_state_dict(state)
     except RuntimeError as exc:  # shapes differ: the card's classes or widths are not the weights'
         raise ModelMismatchError(
             f"{folder}: weights do not fit the card ({card.architecture}, {len(card.classes)} classes "

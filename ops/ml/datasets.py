@@ -65,10 +65,12 @@ def labelled_chips(
     folder: Path,
     dep: str,
     labels: pd.Series,
-    classes: Sequence[str],
+    classes: Sequence[str] | None,
     log: Callable[[str], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A partition's ok chips that have a label: (chips, label indices into ``classes``, cell ids).
+
+    ``classes`` None: a regression's labels, returned as float values.
 
     Labels that train nothing are counted, not dropped silently: ``log`` gets how
     many are on buildings without an ok chip, and how many name no building of
@@ -84,7 +86,8 @@ def labelled_chips(
             continue
         arr = open_chips(folder, shard)
         xs.append(np.asarray(arr[idx["row"].to_numpy()]))
-        ys.append(labels.loc[idx["building_id"]].map(list(classes).index).to_numpy())
+        got = labels.loc[idx["building_id"]]
+        ys.append(got.to_numpy("float64") if classes is None else got.map(list(classes).index).to_numpy())
         gs.append(np.array([f"{dep}/{shard}"] * len(idx), dtype=object))
     used = sum(len(x) for x in xs)
     unknown = sorted(set(labels.index) - known)
@@ -93,9 +96,10 @@ def labelled_chips(
         if unknown:
             line += f", {len(unknown):,} naming no building of the partition (e.g. {unknown[:5]})"
         log(line)
+    dtype = "float64" if classes is None else "int64"
     if not xs:
-        return np.zeros((0, 3, 1, 1), "uint8"), np.zeros(0, "int64"), np.zeros(0, object)
-    return np.concatenate(xs), np.concatenate(ys).astype("int64"), np.concatenate(gs)
+        return np.zeros((0, 3, 1, 1), "uint8"), np.zeros(0, dtype), np.zeros(0, object)
+    return np.concatenate(xs), np.concatenate(ys).astype(dtype), np.concatenate(gs)
 
 
 def read_polygons(path: Path) -> np.ndarray:

@@ -139,9 +139,10 @@ class BatchRunner:
         return np.concatenate(outs) if len(outs) > 1 else outs[0]
 
 
-def forward_fn(model: nn.Module, device: torch.device) -> Forward:
-    """uint8 batch (CPU) → class probabilities as float32 numpy (N×C or N×C×S×S)."""
+def forward_fn(model: nn.Module, device: torch.device, task: str = "classification") -> Forward:
+    """uint8 batch (CPU) → class probabilities as float32 numpy (N×C or N×C×S×S); a regression's values (N×1)."""
     cuda = device.type == "cuda"
+    values = task == "regression"
 
     @torch.inference_mode()
     def run(xb: torch.Tensor) -> np.ndarray:
@@ -151,7 +152,7 @@ def forward_fn(model: nn.Module, device: torch.device) -> Forward:
                 logits = model(xb)
         else:
             logits = model(xb)
-        return torch.softmax(logits.float(), dim=1).cpu().numpy()
+        return logits.float().cpu().numpy() if values else torch.softmax(logits.float(), dim=1).cpu().numpy()
 
     return run
 

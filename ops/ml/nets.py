@@ -1,4 +1,4 @@
-"""The networks: a small classifier and a small segmenter in plain torch.
+"""The networks: a small classifier, its one-value twin for regressions, and a small segmenter in plain torch.
 
 Plain torch (no torchvision) so it runs wherever torch does. A network takes
 the chips exactly as stored (uint8, N×3×S×S) and normalises inside
@@ -32,12 +32,35 @@ class RoofNet(nn.Module):
         self.head = nn.Sequential(nn.Dropout(0.2), nn.Linear(c_in, n_classes))
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+        # calibration (ops.ml.calibration): logits are divided by it, so it travels in the weights and their hash
+        self.register_buffer("temperature", torch.ones(()))
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: uint8 or float chips in 0..255, N×3×S×S → pooled features, N×widths[-1]."""
+        x = (x.float() / 255.0 - self.mean) / self.std
+        return self.features(x).mean(dim=(2, 3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x``: uint8 or float chips in 0..255, N×3×S×S → class logits."""
-        x = (x.float() / 255.0 - self.mean) / self.std
-        x = self.features(x)
-        return self.head(x.mean(dim=(2, 3)))
+        """``x``: uint8 or float chips in 0..255, N×3×S×S → class logits (temperature-scaled)."""
+        return self.head(self.embed(x)) / self.temperature
+
+
+class ValueNet(RoofNet):
+    """RoofNet's features with one output: a regression's value, in the unit of its declaration.
+
+    The targets' training mean and spread are buffers: the network learns a
+    standardised value and ``forward`` gives it back in the unit, so what is
+    saved is what is served.
+    """
+
+    def __init__(self, n_classes: int, mean: list[float], std: list[float], widths: list[int] | None = None) -> None:
+        super().__init__(1, mean, std, widths)
+        self.register_buffer("target_mean", torch.zeros(()))
+        self.register_buffer("target_std", torch.ones(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """N×3×S×S chips → N×1 values in the declared unit."""
+        return self.head(self.embed(x)) * self.target_std + self.target_mean
 
 
 def _conv(c_in: int, c_out: int) -> nn.Sequential:
@@ -83,5 +106,7 @@ class PanelNet(nn.Module):
         return self.head(x)
 
 
-ARCHITECTURES: dict[str, type[nn.Module]] = {"RoofNet": RoofNet, "PanelNet": PanelNet}
-TASK_OF_ARCHITECTURE = {"RoofNet": "classification", "PanelNet": "segmentation"}
+ARCHITECTURES: dict[str, type[nn.Module]] = {"RoofNet": RoofNet, "PanelNet": PanelNet, "ValueNet": ValueNet}
+TASK_OF_ARCHITECTURE = {"RoofNet": "classification", "PanelNet": "segmentation", "ValueNet": "regression"}
+#: Buffers added after models were shipped, with the value that means "as before" (a checkpoint without them loads).
+LATER_BUFFERS = {"temperature": 1.0}

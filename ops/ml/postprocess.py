@@ -1,6 +1,7 @@
 """Model outputs → the columns of a `predictions` row (label, score, probabilities, geometry).
 
 Classification: the argmax class, its probability, every class's probability.
+Regression: the value, in the unit of the attribute's declaration; no label or score.
 Segmentation: the pixels of each non-background class are vectorised into
 polygons clipped to the building (:mod:`ops.ml.vectorize`); the label is the class
 of the largest polygon (the first class, "none", when there is none), the
@@ -27,6 +28,7 @@ class Columns:
     scores: np.ndarray
     probabilities: list[str | None]
     geometries: list[shapely.Geometry | None] | None = None  # native CRS; segmentation only
+    values: np.ndarray | None = None  # regression only: the value in the declared unit (NaN without a chip)
 
 
 def _json_template(classes: list[str]) -> str:
@@ -42,6 +44,17 @@ def classification_columns(probs: np.ndarray, card: ModelCard) -> Columns:
         labels=classes[top].tolist(),
         scores=probs[np.arange(len(top)), top].astype("float64"),
         probabilities=[tpl % tuple(row) for row in probs.tolist()],
+    )
+
+
+def regression_columns(out: np.ndarray, card: ModelCard) -> Columns:
+    """``out``: (N, 1) values in the card's unit. No label, score or probabilities: a quantity has none."""
+    n = len(out)
+    return Columns(
+        labels=[None] * n,
+        scores=np.full(n, np.nan),
+        probabilities=[None] * n,
+        values=out.reshape(n, -1)[:, 0].astype("float64"),
     )
 
 

@@ -28,7 +28,7 @@ import torch
 from ops.geo.footprints import split_by_cell
 from ops.ml.card import ModelCard
 from ops.ml.inference import BatchRunner, prefetch
-from ops.ml.postprocess import Columns, classification_columns, segmentation_columns
+from ops.ml.postprocess import Columns, classification_columns, regression_columns, segmentation_columns
 from ops.ml.rows import PREDICTIONS_SCHEMA, polygon_area_m2, prediction_batch
 from ops.shards import STATUSES, index_rows, open_chips, read_index, shard_meta, shard_paths
 
@@ -56,8 +56,14 @@ class ShardPredictions:
     n_chips: int
 
 
-def _empty_columns(n: int, segmentation: bool) -> Columns:
-    return Columns([None] * n, np.full(n, np.nan), [None] * n, [None] * n if segmentation else None)
+def _empty_columns(n: int, task: str) -> Columns:
+    return Columns(
+        [None] * n,
+        np.full(n, np.nan),
+        [None] * n,
+        [None] * n if task == "segmentation" else None,
+        np.full(n, np.nan) if task == "regression" else None,
+    )
 
 
 def predict_shards(
@@ -116,7 +122,7 @@ def predict_shards(
                 "at_row": at_row,
                 "windows": np.column_stack([idx.column(c).to_numpy(False) for c in ("minx", "miny", "maxx", "maxy")]),
                 "footprints": [fp.get(ids[i]) for i in at_row] if fp else [None] * len(at_row),
-                "cols": {m.card.name: _empty_columns(idx.num_rows, s) for m, s in zip(models, seg, strict=True)},
+                "cols": {m.card.name: _empty_columns(idx.num_rows, m.card.task) for m in models},
                 "n_chips": len(at_row),
             }
             continue
@@ -128,6 +134,8 @@ def predict_shards(
                 got = segmentation_columns(
                     probs, current["windows"][pos], current["footprints"][start : start + len(xb)], m.card
                 )
+            elif m.card.task == "regression":
+                got = regression_columns(probs, m.card)
             else:
                 got = classification_columns(probs, m.card)
             col = current["cols"][m.card.name]
@@ -137,6 +145,8 @@ def predict_shards(
                 if is_seg:
                     col.geometries[p] = got.geometries[j]
             col.scores[pos] = got.scores
+            if got.values is not None:
+                col.values[pos] = got.values
     if current is not None:
         yield finish(current)
 
@@ -194,6 +204,7 @@ class PartitionPredictions:
     map_categories: dict[str, list[str]] = field(default_factory=dict)  # model → label, or status without one
     polygons: dict[str, list] = field(default_factory=dict)  # segmentation model → sampled polygons, native CRS
     polygons_seen: dict[str, int] = field(default_factory=dict)
+    values: dict[str, list[float]] = field(default_factory=dict)  # regression model → [count, sum, min, max]
     examples: dict[str, dict[str, list[tuple[str, int, float]]]] = field(default_factory=dict)
 
     def add(self, res: ShardPredictions, cards: Sequence[ModelCard]) -> list[str]:
@@ -224,10 +235,33 @@ class PartitionPredictions:
             if card.task == "segmentation":
                 self.area_m2[card.name] = self.area_m2.get(card.name, 0.0) + polygon_area_m2(cols)
                 self._sample_polygons(card.name, cols)
+            shown = cols.labels
+            if card.task == "regression":
+                shown = self._count_values(card, cols.values)
             self.map_categories.setdefault(card.name, []).extend(
-                cols.labels[i] if cols.labels[i] is not None else status[i] for i in keep.tolist()
+                shown[i] if shown[i] is not None else status[i] for i in keep.tolist()
             )
         return status
+
+    def _count_values(self, card: ModelCard, values: np.ndarray) -> list[str | None]:
+        """Count a regression's values; returns each building's value range for the map (five bins of the training range)."""
+        got = values[np.isfinite(values)]
+        acc = self.values.setdefault(card.name, [0, 0.0, np.inf, -np.inf])
+        if len(got):
+            acc[0] += len(got)
+            acc[1] += float(got.sum())
+            acc[2] = min(acc[2], float(got.min()))
+            acc[3] = max(acc[3], float(got.max()))
+        lo, hi = (card.metrics.get("train_range") or [0.0, 1.0])[:2]
+        step = (hi - lo) / 5 or 1.0
+        out: list[str | None] = []
+        for v in values.tolist():
+            if not np.isfinite(v):
+                out.append(None)
+                continue
+            k = int(np.clip((v - lo) // step, 0, 4))
+            out.append(f"{lo + k * step:.3g}–{lo + (k + 1) * step:.3g} {card.unit or ''}".rstrip())
+        return out
 
     def _sample_polygons(self, model: str, cols: Columns) -> None:
         """Reservoir sampling (seeded, so the picture is the same run to run) of the model's polygons."""

@@ -28,6 +28,7 @@ PREDICTIONS_SCHEMA = pa.schema(
         ("task", pa.string()),
         ("label", pa.string()),
         ("score", pa.float64()),
+        ("value", pa.float64()),
         ("probabilities", pa.string()),
         ("geometry", pa.binary()),
         ("status", pa.string()),
@@ -71,6 +72,9 @@ def prediction_batch(
             pa.array([card.task] * n),
             pa.array(cols.labels, pa.string()),
             pa.array(cols.scores, pa.float64(), from_pandas=True),
+            pa.array(cols.values, pa.float64(), from_pandas=True)
+            if cols.values is not None
+            else pa.nulls(n, pa.float64()),
             pa.array(cols.probabilities, pa.string()),
             geometry,
             pa.array(status, pa.string()),

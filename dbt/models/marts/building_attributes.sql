@@ -1,14 +1,24 @@
 {#-
-  One row per building with, for each attribute model of var('attribute_models'), the
-  prediction of its latest model version for that building: the model_version with the most
-  recent predicted_at (ties broken by model_version), whatever its status.
+  One row per building with, for each declared attribute (var('attribute_models'), passed by
+  the pipeline from models/attributes.yaml), the prediction of its latest model version for
+  that building: the model_version with the most recent predicted_at (ties broken by
+  model_version), whatever its status. Classification and segmentation give <name>_label and
+  <name>_score, a regression <name>_value; every attribute <name>_status, _model_version and
+  _predicted_at. An attribute whose declaration was removed keeps its columns (filled from the
+  predictions still in the warehouse): removing a declaration removes nothing already written.
   A partition run (var('departement')) rebuilds that département's rows only.
 -#}
 {{ config(
     partition_by=bativision.mart_partition_by() if target.type == 'bigquery' else none,
     partitions=bativision.mart_partitions() if target.type == 'bigquery' else none,
 ) }}
-{%- set attribute_models = bativision.attribute_models() -%}
+{%- set declared = bativision.attribute_specs() -%}
+{%- set declared_names = declared | map(attribute='name') | list -%}
+{%- set attributes = declared -%}
+{%- for kept in bativision.attributes_in(this if is_incremental() else none) if kept.name not in declared_names -%}
+    {%- do attributes.append(kept) -%}
+{%- endfor -%}
+{%- set attribute_models = attributes | map(attribute='name') | list -%}
 
 with
 
@@ -27,6 +37,7 @@ latest_attribute_predictions as (
         model_version,
         label,
         score,
+        value,
         prediction_status,
         predicted_at
 
@@ -60,10 +71,14 @@ select
     buildings.height_m,
     buildings.usage,
     buildings.source
-    {%- for name in attribute_models %},
-
+    {%- for attribute in attributes %}
+    {%- set name = attribute.name %},
+    {% if attribute.task == 'regression' -%}
+    {{ name }}_prediction.value as {{ name }}_value,
+    {%- else -%}
     {{ name }}_prediction.label as {{ name }}_label,
     {{ name }}_prediction.score as {{ name }}_score,
+    {%- endif %}
     {{ name }}_prediction.prediction_status as {{ name }}_status,
     {{ name }}_prediction.model_version as {{ name }}_model_version,
     {{ name }}_prediction.predicted_at as {{ name }}_predicted_at

@@ -51,6 +51,7 @@ prediction_counts as (
             as {{ dbt.type_bigint() }}) as n_{{ status }},
         {%- endfor %}
         avg(case when predictions.prediction_status = 'ok' then predictions.score end) as mean_score,
+        avg(case when predictions.prediction_status = 'ok' then predictions.value end) as mean_value,
         min(predictions.predicted_at) as first_predicted_at,
         max(predictions.predicted_at) as last_predicted_at
 
@@ -130,6 +131,7 @@ select
         / nullif(coalesce(buildings_per_departement.buildings, 0), 0) as coverage,
     coalesce(label_distributions.label_distribution, '{}') as label_distribution,
     prediction_counts.mean_score,
+    prediction_counts.mean_value,
     prediction_counts.first_predicted_at,
     prediction_counts.last_predicted_at
 

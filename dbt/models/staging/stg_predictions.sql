@@ -24,6 +24,7 @@ renamed as (
         status = 'ok' as is_predicted,
         cast(label as {{ dbt.type_string() }}) as label,
         cast(score as {{ bativision.type_double() }}) as score,
+        cast(value as {{ bativision.type_double() }}) as value,
         cast(probabilities as {{ dbt.type_string() }}) as probabilities_json,
 
         -- geometry (segmentation)

@@ -1,0 +1,197 @@
+"""A new attribute is a declaration plus labels: trained, predicted and in dbt without a line of Python.
+
+What a user checks, through Dagster's ``materialize`` on the small synthetic
+département: an attribute declared from a column of the footprints (BD TOPO's
+``mat_toits`` codes, mapped to classes) and a regression declared from a CSV
+(roof slope in degrees) each get a training asset, a model that beats the
+baseline on held-out cells, calibrated scores, one ``predictions`` row per
+building and columns in ``building_attributes``; a filled labelling sheet
+changes which labels the next model saw; and removing a declaration removes
+nothing already written.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import duckdb
+import pandas as pd
+import pytest
+from dagster import DagsterInstance, materialize
+
+from ops.ml.attributes import load_attributes
+from orchestration.definitions import assemble_assets
+from resources.warehouse import spatial_extension_path
+
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("attributes")]
+
+DBT = ["stg_buildings", "stg_predictions", "building_attributes", "departement_summary"]
+ROOF_TYPE = """
+  roof_type:
+    task: classification
+    classes: [flat, gable, hip]
+    asset: roof_model
+    labels: {file: labels.csv, column: roof_type}
+"""
+ROOF_COVER = """
+  roof_cover:
+    description: roof material from BD TOPO codes
+    task: classification
+    classes: [tiles, slate, concrete, other]
+    labels:
+      footprint_column: mat_toits
+      values: {"00": null, "10": tiles, "20": slate, "40": concrete, "90": other}
+    training: {epochs: 6, learning_rate: 0.004}
+"""
+PITCH = """
+  pitch:
+    task: regression
+    unit: degrees
+    labels: {file: roof_slope.csv, column: slope_deg}
+    training: {epochs: 12, learning_rate: 0.004}
+"""
+DECLARATIONS = "attributes:" + ROOF_TYPE + ROOF_COVER + PITCH
+
+
+def _declare(folder: Path, text: str) -> dict:
+    path = folder / "attributes.yaml"
+    path.write_text(text)
+    return load_attributes(path)
+
+
+@pytest.fixture(scope="module")
+def env(small_dep, tmp_path_factory):
+    data = tmp_path_factory.mktemp("attr-data")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("BATIVISION_DATA_DIR", str(data))
+    mp.setenv("BATIVISION_SOURCE_DIR", str(small_dep.root.parent))
+    from orchestration.environment import local_resources
+
+    yield local_resources(), data, small_dep, DagsterInstance.ephemeral(), tmp_path_factory.mktemp("decl")
+    mp.undo()
+
+
+def _run(env, attributes, selection, partition=None, run_config=None, raise_on_error=True):
+    resources, _, _, instance, _ = env
+    return materialize(
+        assemble_assets(attributes),
+        selection=selection,
+        partition_key=partition,
+        resources=resources,
+        instance=instance,
+        run_config=run_config,
+        raise_on_error=raise_on_error,
+    )
+
+
+def _query(data: Path, sql: str) -> pd.DataFrame:
+    con = duckdb.connect(str(data / "warehouse.duckdb"), read_only=True)
+    try:
+        con.load_extension(spatial_extension_path())
+        return con.execute(sql).df()
+    finally:
+        con.close()
+
+
+@pytest.fixture(scope="module")
+def trained(env):
+    """The crop, then the two declared attributes trained briefly, predicted and built into dbt."""
+    attrs = _declare(env[4], DECLARATIONS)
+    assert _run(env, attrs, ["buildings", "ortho_mosaic", "chips"], "12").success
+    result = _run(env, attrs, ["roof_cover_model", "pitch_model"])
+    assert result.success
+    meta = {
+        name: result.asset_materializations_for_node(name)[0].metadata for name in ("roof_cover_model", "pitch_model")
+    }
+    assert _run(env, attrs, ["predictions", *DBT], "12").success
+    return attrs, meta
+
+
+def test_a_declared_attribute_gets_a_column_for_every_building(env, trained):
+    _, data, dep, _, _ = env
+    b = _query(data, "select building_id from buildings where departement = '12'")
+    assert len(b) == dep.n_buildings
+    for model in ("roof_type", "roof_cover", "pitch"):  # the accounting invariant, per model
+        p = _query(data, f"select building_id from predictions where departement = '12' and model_name = '{model}'")
+        assert len(p) == len(b) and p["building_id"].is_unique and set(p["building_id"]) == set(b["building_id"])
+    ba = _query(data, "select * from building_attributes where departement = '12'")
+    assert len(ba) == dep.n_buildings
+    assert {"roof_cover_label", "roof_cover_score", "roof_cover_status", "pitch_value", "pitch_status"} <= set(
+        ba.columns
+    )
+    assert "pitch_label" not in ba.columns  # a regression has a value, not a label
+    ok = ba[ba["roof_cover_status"] == "ok"]
+    assert len(ok) > 0.8 * dep.n_buildings
+    assert ok["roof_cover_label"].isin(["tiles", "slate", "concrete", "other"]).all()
+    assert ok["roof_cover_score"].between(0, 1).all()
+    assert ba.loc[ba["pitch_status"] == "ok", "pitch_value"].notna().all()
+    assert ba.loc[ba["pitch_status"] != "ok", "pitch_value"].isna().all()
+    summary = _query(data, "select model_name, task, mean_value from departement_summary where departement = '12'")
+    assert summary.set_index("model_name").loc["pitch", "task"] == "regression"
+
+
+def test_the_regression_beats_predicting_the_mean_on_held_out_cells(env, trained):
+    _, meta = trained
+    m = meta["pitch_model"]
+    assert m["mae"].value < m["baseline_mae"].value
+    assert m["r2"].value > 0
+    assert m["unit"].value == "degrees" and "predicted_vs_true" in m
+    # and its predictions: flat roofs (0°) predicted lower than pitched ones
+    _, data, dep, _, _ = env
+    truth = pd.read_csv(dep.root / "labels.csv", dtype=str).set_index("cleabs")["roof_type"]
+    p = _query(data, "select building_id, value from predictions where model_name = 'pitch' and status = 'ok'")
+    p["flat"] = p["building_id"].map(truth).eq("flat")
+    assert p.loc[p["flat"], "value"].mean() + 5 < p.loc[~p["flat"], "value"].mean()
+
+
+def test_calibration_lowers_the_held_out_ece(env, trained):
+    _, meta = trained
+    m = meta["roof_cover_model"]
+    assert m["ece_after"].value < m["ece_before"].value
+    assert m["temperature"].value > 0 and "reliability_diagram" in m
+    card = json.loads(next((env[1] / "store" / "models" / "roof_cover").rglob("model_card.json")).read_text())
+    assert card["calibration"]["ece_after"] == pytest.approx(m["ece_after"].value, abs=1e-4)
+
+
+def test_a_filled_labelling_sheet_is_what_the_next_model_saw(env, trained):
+    attrs, meta = trained
+    _, data, dep, _, _ = env
+    cfg = {"ops": {"labelling_sheet": {"config": {"attribute": "roof_cover", "n": 30, "control": 10}}}}
+    assert _run(env, attrs, ["labelling_sheet"], "12", cfg).success
+    sheet = next(data.rglob("labelling/12/roof_cover/sheet.csv"))
+    rows = pd.read_csv(sheet, dtype=str, keep_default_na=False)
+    assert len(rows) == 40
+    # the labeller: the drawn material of each building (from the generator's own truth)
+    truth = pd.read_csv(dep.root / "labels.csv", dtype=str).set_index("cleabs")
+    drawn = truth.loc[rows["building_id"]]
+    rows["label"] = [
+        "tiles"
+        if t != "flat" and c not in ("slate_grey", "dark_grey")
+        else "slate"
+        if t != "flat"
+        else "other"
+        if c in ("slate_grey", "dark_grey")
+        else "concrete"
+        for t, c in zip(drawn["roof_type"], drawn["roof_colour"], strict=True)
+    ]
+    rows.to_csv(sheet, index=False)
+    result = _run(env, attrs, ["roof_cover_model"])
+    after = result.asset_materializations_for_node("roof_cover_model")[0].metadata
+    assert after["labels_digest"].value != meta["roof_cover_model"]["labels_digest"].value
+    card = json.loads(
+        (data / "store" / "models" / "roof_cover" / after["model_version"].value / "model_card.json").read_text()
+    )
+    assert str(sheet) in card["training_data"]["labels_per_departement"]["12"]["source"]
+
+
+def test_removing_a_declaration_removes_nothing_already_written(env, trained):
+    _, data, dep, _, decl = env
+    before = _query(data, "select count(*) n from predictions where model_name = 'roof_cover'")["n"].iloc[0]
+    fewer = _declare(decl, "attributes:" + ROOF_TYPE + PITCH)
+    assert set(fewer) == {"roof_type", "pitch"}
+    assert _run(env, fewer, ["predictions", *DBT], "12").success
+    assert _query(data, "select count(*) n from predictions where model_name = 'roof_cover'")["n"].iloc[0] == before
+    ba = _query(data, "select * from building_attributes where departement = '12'")
+    assert "roof_cover_label" in ba.columns and ba["roof_cover_label"].notna().sum() > 0.8 * dep.n_buildings
+    assert (data / "store" / "models" / "roof_cover" / "CURRENT").exists()
