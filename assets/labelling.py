@@ -51,7 +51,7 @@ class LabellingSheetConfig(Config):
 @asset(
     partitions_def=departements_partitions,
     deps=[predictions],
-    group_name="model",
+    group_name="labelling",
     kinds=kinds("csv"),
     owners=ML,
     code_version="1",

@@ -12,7 +12,7 @@ on a synthetic partition, bytes left on disk per building), never from the node'
   cgroup quota allows (``ops.cpus.available_cpus``), so the pod's CPU limit *is* the worker count;
   memory = (:data:`CROP_PARENT_GIB` + :data:`CROP_WORKER_GIB` × workers) × :data:`HEADROOM`
   (one worker: :data:`CROP_SINGLE_GIB` × headroom): 6 workers, (0.64 + 6 × 0.505) × 1.25 = 4.6 GiB.
-- GPU steps (``predictions``, ``roof_model``, ``solar_model``): one ``nvidia.com/gpu`` (a limit:
+- GPU steps (``predictions`` and the training assets, ``roof_model``...): one ``nvidia.com/gpu`` (a limit:
   Kubernetes does not overcommit extended resources), GKE's accelerator node selector and the
   toleration of the GPU pool's taint, :data:`GPU_STEP_CPUS` CPUs for the chip loader and the
   vectorisation of masks, memory = (measured CPU-torch peak + :data:`CUDA_HOST_GIB`) × headroom
@@ -36,6 +36,8 @@ import math
 import os
 from dataclasses import dataclass
 from typing import Any
+
+from ops.ml.attributes import load_attributes
 
 SCRATCH_DIR = "/scratch"
 DEFAULT_CROP_WORKERS = 6  # a 6-CPU chips pod per n2-standard-8 (7.91 allocatable, DaemonSets beside it)
@@ -66,7 +68,8 @@ GPU_STEP_CPUS = 4  # chip loader thread, mask vectorisation, Arrow rows; the GPU
 # buildings 0.73 GiB and ortho_mosaic 0.63 GiB measured (0.6 of it imports); buildings' source file and
 # GeoParquet take about 420 B per building of scratch (0.5 GiB for the largest département)
 SMALL_STEP = {"cpu": "1", "memory": "2Gi", "ephemeral-storage": "2Gi"}
-GPU_STEPS = ("predictions", "roof_model", "solar_model")
+#: predictions and every declared attribute's training asset (models/attributes.yaml, or BATIVISION_ATTRIBUTES)
+GPU_STEPS = ("predictions", *(a.asset for a in load_attributes().values()))
 
 
 @dataclass(frozen=True)

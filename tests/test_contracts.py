@@ -2,8 +2,10 @@
 
 SQL and YAML cannot import Python, so the dbt project writes these lists
 again; this test keeps each copy equal to its one definition (``ops.shards``,
-``ops.geo.footprints``, ``ops.ml.catalog``), so a new status or model cannot
-reach the pipeline without its dbt tests.
+``ops.geo.footprints``, ``ops.ml.attributes``), so a new status or task cannot
+reach the pipeline without its dbt tests. The attributes themselves (names,
+classes) are not written in the dbt project: the pipeline passes them from
+the declarations (``assets.dbt.dbt_vars``).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from ops.geo.footprints import GEOMETRY_STATUSES
-from ops.ml.catalog import MODELS, PANEL_CLASSES
+from ops.ml.attributes import TASKS
 from ops.shards import STATUSES
 
 DBT = Path(__file__).resolve().parent.parent / "dbt"
@@ -23,8 +25,7 @@ DBT = Path(__file__).resolve().parent.parent / "dbt"
 DEFINITIONS = {
     "no_imagery": ("chip statuses (ops.shards.STATUSES)", list(STATUSES)),
     "repaired": ("geometry statuses (ops.geo.footprints.GEOMETRY_STATUSES)", list(GEOMETRY_STATUSES)),
-    "segmentation": ("tasks (ops.ml.catalog.MODELS)", sorted(set(MODELS.values()))),
-    "solar_panel": ("panel classes (ops.ml.catalog.PANEL_CLASSES)", list(PANEL_CLASSES)),
+    "segmentation": ("tasks (ops.ml.attributes.TASKS)", sorted(TASKS)),
 }
 
 
@@ -51,7 +52,7 @@ def accepted_values() -> list[tuple[str, list[str]]]:
 
 def test_every_accepted_values_list_is_a_python_definition():
     lists = accepted_values()
-    assert len(lists) >= 6, "the dbt project's accepted_values tests were not found"
+    assert len(lists) >= 4, "the dbt project's accepted_values tests were not found"
     for where, values in lists:
         key = next((k for k in DEFINITIONS if k in values), None)
         assert key is not None, f"{where}: accepted values {values} match no Python definition; add one here"
@@ -60,9 +61,17 @@ def test_every_accepted_values_list_is_a_python_definition():
         assert got == expected, f"{where}: {values} are not the {what}: {expected}"
 
 
-def test_attribute_models_are_the_catalogs_models():
+def test_the_dbt_project_declares_no_attribute_of_its_own():
+    """Columns come from models/attributes.yaml through the var the pipeline passes; a default would drift."""
+    from assets.dbt import dbt_vars
+    from ops.ml.attributes import load_attributes
+
     project = yaml.safe_load((DBT / "dbt_project.yml").read_text())
-    assert project["vars"]["attribute_models"] == list(MODELS)
+    assert project["vars"]["attribute_models"] == []
+    attrs = load_attributes()
+    passed = dbt_vars("12", attrs)["attribute_models"]
+    assert [a["name"] for a in passed] == list(attrs)
+    assert all(a["task"] in TASKS and ("unit" in a) == (a["task"] == "regression") for a in passed)
 
 
 def test_the_summary_counts_every_chip_status():

@@ -377,7 +377,8 @@ report["after_import"] = listing()
 
 # run time: one département's dbt build (models and tests) on an empty warehouse in the scratch folder
 from dagster import DagsterInstance, materialize
-from assets.dbt import bativision_dbt_models
+from assets.dbt import dbt_models_asset
+from ops.ml.attributes import load_attributes
 from orchestration.environment import resources_for
 from resources.warehouse import DuckDBWarehouse
 
@@ -385,7 +386,7 @@ warehouse = DuckDBWarehouse(path=str(scratch / "warehouse.duckdb"))
 with warehouse.connect() as con:
     warehouse.ensure_tables(con)
 result = materialize(
-    [bativision_dbt_models], partition_key="12", resources={"dbt": resources_for()["dbt"], "warehouse": warehouse},
+    [dbt_models_asset(load_attributes())], partition_key="12", resources={"dbt": resources_for()["dbt"], "warehouse": warehouse},
     instance=DagsterInstance.ephemeral(), raise_on_error=False,
 )
 report["dbt_success"] = result.success

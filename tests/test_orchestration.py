@@ -4,6 +4,7 @@ import datetime
 
 from dagster import AssetKey, DagsterInstance, build_schedule_context, build_sensor_context
 
+from ops.ml.attributes import load_attributes
 from orchestration.definitions import defs
 from orchestration.schedules import monthly_reprocessing
 from orchestration.sensors import new_imagery_sensor
@@ -20,11 +21,13 @@ def test_asset_graph_runs_from_footprints_to_dbt_marts():
     assert AssetKey("buildings") in graph.get(AssetKey("stg_buildings")).parent_keys
     assert AssetKey("predictions") in graph.get(AssetKey("stg_predictions")).parent_keys
     parents = graph.get(AssetKey("predictions")).parent_keys
-    assert {AssetKey("chips"), AssetKey("roof_model"), AssetKey("solar_model")} <= parents
-    for key in keys - {"roof_model", "solar_model"}:
+    training = {AssetKey(a.asset) for a in load_attributes().values()}  # one training asset per declaration
+    assert {AssetKey("roof_model"), AssetKey("solar_model"), AssetKey("roof_material_model")} <= training
+    assert {AssetKey("chips")} | training <= parents
+    for key in keys - {k.to_user_string() for k in training}:
         assert graph.get(AssetKey(key)).partitions_def is not None, key
-    assert graph.get(AssetKey("roof_model")).partitions_def is None
-    assert graph.get(AssetKey("solar_model")).partitions_def is None
+    for key in training:
+        assert graph.get(key).partitions_def is None and graph.get(key).group_name == "model", key
 
 
 def test_monthly_schedule_requests_every_departement_once():

@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 from dagster import DagsterInstance, materialize
 
+from ops.ml.attributes import load_attributes
 from orchestration.definitions import all_assets
 from resources.warehouse import DuckDBWarehouse, spatial_extension_path
 
@@ -24,7 +25,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("pipeline")]
 
 CROP = ["buildings", "ortho_mosaic", "chips"]
 PREDICT = ["predictions", "stg_buildings", "stg_predictions", "building_attributes", "departement_summary"]
-MODELS = ("roof_type", "solar_panels")
+MODELS = tuple(load_attributes())  # every declared attribute has a shipped model
 QUICK_TRAINING = {"ops": {"roof_model": {"config": {"epochs": 1}}, "solar_model": {"config": {"epochs": 1}}}}
 #: A drawn panel must come back within this distance (metres, centroid to centroid); chips are ~0.3 m/px.
 PANEL_TOLERANCE_M = 1.0

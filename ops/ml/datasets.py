@@ -1,7 +1,7 @@
 """Training sets: labelled chips gathered across départements, for the classifier and the segmenter.
 
-Ground truth comes per département: a CSV of building id → roof type, or
-polygons of solar-panel arrays. Each is aligned with the département's
+Ground truth comes per département: labels read from an attribute's
+declared source (``ops.ml.label_sources``), or polygons (a segmentation's). Each is aligned with the département's
 ``ok`` chips (read through ``ops.shards``) into arrays, along with the chips'
 cells: the held-out split is by cell (``ops.ml.training.split_by_group``).
 Across départements, :func:`gather` concatenates, caps the sample
@@ -21,9 +21,6 @@ import shapely
 from ops.ml.vectorize import rasterize_masks
 from ops.shards import list_shards, open_chips, read_index
 
-#: Columns a labels CSV may name its building ids with (the project's own, BD TOPO's, OSM's).
-LABEL_ID_COLUMNS = ("building_id", "cleabs", "id", "ID")
-
 
 def ok_chips(folder: Path) -> Iterator[tuple[str, pd.DataFrame, np.ndarray]]:
     """Per shard of a partition's chips folder: (shard id, index rows with status ok, the chip array)."""
@@ -32,33 +29,6 @@ def ok_chips(folder: Path) -> Iterator[tuple[str, pd.DataFrame, np.ndarray]]:
         idx = idx[idx["status"] == "ok"]
         if not idx.empty:
             yield shard, idx, open_chips(folder, shard)
-
-
-def read_labels(path: Path, column: str, classes: Sequence[str]) -> pd.Series:
-    """Ground truth as a Series building id → class, from a CSV with an id column and ``column``."""
-    try:
-        df = pd.read_csv(path, dtype=str)
-    except pd.errors.EmptyDataError:
-        raise ValueError(f"{path}: empty label file (expected a header with an id column and `{column}`)") from None
-    id_col = next((c for c in LABEL_ID_COLUMNS if c in df.columns), None)
-    if id_col is None or column not in df.columns:
-        raise ValueError(f"{path}: expected an id column (building_id/cleabs) and `{column}`; got {list(df.columns)}")
-    if df.empty:
-        raise ValueError(f"{path}: no labels (a header and no rows)")
-    missing_ids = df[id_col].isna()
-    if missing_ids.any():
-        rows = (df.index[missing_ids] + 2).tolist()  # file line numbers (header = line 1)
-        raise ValueError(f"{path}: {len(rows)} label(s) without a building id, lines {rows[:5]}")
-    dups = df[id_col][df[id_col].duplicated()]
-    if len(dups):
-        raise ValueError(
-            f"{path}: {dups.nunique()} building id(s) labelled more than once, e.g. {sorted(set(dups))[:5]}"
-        )
-    unknown = sorted(set(df[column].dropna()) - set(classes))
-    if unknown:
-        raise ValueError(f"{path}: unknown {column} value(s) {unknown[:5]}; classes are {list(classes)}")
-    # a building listed without a class is not labelled (it would otherwise be trained as "nan")
-    return df.dropna(subset=[column]).set_index(id_col)[column]
 
 
 def labelled_chips(

@@ -1,0 +1,123 @@
+"""Bad attribute declarations fail before any training, naming the file, the attribute and the field.
+
+A declaration is written by whoever wants a new attribute; what they get back
+when it is wrong must say where. The parser checks the file as a whole when
+the code location loads; what it cannot see (a label column that the
+footprints do not have, label values outside the classes) fails the training
+asset when the labels are read, before any epoch runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from dagster import DagsterInstance, materialize
+
+from assets.attribute_models import model_asset
+from ops.ml.attributes import DEFAULT_PATH, DeclarationError, load_attributes
+
+GOOD = """
+attributes:
+  roof_cover:
+    task: classification
+    classes: [tiles, slate, concrete, other]
+    labels: {footprint_column: mat_toits, values: {"10": tiles, "20": slate, "40": concrete, "90": other}}
+"""
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "attributes.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_the_shipped_declarations_hold_the_two_historic_models_and_two_more():
+    attrs = load_attributes(DEFAULT_PATH)
+    assert {"roof_type", "solar_panels"} <= set(attrs) and len(attrs) >= 4
+    assert attrs["roof_type"].asset == "roof_model" and attrs["solar_panels"].asset == "solar_model"
+    assert {a.task for a in attrs.values()} == {"classification", "segmentation", "regression"}
+
+
+@pytest.mark.parametrize(
+    ("edit", "culprit"),
+    [
+        (("task: classification", "task: clasification"), "field 'task': 'clasification' is not a task"),
+        (("    classes: [tiles, slate, concrete, other]\n", ""), "field 'classes'"),
+        (("classes: [tiles, slate, concrete, other]", "classes: [tiles]"), "at least two classes"),
+        (("classes: [tiles, slate, concrete, other]", "classes: [tiles, tiles]"), "listed twice"),
+        (("    task: classification", "    task: classification\n    colour: red"), "field 'colour': unknown field"),
+        (('"90": other', '"90": metal'), "field 'labels.values': maps to ['metal']"),
+        (("footprint_column: mat_toits, ", "polygons: x.gpkg, "), "field 'labels.polygons'"),
+        (("{footprint_column: mat_toits, values", "{values"), "field 'labels': name exactly one source"),
+        (("  roof_cover:", "  Roof-Cover:"), "'Roof-Cover': its name must be a lowercase identifier"),
+        (
+            ("    task: classification", "    task: classification\n    training: {epochs: -3}"),
+            "field 'training.epochs': expected a positive int",
+        ),
+    ],
+)
+def test_a_bad_declaration_names_the_file_the_attribute_and_the_field(tmp_path, edit, culprit):
+    assert load_attributes(_write(tmp_path, GOOD))  # the unedited declaration is fine
+    path = _write(tmp_path, GOOD.replace(*edit))
+    with pytest.raises(DeclarationError) as err:
+        load_attributes(path)
+    assert str(path) in str(err.value) and culprit in str(err.value)
+    if "Roof-Cover" not in edit[1]:
+        assert "'roof_cover'" in str(err.value)
+
+
+def test_a_regression_needs_a_unit_and_no_classes(tmp_path):
+    text = "attributes:\n  pitch:\n    task: regression\n    labels: {file: s.csv, column: deg}\n"
+    with pytest.raises(DeclarationError, match="field 'unit'"):
+        load_attributes(_write(tmp_path, text))
+    with pytest.raises(DeclarationError, match="field 'classes'"):
+        load_attributes(
+            _write(tmp_path, text.replace("task: regression", "task: regression\n    unit: deg\n    classes: [a, b]"))
+        )
+    ok = load_attributes(_write(tmp_path, text.replace("task: regression", "task: regression\n    unit: degrees")))
+    assert ok["pitch"].unit == "degrees" and ok["pitch"].classes == ()
+
+
+def test_not_yaml_or_no_attributes_is_named(tmp_path):
+    with pytest.raises(DeclarationError, match="not valid YAML"):
+        load_attributes(_write(tmp_path, "attributes: [unclosed"))
+    with pytest.raises(DeclarationError, match="expected a mapping `attributes:`"):
+        load_attributes(_write(tmp_path, "models: {}"))
+    with pytest.raises(DeclarationError, match="not found"):
+        load_attributes(tmp_path / "missing.yaml")
+
+
+def _train(small_dep, tmp_path, monkeypatch, text: str):
+    """Materialize the declared attribute's training asset on the sample's département 12 (no chips needed)."""
+    monkeypatch.setenv("BATIVISION_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("BATIVISION_SOURCE_DIR", str(small_dep.root.parent))
+    from orchestration.environment import local_resources
+
+    attr = next(iter(load_attributes(_write(tmp_path, text)).values()))
+    result = materialize(
+        [model_asset(attr)],
+        resources=local_resources(),
+        instance=DagsterInstance.ephemeral(),
+        run_config={"ops": {attr.asset: {"config": {"departements": ["12"]}}}},
+        raise_on_error=False,
+    )
+    assert not result.success
+    failures = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert len(failures) == 1  # bad input fails once: not retried
+    error = failures[0].step_failure_data.error
+    messages = error.message + (error.cause.message if error.cause else "")
+    assert not any("epoch" in str(e.message or "") for e in result.all_events), "training started"
+    return messages
+
+
+def test_a_label_column_the_footprints_do_not_have_fails_before_training(small_dep, tmp_path, monkeypatch):
+    msg = _train(small_dep, tmp_path, monkeypatch, GOOD.replace("mat_toits", "mat_toit"))
+    assert "'mat_toit'" in msg and "batiment.gpkg" in msg and "roof_cover" in msg
+
+
+def test_labels_outside_the_classes_fail_before_training_naming_the_values(small_dep, tmp_path, monkeypatch):
+    msg = _train(
+        small_dep, tmp_path, monkeypatch, GOOD.replace(', "90": other', "")
+    )  # "90" now neither mapped nor a class
+    assert "outside the classes" in msg and "'90'" in msg and "mat_toits" in msg and "building" in msg
