@@ -60,7 +60,7 @@ def ours(names: list[str], folder: Path, buildings: Path, out: Path, device: tor
     for name in names:
         model, card = load_model(shipped_model(name), device)
         check_outputs(model, card, device)
-        runs.append(ModelRun(card, BatchRunner(forward_fn(model, device), 1 << 30)))
+        runs.append(ModelRun(card, BatchRunner(forward_fn(model, device, card.task), 1 << 30)))
     shards = list_shards(folder)
     expected = pq.ParquetFile(buildings).metadata.num_rows
     n_chips = check_partition(folder, shards, [r.card for r in runs], expected, DEP)

@@ -56,7 +56,8 @@ def test_two_departements_together():
     assert p.cost_usd == approx((30 * 0.02 + 93.75 * 0.5) / H)  # $0.0131875
     assert p.pool_cost_usd == approx(111.875 / H * (1 * 8 * 0.02 + 2 * 0.5))  # pool $1.16/h held for the wall
     assert p.gpu_label == STATED
-    assert p.cpu_inference_core_hours == approx(150_000 * (2 / 1_139 + 2 / 220) / H)
+    # the shipped attributes: three on RoofNet's body (roof_type, roof_material, roof_slope), one segmenter
+    assert p.cpu_inference_core_hours == approx(150_000 * (3 * 2 / 1_139 + 2 / 220) / H)
 
 
 def test_one_departement_alone_is_crop_then_inference_then_overhead():

@@ -80,7 +80,7 @@ def _staged_rows(out: Path, folder: Path, buildings: Path, shards: list[str], de
     runs = []
     for name in ("roof_type", "solar_panels"):
         model, card = shipped(name, device)
-        runs.append(ModelRun(card, BatchRunner(forward_fn(model, device), 512)))
+        runs.append(ModelRun(card, BatchRunner(forward_fn(model, device, card.task), 512)))
     tally, staged = stage_predictions(folder, buildings, shards, runs, 512, out, device.type == "cuda")
     return {"tally": tally, **{n: pq.read_table(p).to_pandas().set_index("building_id") for n, p in staged.items()}}
 
