@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from dagster import DagsterInstance, materialize
 
@@ -121,3 +122,30 @@ def test_labels_outside_the_classes_fail_before_training_naming_the_values(small
         small_dep, tmp_path, monkeypatch, GOOD.replace(', "90": other', "")
     )  # "90" now neither mapped nor a class
     assert "outside the classes" in msg and "'90'" in msg and "mat_toits" in msg and "building" in msg
+
+
+def test_a_warehouse_of_an_earlier_release_gains_the_value_column_and_keeps_its_rows(tmp_path):
+    """A DuckDB file whose predictions table predates `value` is brought up to the contract on the next publish."""
+    import pyarrow as pa
+
+    from ops.ml.rows import PREDICTIONS_SCHEMA
+    from resources.warehouse import DuckDBWarehouse, PartitionRows, duckdb_ddl
+
+    wh = DuckDBWarehouse(path=str(tmp_path / "old.duckdb"))
+    with wh.connect() as con:  # the table as the previous release created it: no `value`
+        con.execute(duckdb_ddl("predictions").replace(", value DOUBLE", ""))
+        con.execute(
+            "INSERT INTO predictions (building_id, departement, model_name, model_version, task, status) "
+            "VALUES ('A', '2A', 'roof_type', 'v0', 'classification', 'ok')"
+        )
+        assert "value" not in [r[0] for r in con.execute("DESCRIBE predictions").fetchall()]
+    row = {f.name: [None] for f in PREDICTIONS_SCHEMA}
+    row.update(
+        building_id=["B"], departement=["12"], model_name=["roof_slope"], model_version=["v1"],
+        task=["regression"], status=["ok"], value=[31.5],
+    )  # fmt: skip
+    batch = pa.RecordBatch.from_pydict(row, schema=PREDICTIONS_SCHEMA)
+    assert wh.publish("12", [PartitionRows("predictions", [batch], where={"model_name": "roof_slope"})]) == [1]
+    got = wh.query("select building_id, departement, value from predictions order by building_id")
+    assert got["building_id"].tolist() == ["A", "B"] and got["departement"].tolist() == ["2A", "12"]
+    assert pd.isna(got["value"].iloc[0]) and got["value"].iloc[1] == 31.5
