@@ -162,6 +162,19 @@ def _fit(
     return history, t0
 
 
+def _held_out_split(
+    chips: np.ndarray, targets: np.ndarray, groups: np.ndarray, cfg: TrainConfig, name: str, what: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Checked inputs split by cell: (held-out mask, train chips, train targets, held-out chips, held-out targets)."""
+    if not (len(chips) == len(targets) == len(groups)):
+        raise ValueError(f"chips, {what} and groups must have the same length")
+    if len(chips) < 10:
+        raise ValueError(f"only {len(chips)} labelled chips: too few to train {name}")
+    torch.manual_seed(cfg.seed)
+    val = split_by_group(groups, cfg.val_fraction, cfg.seed)
+    return val, chips[~val], targets[~val], chips[val], targets[val]
+
+
 def train_classifier(
     chips: np.ndarray,
     labels: np.ndarray,
@@ -174,14 +187,7 @@ def train_classifier(
 ) -> TrainResult:
     """Train on uint8 ``chips`` (N, 3, S, S) with integer ``labels`` indexing ``classes``."""
     cfg = config or TrainConfig()
-    if len(chips) != len(labels) or len(chips) != len(groups):
-        raise ValueError("chips, labels and groups must have the same length")
-    if len(chips) < 10:
-        raise ValueError(f"only {len(chips)} labelled chips: too few to train {name}")
-    torch.manual_seed(cfg.seed)
-    val = split_by_group(groups, cfg.val_fraction, cfg.seed)
-    xtr, ytr = chips[~val], labels[~val]
-    xva, yva = chips[val], labels[val]
+    val, xtr, ytr, xva, yva = _held_out_split(chips, labels, groups, cfg, name, "labels")
     mean, std = channel_stats(chips)
     widths = list(cfg.widths or (16, 32, 64, 128))
     model = RoofNet(len(classes), mean, std, widths)
@@ -244,22 +250,15 @@ def train_regressor(
 ) -> TrainResult:
     """Train a one-value network on uint8 ``chips`` (N, 3, S, S) and float ``values`` in ``unit``.
 
-    The loss is the mean squared error of the standardised value (Smooth L1,
-    so a few wrong labels do not dominate); the held-out metrics compare with
-    always predicting the training mean, the baseline a regression must beat.
+    The loss is the Smooth L1 loss of the standardised value (a few wrong
+    labels weigh less than under a squared error); the held-out metrics compare
+    with always predicting the training mean, the baseline a regression must beat.
     """
     cfg = config or TrainConfig()
     values = np.asarray(values, dtype="float64")
-    if not (len(chips) == len(values) == len(groups)):
-        raise ValueError("chips, values and groups must have the same length")
-    if len(chips) < 10:
-        raise ValueError(f"only {len(chips)} labelled chips: too few to train {name}")
     if not np.isfinite(values).all():
         raise ValueError(f"{name}: {int((~np.isfinite(values)).sum())} label value(s) are not finite numbers")
-    torch.manual_seed(cfg.seed)
-    val = split_by_group(groups, cfg.val_fraction, cfg.seed)
-    xtr, ytr = chips[~val], values[~val]
-    xva, yva = chips[val], values[val]
+    _, xtr, ytr, xva, yva = _held_out_split(chips, values, groups, cfg, name, "values")
     mean, std = channel_stats(chips)
     widths = list(cfg.widths or (16, 32, 64, 128))
     model = ValueNet(1, mean, std, widths)
@@ -358,14 +357,7 @@ def train_segmenter(
     so the model does not settle for predicting background everywhere.
     """
     cfg = config or TrainConfig()
-    if not (len(chips) == len(masks) == len(groups)):
-        raise ValueError("chips, masks and groups must have the same length")
-    if len(chips) < 10:
-        raise ValueError(f"only {len(chips)} chips: too few to train {name}")
-    torch.manual_seed(cfg.seed)
-    val = split_by_group(groups, cfg.val_fraction, cfg.seed)
-    xtr, ytr = chips[~val], masks[~val]
-    xva, yva = chips[val], masks[val]
+    _, xtr, ytr, xva, yva = _held_out_split(chips, masks, groups, cfg, name, "masks")
     mean, std = channel_stats(chips)
     widths = list(cfg.widths or (16, 32, 64))
     model = PanelNet(len(classes), mean, std, widths)
