@@ -82,7 +82,7 @@ def test_every_rendered_step_job_is_valid_kubernetes(rendered):
     from kubernetes_validate.utils import latest_version
 
     steps = _steps(rendered)
-    # an enrichment partition: its five assets and five checks; training: both models
+    # an enrichment partition: its five assets and five checks; training: one asset per declared attribute
     assert {"buildings", "ortho_mosaic", "chips", "predictions", "bativision_dbt_models"} <= set(steps)
     assert {"roof_model", "solar_model", "chips_status_shares"} <= set(steps)
     for step, job in steps.items():

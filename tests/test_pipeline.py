@@ -147,8 +147,9 @@ def test_dbt_models_are_built_and_tested(materialized):
     _, data, dep, _ = materialized
     attrs = _query(data, "select * from building_attributes")
     assert len(attrs) == dep.n_buildings and attrs["building_id"].is_unique
-    for model in MODELS:
-        assert {f"{model}_label", f"{model}_score", f"{model}_status"} <= set(attrs.columns)
+    for model, attr in load_attributes().items():
+        own = {f"{model}_value"} if attr.task == "regression" else {f"{model}_label", f"{model}_score"}
+        assert own | {f"{model}_status", f"{model}_model_version"} <= set(attrs.columns), model
     assert set(attrs["solar_panels_label"].dropna()) == {"none", "solar_panel"}
     summary = _query(data, "select * from departement_summary where departement = '12'")
     assert sorted(summary["model_name"]) == sorted(MODELS)

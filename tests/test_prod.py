@@ -24,6 +24,7 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -32,6 +33,7 @@ from dagster import DagsterInstance, materialize
 from dagster_dbt import DbtCliResource
 
 from assets.dbt import DBT_DIR
+from ops.ml.attributes import load_attributes
 from orchestration.definitions import all_assets
 from tests.standins.faulty_proxy import faulty_proxy
 from tests.standins.servers import bigquery_emulator, gcs_emulator
@@ -143,7 +145,7 @@ def test_every_building_once_and_one_prediction_each(materialized):
     wh = resources["warehouse"]
     b = wh.query("select count(*) n, count(distinct building_id) d from buildings where departement = ?", ["12"])
     assert b.n[0] == b.d[0] == dep.n_buildings
-    for model in ("roof_type", "solar_panels"):
+    for model in load_attributes():  # every declared attribute, the accounting invariant per model
         p = wh.query(
             "select count(*) n, count(distinct building_id) d from predictions where departement = ? and model_name = ?",
             ["12", model],
@@ -240,9 +242,16 @@ def test_dbt_models_run_on_bigquery(materialized):
     assert len(attrs) == dep.n_buildings and attrs.building_id.is_unique
     assert attrs.roof_type_status.notna().all()
     summary = wh.query("select * from departement_summary where departement = '12'")
-    assert sorted(summary.model_name) == ["roof_type", "solar_panels"]
+    assert sorted(summary.model_name) == sorted(load_attributes())
+    # a regression's value, in degrees: closer to the drawn slopes than their mean is
+    ok = attrs[attrs.roof_slope_status == "ok"].set_index("building_id").roof_slope_value
+    truth = pd.read_csv(dep.root / "roof_slope.csv", dtype={"cleabs": str}).set_index("cleabs").slope_deg.loc[ok.index]
+    assert len(ok) > 0.8 * dep.n_buildings
+    assert (ok - truth).abs().mean() < (truth - truth.mean()).abs().mean(), (ok.min(), ok.max())
     assert (summary.buildings == dep.n_buildings).all() and (summary.predicted == dep.n_buildings).all()
-    assert all(d.startswith("{") and '"' in d for d in summary.label_distribution)
+    labelled = summary[summary.task != "regression"]  # a regression's rows have values, not labels
+    assert all(d.startswith("{") and '"' in d for d in labelled.label_distribution)
+    assert summary[summary.task == "regression"].mean_value.between(0, 60).all()
 
 
 def test_panel_polygons_land_in_bigquery_as_geography(materialized):
