@@ -134,7 +134,9 @@ def model_asset(attr: Attribute) -> AssetsDefinition:
             if attr.task == "classification":
                 result = train_classifier(x, y, list(attr.classes), g, name=attr.name, config=cfg, log=log)
             elif attr.task == "regression":
-                result = train_regressor(x, y, g, name=attr.name, unit=attr.unit or "", config=cfg, log=log)
+                result = train_regressor(
+                    x, y, g, name=attr.name, unit=attr.unit or "", value_range=attr.value_range, config=cfg, log=log
+                )
             else:
                 log(f"{len(x):,} chips, {int(y.reshape(len(y), -1).any(1).sum()):,} with {attr.classes[1]}")
                 result = train_segmenter(x, y, list(attr.classes), g, name=attr.name, config=cfg, log=log)

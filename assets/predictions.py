@@ -234,11 +234,8 @@ def run_predictions(
                 metadata[f"{c.name}_area_m2"] = round(tally.area_m2[c.name], 1)
             if tally.values.get(c.name, [0])[0]:
                 n, total, lo, hi = tally.values[c.name]
-                unit = c.unit or ""
-                metadata[f"{c.name}_values"] = MetadataValue.md(
-                    f"| predicted | mean | min | max |\n|---:|---:|---:|---:|\n"
-                    f"| {n:,} | {total / n:.3g} {unit} | {lo:.3g} {unit} | {hi:.3g} {unit} |"
-                )
+                metadata[f"{c.name}_mean_value"] = round(total / n, 3)
+                metadata[f"{c.name}_value_range"] = f"{lo:.3g} to {hi:.3g} {c.unit or ''}".rstrip()
         # from the step's start: model loading, checks, batch-size choice, warehouse load and these previews included
         metadata["total_seconds"] = round(time.perf_counter() - t_start, 2)
         if untrained:

@@ -95,7 +95,7 @@ def summary(dep: str, crop: dict, pred: dict, seconds: float) -> str:
     b = int(warehouse.query("select count(*) n from buildings where departement = ?", [dep]).n[0])
     rows = warehouse.query(
         """select model_name, model_version, task, buildings, predicted, n_ok, n_no_imagery, n_nodata,
-                  n_invalid_geometry, n_error, coverage, label_distribution, mean_score
+                  n_invalid_geometry, n_error, coverage, label_distribution, mean_score, mean_value
            from departement_summary where departement = ? order by model_name, model_version""",
         [dep],
     )
@@ -112,7 +112,11 @@ def summary(dep: str, crop: dict, pred: dict, seconds: float) -> str:
             "    statuses     " + ", ".join(f"{s} {int(cur['n_' + s]):,}" for s in STATUSES),
         ]
         if cur.task == "regression":
-            lines.append(f"    values       {meta.get(f'{name}_values', '')}".replace("\n", " ")[:160])
+            unit = load_attributes()[name].unit
+            lines.append(
+                f"    values       mean {cur.mean_value:.1f} {unit}, from {meta.get(f'{name}_value_range', '?')}"
+                f"   (coverage {cur.coverage:.1%})"
+            )
         else:
             lines.append(
                 f"    labels       {cur.label_distribution}   (mean score {cur.mean_score:.3f}, coverage {cur.coverage:.1%})"

@@ -48,6 +48,7 @@ PITCH = """
   pitch:
     task: regression
     unit: degrees
+    range: [0, 90]
     labels: {file: roof_slope.csv, column: slope_deg}
     training: {epochs: 12, learning_rate: 0.004}
 """
@@ -125,7 +126,7 @@ def test_a_declared_attribute_gets_a_column_for_every_building(env, trained):
     assert len(ok) > 0.8 * dep.n_buildings
     assert ok["roof_cover_label"].isin(["tiles", "slate", "concrete", "other"]).all()
     assert ok["roof_cover_score"].between(0, 1).all()
-    assert ba.loc[ba["pitch_status"] == "ok", "pitch_value"].notna().all()
+    assert ba.loc[ba["pitch_status"] == "ok", "pitch_value"].between(0, 90).all()  # clipped to the declared range
     assert ba.loc[ba["pitch_status"] != "ok", "pitch_value"].isna().all()
     summary = _query(data, "select model_name, task, mean_value from departement_summary where departement = '12'")
     assert summary.set_index("model_name").loc["pitch", "task"] == "regression"

@@ -77,7 +77,11 @@ def test_a_regression_needs_a_unit_and_no_classes(tmp_path):
             _write(tmp_path, text.replace("task: regression", "task: regression\n    unit: deg\n    classes: [a, b]"))
         )
     ok = load_attributes(_write(tmp_path, text.replace("task: regression", "task: regression\n    unit: degrees")))
-    assert ok["pitch"].unit == "degrees" and ok["pitch"].classes == ()
+    assert ok["pitch"].unit == "degrees" and ok["pitch"].classes == () and ok["pitch"].value_range is None
+    ranged = text.replace("task: regression", "task: regression\n    unit: degrees\n    range: [0, 90]")
+    assert load_attributes(_write(tmp_path, ranged))["pitch"].value_range == (0.0, 90.0)
+    with pytest.raises(DeclarationError, match=r"field 'range': expected \[lowest, highest\]"):
+        load_attributes(_write(tmp_path, ranged.replace("[0, 90]", "[90, 0]")))
 
 
 def test_not_yaml_or_no_attributes_is_named(tmp_path):

@@ -79,6 +79,8 @@ class Attribute:
     labels: LabelSource
     classes: tuple[str, ...] = ()
     unit: str | None = None
+    #: regression: the values the quantity can take (a slope is 0-90°); predictions are clipped to it
+    value_range: tuple[float, float] | None = None
     asset: str = ""
     description: str = ""
     training: Mapping[str, int | float] = field(default_factory=dict)
@@ -99,6 +101,8 @@ class Attribute:
             out["classes"] = list(self.classes)
         if self.unit:
             out["unit"] = self.unit
+        if self.value_range:
+            out["range"] = list(self.value_range)
         return out
 
 
@@ -133,7 +137,7 @@ def load_attributes(path: Path | None = None) -> dict[str, Attribute]:
     return out
 
 
-_FIELDS = {"task", "classes", "unit", "asset", "description", "labels", "training"}
+_FIELDS = {"task", "classes", "unit", "range", "asset", "description", "labels", "training"}
 _LABEL_FIELDS = {"file", "column", "footprint_column", "polygons", "values", "unmapped"}
 
 
@@ -165,6 +169,8 @@ def parse_attribute(name: str, decl: Any, path: Path | str = "<declarations>") -
             raise bad("unit", "a regression needs the unit of its value (e.g. degrees, m)")
         classes = ()
     else:
+        if decl.get("range") is not None:
+            raise bad("range", f"only a regression has a range of values; a {task} has classes")
         if unit is not None:
             raise bad("unit", f"only a regression has a unit; a {task} has classes")
         if not isinstance(classes, list) or len(classes) < 2:
@@ -175,6 +181,17 @@ def parse_attribute(name: str, decl: Any, path: Path | str = "<declarations>") -
         if dup:
             raise bad("classes", f"class(es) {dup} listed twice")
         classes = tuple(classes)
+    value_range = decl.get("range")
+    if value_range is not None:
+        ok = (
+            isinstance(value_range, list)
+            and len(value_range) == 2
+            and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value_range)
+            and value_range[0] < value_range[1]
+        )
+        if not ok:
+            raise bad("range", f"expected [lowest, highest] numbers, lowest first, got {value_range!r}")
+        value_range = (float(value_range[0]), float(value_range[1]))
     asset = decl.get("asset", f"{name}_model")
     if not isinstance(asset, str) or not NAME.match(asset):
         raise bad("asset", f"{asset!r} is not a lowercase identifier")
@@ -199,6 +216,7 @@ def parse_attribute(name: str, decl: Any, path: Path | str = "<declarations>") -
         labels=labels,
         classes=classes,
         unit=unit.strip() if isinstance(unit, str) else None,
+        value_range=value_range,
         asset=asset,
         description=description.strip(),
         training=dict(training),

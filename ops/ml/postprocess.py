@@ -48,14 +48,16 @@ def classification_columns(probs: np.ndarray, card: ModelCard) -> Columns:
 
 
 def regression_columns(out: np.ndarray, card: ModelCard) -> Columns:
-    """``out``: (N, 1) values in the card's unit. No label, score or probabilities: a quantity has none."""
+    """``out``: (N, 1) values in the card's unit, clipped to its declared range if any (a slope is never -3°).
+
+    No label, score or probabilities: a quantity has none.
+    """
     n = len(out)
-    return Columns(
-        labels=[None] * n,
-        scores=np.full(n, np.nan),
-        probabilities=[None] * n,
-        values=out.reshape(n, -1)[:, 0].astype("float64"),
-    )
+    values = out.reshape(n, -1)[:, 0].astype("float64")
+    lo_hi = (card.postprocess or {}).get("range")
+    if lo_hi:
+        values = np.clip(values, lo_hi[0], lo_hi[1])
+    return Columns(labels=[None] * n, scores=np.full(n, np.nan), probabilities=[None] * n, values=values)
 
 
 def segmentation_columns(

@@ -245,10 +245,15 @@ def train_regressor(
     *,
     name: str,
     unit: str,
+    value_range: tuple[float, float] | None = None,
     config: TrainConfig | None = None,
     log: Callable[[str], None] = print,
 ) -> TrainResult:
     """Train a one-value network on uint8 ``chips`` (N, 3, S, S) and float ``values`` in ``unit``.
+
+    ``value_range``: the values the quantity can take; labels outside it are an
+    error, predictions are clipped to it (recorded in the card's post-processing,
+    applied by ``ops.ml.postprocess``; the held-out metrics are of clipped values).
 
     The loss is the Smooth L1 loss of the standardised value (a few wrong
     labels weigh less than under a squared error); the held-out metrics compare
@@ -258,6 +263,11 @@ def train_regressor(
     values = np.asarray(values, dtype="float64")
     if not np.isfinite(values).all():
         raise ValueError(f"{name}: {int((~np.isfinite(values)).sum())} label value(s) are not finite numbers")
+    if value_range is not None and ((values < value_range[0]) | (values > value_range[1])).any():
+        out = values[(values < value_range[0]) | (values > value_range[1])]
+        raise ValueError(
+            f"{name}: {len(out)} label value(s) outside the declared range {list(value_range)}, e.g. {out[:5].tolist()}"
+        )
     _, xtr, ytr, xva, yva = _held_out_split(chips, values, groups, cfg, name, "values")
     mean, std = channel_stats(chips)
     widths = list(cfg.widths or (16, 32, 64, 128))
@@ -280,6 +290,8 @@ def train_regressor(
         model, Loss(), xtr, ytr.astype("float32"), cfg, lambda x, y: (_augment(x), y), held_out, log, target="float32"
     )
     pred = predict_values(model, xva)
+    if value_range is not None:
+        pred = np.clip(pred, *value_range)
     metrics = regression_metrics(yva, pred, t_mean)
     metrics["train_seconds"] = round(time.perf_counter() - t0, 1)
     metrics["n_train"] = int(len(xtr))
@@ -296,6 +308,7 @@ def train_regressor(
         widths=widths,
         metrics=metrics,
         unit=unit,
+        postprocess={"range": list(value_range)} if value_range is not None else {},
     )
     return TrainResult(model=model, card=card, confusion=None, history=history, held_out=(yva, pred))
 
