@@ -31,9 +31,9 @@ import pandas as pd
 import pyarrow.parquet as pq
 from PIL import Image
 
+from ops.ml.attributes import TASKS
 from ops.shards import list_shards, open_chips, read_index
 
-TASKS = ("classification", "segmentation", "regression")
 #: Why a building is on the sheet: the model is least sure of it, the random control sample, or a
 #: random pick where the model gives no uncertainty (regression).
 REASONS = ("least_certain", "control", "random")
