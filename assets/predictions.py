@@ -111,7 +111,7 @@ def run_predictions(
             try:
                 model, card = models.load(name, config.model_versions.get(name), device)
             except ModelNotFoundError:
-                if config.models:  # named by the user: not having it is an error
+                if config.models or name in config.model_versions:  # named by the user: not having it is an error
                     raise
                 untrained.append(name)  # declared, never trained: the rest of the attributes still run
                 continue

@@ -5,33 +5,26 @@
     python -m orchestration.capacity --gpu-nodes 14 --gpu-images-per-s roof_type=9000 --measured
 
 Why a module of its own: sizing a node pool, or answering "what does France cost?", should take
-seconds and say which of its inputs were measured and which are only stated. Every figure below is
-a named constant whose comment gives its source; what was measured on this project's 2-core VM is
-labelled measured, what nobody has measured here (anything on a GPU, prices) is labelled stated.
+seconds and say which inputs were measured (on this project's 2-core VM) and which are only stated
+(anything on a GPU, prices): every figure below is a named constant whose comment gives its source.
+The arithmetic (:func:`plan`) is pure, on frozen :class:`Rates`, :class:`Pool`, :class:`Prices` and
+:class:`Plan`; only the command line reads footprint files (Dagster-backed resources imported lazily).
 
-The arithmetic (:func:`plan`) is pure: frozen inputs (:class:`Rates`, :class:`Pool`,
-:class:`Prices`) and a frozen :class:`Plan`. Only the command line looks at footprint files, and
-imports Dagster-backed resources for it lazily, so this module stays a plain one.
-
-Work model (one chip per building; every model runs on every chip; no building is skipped, so this
-is an upper bound where some chips end ``no_imagery`` or ``nodata``):
+Work model (one chip per building, every model on every chip: an upper bound, some chips end ``nodata``):
 
 - crop core-hours = buildings / (chips/s per core) / 3600;
 - GPU-hours = buildings × Σ over models (1 / images/s of that model on one GPU) / 3600;
 - wall time = max(crop core-hours / crop cores, GPU-hours / GPUs)  (the bottleneck stage: crop and
   inference of *different* départements overlap, since each run's ``predictions`` waits only for
   its own ``chips``)
-  + the other stage's time for the largest département alone (the pipeline's fill or drain: the
-  first partition's crop before any GPU work, or the last one's inference after the last crop)
+  + the other stage's time for the largest département alone (the pipeline's fill or drain)
   + ceil(partitions / concurrent runs) × a per-partition overhead (pods scheduled, images pulled,
-  ``buildings``, ``ortho_mosaic``, model loading, dbt: nothing measured it, so it is stated).
-  Crop cores and GPUs are what the pool can really keep busy: crop cores = min(nodes × usable cores,
-  concurrent runs × crop workers per run, partitions × crop workers per run), GPUs = min(GPU nodes,
-  concurrent runs, predictions steps allowed at once, partitions), since one ``predictions`` step
-  holds one GPU. A single département is therefore crop + inference + overhead, one after the other.
-- cost = crop core-hours × price per vCPU-hour + GPU-hours × price per GPU node-hour (the work,
-  with nodes that scale to it); pool cost = wall time × the whole pool's hourly price (nodes held
-  for the whole run).
+  ``buildings``, ``ortho_mosaic``, model loading, dbt: stated). Crop cores and GPUs are what the pool
+  can keep busy: crop cores = min(nodes × usable cores, (concurrent runs, partitions) × crop workers
+  per run), GPUs = min(GPU nodes, concurrent runs, predictions steps at once, partitions): one
+  ``predictions`` step holds one GPU. One département alone is crop + inference + overhead.
+- cost = crop core-hours × price per vCPU-hour + GPU-hours × price per GPU node-hour (the work, nodes
+  scaled to it); pool cost = wall time × the whole pool's hourly price (nodes held for the whole run).
 """
 
 from __future__ import annotations
@@ -65,20 +58,19 @@ ESTIMATE = "estimate"
 # and JPEG / JPEG 2000 tiles (decoded by GDAL, not the fast path) are slower; nothing measured them.
 CROP_CHIPS_PER_S_PER_CORE = 5_000.0
 
+
 # Stated for one NVIDIA L4 (g2-standard-8), 64 × 64 chips, batch 512, shards to rows: no L4 was measured. An H200
 # was (make bench-cuda, README): both models 45,387 images/s, bound by one CPU core; an L4 has a fraction of its fp16.
-# Every declared attribute runs on each chip: a classification or regression is RoofNet's body (ValueNet has one
-# output instead of three), so it is costed at roof_type's rate; a segmentation at solar_panels'.
-
-
 def per_attribute(measured: Mapping[str, float]) -> Mapping[str, float]:
-    """The rate of every shipped attribute's model: its own if measured, else that of the same network."""
+    """Every shipped attribute's rate (all run on each chip): its own if measured, else its network's.
+
+    A classification or regression is RoofNet's body (ValueNet: one output), costed at roof_type's rate.
+    """
     like = {name: SOLAR_PANELS if task == "segmentation" else ROOF_TYPE for name, task in MODELS.items()}
     return MappingProxyType({name: measured.get(name, measured[like[name]]) for name in MODELS})
 
 
 GPU_IMAGES_PER_S: Mapping[str, float] = per_attribute({ROOF_TYPE: 8_000.0, SOLAR_PANELS: 2_000.0})
-
 # Measured: `make bench-infer` (README "Benchmarks"), the real `predictions` step on CPU, 50,000
 # buildings, 2 torch threads on the 2-core VM: roof_type 1,139 images/s, solar_panels ≈ 220.
 # Only a reference (CPU inference core-hours); the plan's inference runs on GPUs.

@@ -196,3 +196,19 @@ def test_removing_a_declaration_removes_nothing_already_written(env, trained):
     ba = _query(data, "select * from building_attributes where departement = '12'")
     assert "roof_cover_label" in ba.columns and ba["roof_cover_label"].notna().sum() > 0.8 * dep.n_buildings
     assert (data / "store" / "models" / "roof_cover" / "CURRENT").exists()
+
+
+def test_a_declared_attribute_not_trained_yet_is_skipped_with_a_warning_unless_named(env, trained):
+    _, data, dep, _, decl = env
+    ghost = "\n  ghost:\n    task: classification\n    classes: [flat, gable, hip]\n    labels: {file: labels.csv, column: roof_type}\n"
+    attrs = _declare(decl, DECLARATIONS + ghost)
+    result = _run(env, attrs, ["predictions"], "12")
+    assert result.success
+    meta = result.asset_materializations_for_node("predictions")[0].metadata
+    assert meta["untrained_attributes"].value == "ghost"
+    assert _query(data, "select count(*) n from predictions where model_name = 'ghost'")["n"].iloc[0] == 0
+    named = {"ops": {"predictions": {"config": {"models": ["roof_type", "ghost"]}}}}
+    failed = _run(env, attrs, ["predictions"], "12", named, raise_on_error=False)
+    assert not failed.success
+    (failure,) = [e for e in failed.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert "ghost" in failure.step_failure_data.error.message
