@@ -19,7 +19,7 @@ from torch import nn
 from ops.ml.calibration import Calibration, calibrate
 from ops.ml.card import ModelCard
 from ops.ml.inference import reuse_freed_memory
-from ops.ml.nets import PanelNet, RoofNet, ValueNet
+from ops.ml.nets import TASK_OF_ARCHITECTURE, PanelNet, RoofNet, ValueNet
 from ops.ml.regression_metrics import regression_metrics
 
 
@@ -162,6 +162,32 @@ def _fit(
     return history, t0
 
 
+def _card(
+    name: str,
+    architecture: str,
+    classes: list[str],
+    chips: np.ndarray,
+    norm: tuple[list[float], list[float]],
+    widths: list[int],
+    metrics: dict,
+    **extra,
+) -> ModelCard:
+    """The card of a model trained on ``chips``: task from its architecture, what it expects, its metrics."""
+    return ModelCard(
+        name=name,
+        task=TASK_OF_ARCHITECTURE[architecture],
+        classes=list(classes),
+        input_size=int(chips.shape[-1]),
+        bands=int(chips.shape[1]),
+        mean=norm[0],
+        std=norm[1],
+        architecture=architecture,
+        widths=widths,
+        metrics=metrics,
+        **extra,
+    )
+
+
 def _held_out_split(
     chips: np.ndarray, targets: np.ndarray, groups: np.ndarray, cfg: TrainConfig, name: str, what: str
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -211,17 +237,14 @@ def train_classifier(
     if cal is not None:
         model.temperature.fill_(cal.temperature)
         log(f"calibration: temperature {cal.temperature:.3f}, held-out ECE {cal.ece_before:.3f} → {cal.ece_after:.3f}")
-    card = ModelCard(
-        name=name,
-        task="classification",
-        classes=list(classes),
-        input_size=int(chips.shape[-1]),
-        bands=int(chips.shape[1]),
-        mean=mean,
-        std=std,
-        architecture="RoofNet",
-        widths=widths,
-        metrics=metrics,
+    card = _card(
+        name,
+        "RoofNet",
+        classes,
+        chips,
+        (mean, std),
+        widths,
+        metrics,
         calibration=cal.to_card() if cal is not None else {},
     )
     return TrainResult(model=model, card=card, confusion=cm, history=history, calibration=cal)
@@ -296,17 +319,14 @@ def train_regressor(
     metrics["train_seconds"] = round(time.perf_counter() - t0, 1)
     metrics["n_train"] = int(len(xtr))
     metrics["train_range"] = [float(ytr.min()), float(ytr.max())]
-    card = ModelCard(
-        name=name,
-        task="regression",
-        classes=[],
-        input_size=int(chips.shape[-1]),
-        bands=int(chips.shape[1]),
-        mean=mean,
-        std=std,
-        architecture="ValueNet",
-        widths=widths,
-        metrics=metrics,
+    card = _card(
+        name,
+        "ValueNet",
+        [],
+        chips,
+        (mean, std),
+        widths,
+        metrics,
         unit=unit,
         postprocess={"range": list(value_range)} if value_range is not None else {},
     )
@@ -395,17 +415,14 @@ def train_segmenter(
     metrics["train_seconds"] = round(time.perf_counter() - t0, 1)
     metrics["n_train"] = int(len(xtr))
     metrics["n_val"] = int(len(xva))
-    card = ModelCard(
-        name=name,
-        task="segmentation",
-        classes=list(classes),
-        input_size=int(chips.shape[-1]),
-        bands=int(chips.shape[1]),
-        mean=mean,
-        std=std,
-        architecture="PanelNet",
-        widths=widths,
-        metrics=metrics,
+    card = _card(
+        name,
+        "PanelNet",
+        classes,
+        chips,
+        (mean, std),
+        widths,
+        metrics,
         postprocess={"threshold": 0.5, "min_area_px": 4, "clip_buffer_m": 0.5},
     )
     return TrainResult(model=model, card=card, confusion=cm, history=history)
