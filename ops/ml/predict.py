@@ -237,15 +237,17 @@ class PartitionPredictions:
                 self._sample_polygons(card.name, cols)
             shown = cols.labels
             if card.task == "regression":
-                shown = self._count_values(card, cols.values)
+                shown = self._count_values(card, cols.values, keep)
             self.map_categories.setdefault(card.name, []).extend(
                 shown[i] if shown[i] is not None else status[i] for i in keep.tolist()
             )
         return status
 
-    def _count_values(self, card: ModelCard, values: np.ndarray) -> list[str | None]:
-        """Count a regression's values; returns each building's value range for the map (five bins of the training range)."""
-        got = values[np.isfinite(values)]
+    def _count_values(self, card: ModelCard, values: np.ndarray, keep: np.ndarray) -> dict[int, str | None]:
+        """Count a regression's values; returns the value range (five bins of the training range) of the
+        buildings kept for the map, by index — the only ones whose category is drawn."""
+        finite = np.isfinite(values)
+        got = values[finite]
         acc = self.values.setdefault(card.name, [0, 0.0, np.inf, -np.inf])
         if len(got):
             acc[0] += len(got)
@@ -254,14 +256,9 @@ class PartitionPredictions:
             acc[3] = max(acc[3], float(got.max()))
         lo, hi = (card.metrics.get("train_range") or [0.0, 1.0])[:2]
         step = (hi - lo) / 5 or 1.0
-        out: list[str | None] = []
-        for v in values.tolist():
-            if not np.isfinite(v):
-                out.append(None)
-                continue
-            k = int(np.clip((v - lo) // step, 0, 4))
-            out.append(f"{lo + k * step:.3g}–{lo + (k + 1) * step:.3g} {card.unit or ''}".rstrip())
-        return out
+        names = [f"{lo + k * step:.3g}–{lo + (k + 1) * step:.3g} {card.unit or ''}".rstrip() for k in range(5)]
+        bins = np.clip((np.nan_to_num(values[keep]) - lo) // step, 0, 4).astype(int)
+        return {i: names[b] if finite[i] else None for i, b in zip(keep.tolist(), bins.tolist(), strict=True)}
 
     def _sample_polygons(self, model: str, cols: Columns) -> None:
         """Reservoir sampling (seeded, so the picture is the same run to run) of the model's polygons."""
