@@ -101,7 +101,7 @@ def summary(dep: str, crop: dict, pred: dict, seconds: float) -> str:
     )
     meta = pred["predictions"]
     lines = [f"département {dep}", f"  buildings      {b:,}"]
-    for name in load_attributes():
+    for name, attr in load_attributes().items():
         version = meta.get(f"{name}_model_version")
         cur = rows[(rows.model_name == name) & (rows.model_version == version)]
         if cur.empty:
@@ -112,9 +112,8 @@ def summary(dep: str, crop: dict, pred: dict, seconds: float) -> str:
             "    statuses     " + ", ".join(f"{s} {int(cur['n_' + s]):,}" for s in STATUSES),
         ]
         if cur.task == "regression":
-            unit = load_attributes()[name].unit
             lines.append(
-                f"    values       mean {cur.mean_value:.1f} {unit}, from {meta.get(f'{name}_value_range', '?')}"
+                f"    values       mean {cur.mean_value:.1f} {attr.unit}, from {meta.get(f'{name}_value_range', '?')}"
                 f"   (coverage {cur.coverage:.1%})"
             )
         else:
