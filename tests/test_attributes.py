@@ -15,14 +15,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import duckdb
 import pandas as pd
 import pytest
-from dagster import DagsterInstance, materialize
+from dagster import materialize
 
 from ops.ml.attributes import load_attributes
 from orchestration.definitions import assemble_assets
-from resources.warehouse import spatial_extension_path
+from tests.localenv import local_env, query_warehouse
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("attributes")]
 
@@ -64,13 +63,8 @@ def _declare(folder: Path, text: str) -> dict:
 @pytest.fixture(scope="module")
 def env(small_dep, tmp_path_factory):
     data = tmp_path_factory.mktemp("attr-data")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("BATIVISION_DATA_DIR", str(data))
-    mp.setenv("BATIVISION_SOURCE_DIR", str(small_dep.root.parent))
-    from orchestration.environment import local_resources
-
-    yield local_resources(), data, small_dep, DagsterInstance.ephemeral(), tmp_path_factory.mktemp("decl")
-    mp.undo()
+    with local_env(small_dep.root.parent, data) as (resources, instance):
+        yield resources, data, small_dep, instance, tmp_path_factory.mktemp("decl")
 
 
 def _run(env, attributes, selection, partition=None, run_config=None, raise_on_error=True):
@@ -86,13 +80,7 @@ def _run(env, attributes, selection, partition=None, run_config=None, raise_on_e
     )
 
 
-def _query(data: Path, sql: str) -> pd.DataFrame:
-    con = duckdb.connect(str(data / "warehouse.duckdb"), read_only=True)
-    try:
-        con.load_extension(spatial_extension_path())
-        return con.execute(sql).df()
-    finally:
-        con.close()
+_query = query_warehouse
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ from dagster import (
     AssetCheckSeverity,
     AssetKey,
     AssetSelection,
-    DagsterInstance,
     Definitions,
     define_asset_job,
 )
@@ -21,6 +20,7 @@ from assets.partitions import departements_partitions
 from orchestration.definitions import all_assets, all_checks
 from resources import keys
 from resources.warehouse import spatial_extension_path
+from tests.localenv import local_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("checks")]
 
@@ -37,13 +37,8 @@ CHECKS = {
 @pytest.fixture(scope="module")
 def env(small_dep, tmp_path_factory):
     data = tmp_path_factory.mktemp("data")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("BATIVISION_DATA_DIR", str(data))
-    mp.setenv("BATIVISION_SOURCE_DIR", str(small_dep.root.parent))
-    from orchestration.environment import local_resources
-
-    yield local_resources(), data, DagsterInstance.ephemeral()
-    mp.undo()
+    with local_env(small_dep.root.parent, data) as (resources, instance):
+        yield resources, data, instance
 
 
 def run(env, selection: AssetSelection, run_config=None):

@@ -361,16 +361,11 @@ def test_labels_digest_is_about_the_pairs_not_their_order():
 @pytest.fixture(scope="module")
 def env(small_dep, tmp_path_factory):
     """Local resources pointed at a temporary data folder and the synthetic sources."""
-    from dagster import DagsterInstance
+    from tests.localenv import local_env
 
     data = tmp_path_factory.mktemp("data")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("BATIVISION_DATA_DIR", str(data))
-    mp.setenv("BATIVISION_SOURCE_DIR", str(small_dep.root.parent))
-    from orchestration.environment import local_resources
-
-    yield local_resources(), data, small_dep, DagsterInstance.ephemeral()
-    mp.undo()
+    with local_env(small_dep.root.parent, data) as (resources, instance):
+        yield resources, data, small_dep, instance
 
 
 @pytest.mark.slow

@@ -15,11 +15,12 @@ from pathlib import Path
 import duckdb
 import pandas as pd
 import pytest
-from dagster import DagsterInstance, materialize
+from dagster import materialize
 
 from ops.ml.attributes import load_attributes
 from orchestration.definitions import all_assets
 from resources.warehouse import DuckDBWarehouse, spatial_extension_path
+from tests.localenv import local_env, query_warehouse
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("pipeline")]
 
@@ -35,13 +36,8 @@ PANEL_TOLERANCE_M = 1.0
 def env(small_dep, tmp_path_factory):
     """Local resources pointed at a temporary data folder and the synthetic sources."""
     data = tmp_path_factory.mktemp("data")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("BATIVISION_DATA_DIR", str(data))
-    mp.setenv("BATIVISION_SOURCE_DIR", str(small_dep.root.parent))
-    from orchestration.environment import local_resources
-
-    yield local_resources(), data, small_dep, DagsterInstance.ephemeral()
-    mp.undo()
+    with local_env(small_dep.root.parent, data) as (resources, instance):
+        yield resources, data, small_dep, instance
 
 
 def _run(env, selection, partition=None, run_config=None, raise_on_error=True):
@@ -59,13 +55,7 @@ def _run(env, selection, partition=None, run_config=None, raise_on_error=True):
     return result
 
 
-def _query(data, sql) -> pd.DataFrame:
-    con = duckdb.connect(str(data / "warehouse.duckdb"), read_only=True)
-    try:
-        con.load_extension(spatial_extension_path())
-        return con.execute(sql).df()
-    finally:
-        con.close()
+_query = query_warehouse
 
 
 @pytest.fixture(scope="module")
