@@ -23,7 +23,7 @@ from assets.chips import chips
 from assets.errors import IO_RETRY, bad_input_fails_fast
 from assets.owners import ML
 from assets.training_sets import ModelTrainingConfig, describe, save_and_report, training_arrays
-from ops.ml.attributes import TRAINING_DEFAULTS, Attribute
+from ops.ml.attributes import TRAINING_DEFAULTS, Attribute, attributes_path
 from ops.ml.datasets import labelled_chips, panel_training_set, read_polygons
 from ops.ml.label_sources import Labels, read_footprint_column, read_label_file
 from ops.ml.labelling import labels_digest, read_sheet
@@ -129,7 +129,11 @@ def model_asset(attr: Attribute) -> AssetsDefinition:
             return labelled_chips(folder, dep, truth.values, classes, log=log)
 
         with bad_input_fails_fast():  # a bad label file fails once; I/O and a preempted pod are retried
-            (x, y, g), used = training_arrays(context, config, store, truth_of, arrays_of, attr.labels.describe())
+            (x, y, g), used = training_arrays(
+                context, config, store, truth_of, arrays_of, attr.labels.describe(), attr.chip_set
+            )
+            if attr.chip:
+                log(f"chips of set {attr.chip_set} ({attr.chip.size} px, declared in {attributes_path()})")
             cfg = config.train_config()
             if attr.task == "classification":
                 result = train_classifier(x, y, list(attr.classes), g, name=attr.name, config=cfg, log=log)
@@ -140,6 +144,7 @@ def model_asset(attr: Attribute) -> AssetsDefinition:
             else:
                 log(f"{len(x):,} chips, {int(y.reshape(len(y), -1).any(1).sum()):,} with {attr.classes[1]}")
                 result = train_segmenter(x, y, list(attr.classes), g, name=attr.name, config=cfg, log=log)
+            result.card.chip_set = attr.chip_set  # predictions and labelling sheets read the same chips
             describe(result, used, attr.labels.describe(), seen)
             return save_and_report(context, models, result, used, HEADLINES[attr.task])
 

@@ -14,17 +14,21 @@ from dagster import AssetCheckExecutionContext, AssetCheckResult, AssetCheckSeve
 from pydantic import Field
 
 from assets.buildings import buildings
-from assets.chips import chips
+from assets.chips import chip_sets, chips
 from assets.metadata import counts_table
 from assets.partitions import departements_partitions
 from assets.predictions import predictions
 from ops.geo.departements import check_departement
 from ops.geo.footprints import count_features, read_source
+from ops.ml.attributes import load_attributes
 from ops.shards import STATUSES, index_rows, list_shards, read_index
 from resources import keys
 from resources.imagery import FootprintSource
 from resources.object_store import ObjectStore
 from resources.warehouse import Warehouse
+
+#: The attributes' own chip sets (models/attributes.yaml), checked like the default chips.
+CHIP_SETS = sorted(chip_sets(load_attributes()))
 
 
 def _warehouse_buildings(warehouse: Warehouse, dep: str) -> int:
@@ -67,19 +71,28 @@ def buildings_match_source(
 )
 def chips_index_has_every_building(context: AssetCheckExecutionContext, store: ObjectStore) -> AssetCheckResult:
     dep = check_departement(context.partition_key)
-    folder = store.folder(keys.chips(dep))
-    shards = list_shards(folder)
-    indexed = sum(index_rows(folder, s) for s in shards)
     rows = _staged_buildings(store, dep)
-    ids = [i for s in shards for i in read_index(folder, s).column("building_id").to_pylist()]
-    duplicated = len(ids) - len(set(ids))
-    passed = indexed == rows and duplicated == 0
+    metadata: dict = {"buildings": rows}
+    wrong = []
+    for chip_set in ["", *CHIP_SETS]:  # the default chips and every declared attribute's own set
+        folder = store.folder(keys.chips(dep, chip_set))
+        shards = list_shards(folder)
+        indexed = sum(index_rows(folder, s) for s in shards)
+        ids = [i for s in shards for i in read_index(folder, s).column("building_id").to_pylist()]
+        duplicated = len(ids) - len(set(ids))
+        prefix = f"{chip_set}_" if chip_set else ""
+        metadata |= {
+            f"{prefix}index_rows": indexed,
+            f"{prefix}duplicated_ids": duplicated,
+            f"{prefix}shards": len(shards),
+        }
+        if indexed != rows or duplicated:
+            what = f"chip set {chip_set}: " if chip_set else ""
+            wrong.append(f"{what}{indexed} index rows ({duplicated} duplicated)")
     return AssetCheckResult(
-        passed=passed,
-        description=None
-        if passed
-        else f"partition {dep}: {indexed} index rows ({duplicated} duplicated) for {rows} buildings",
-        metadata={"index_rows": indexed, "buildings": rows, "duplicated_ids": duplicated, "shards": len(shards)},
+        passed=not wrong,
+        description=f"partition {dep}: {'; '.join(wrong)} for {rows} buildings" if wrong else None,
+        metadata=metadata,
     )
 
 

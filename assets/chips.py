@@ -1,11 +1,17 @@
-"""`chips`: one fixed-size image chip per building, stored as per-cell shards."""
+"""`chips`: one fixed-size image chip per building, stored as per-cell shards.
+
+Besides the default chips (the run config's size and margins), every chip
+geometry declared by an attribute (its `chip` field in models/attributes.yaml)
+is cut into its own set, beside the default folder, resumed the same way.
+"""
 
 import contextlib
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
-from dagster import AssetExecutionContext, Config, MaterializeResult, MetadataValue, asset
+from dagster import AssetExecutionContext, AssetsDefinition, Config, MaterializeResult, MetadataValue, asset
 from pydantic import Field
 
 from assets.buildings import buildings
@@ -25,6 +31,7 @@ from ops.imagery.mosaic import MosaicInfo
 from ops.imagery.remote import HttpRangeReader, is_remote
 from ops.imagery.wms import WmsError
 from ops.locks import partition_lock
+from ops.ml.attributes import Attribute, ChipGeometry, load_attributes
 from ops.shards import STATUSES, list_shards, shard_paths
 from resources import keys
 from resources.env import kinds
@@ -56,92 +63,130 @@ class ChipsConfig(Config):
     )
 
 
-@asset(
-    partitions_def=departements_partitions,
-    deps=[buildings, ortho_mosaic],
-    group_name="imagery",
-    kinds=kinds("numpy"),
-    owners=PIPELINE,
-    # the crop's own version: a new one marks the asset stale in the UI, as it makes stored shards be recut
-    code_version=f"crop-{CROP_VERSION}",
-    retry_policy=IO_RETRY,
-    description="Image chips cut around every building from the mosaic, one shard per grid cell.",
-)
-def chips(
-    context: AssetExecutionContext, config: ChipsConfig, store: ObjectStore, imagery: OrthoImagery
-) -> MaterializeResult:
-    with bad_input_fails_fast(context.partition_key):
-        dep = check_departement(context.partition_key)
-        if imagery.wms_url and config.prefetch == "never":  # GDAL would read the service unthrottled, uncached
-            raise WmsError(
-                f"partition {dep}: chips config prefetch: never with a {imagery.wms_protocol} source "
-                f"({imagery.wms_url}, layer {imagery.wms_layer}): its requests would bypass the rate limit "
-                f"(wms_requests_per_s={imagery.wms_requests_per_s}) and the cache; use auto or always"
-            )
-        spec = ChipSpec(config.size, config.margin_m, config.margin_ratio, config.min_valid_fraction)
-        info = MosaicInfo.from_json(store.path(keys.mosaic_info(dep)).read_text())
-        bpath = store.path(keys.buildings(dep))
-        out = store.folder(keys.chips(dep))
-        t0 = time.perf_counter()
-        totals = dict.fromkeys(STATUSES, 0)
-        done_chips = {"n": 0, "reused": 0, "blocks": 0, "area_blocks": 0}
+def chip_sets(attributes: Mapping[str, Attribute]) -> dict[str, ChipGeometry]:
+    """The chip sets the declarations ask for beyond the default chips: name → geometry (shared by equal ones)."""
+    return {a.chip.name: a.chip for a in attributes.values() if a.chip}
 
-        def progress(r: CellResult, done: int, total: int) -> None:
-            for k, v in r.counts.items():
-                totals[k] += v
-            done_chips["n"] += r.chips
-            done_chips["reused"] += int(r.reused)
-            done_chips["blocks"] += r.blocks
-            done_chips["area_blocks"] += r.area_blocks
-            elapsed = time.perf_counter() - t0
-            eta = elapsed / done * (total - done)
-            how = "reused" if r.reused else f"{r.seconds:.1f} s"
-            context.log.info(
-                f"partition {dep}: shard {r.shard_id} ({done}/{total}): {r.chips} chips ({how}); "
-                f"{done_chips['n'] / max(elapsed, 1e-9):,.0f} chips/s, ETA {eta:.0f} s"
-            )
 
-        remote = any(is_remote(t.path) for t in info.tiles)
-        service = bool(imagery.wms_url)
-        use_prefetch = config.prefetch == "always" or (config.prefetch == "auto" and (remote or service))
-        fetcher = _prefetcher(config, imagery, info, spec, dep, context) if use_prefetch else contextlib.nullcontext()
-        with partition_lock(out, f"partition {dep}: chips"), fetcher as prefetcher:
-            for _ in crop_partition(
-                bpath,
-                info,
-                out,
-                spec,
-                buildings_fingerprint=file_digest(bpath),
-                workers=config.workers or available_cpus(),
-                resume=config.resume,
-                progress=progress,
-                prefetch=prefetcher,
-                prefetch_depth=config.prefetch_depth,
-            ):
-                pass
-            fetched = prefetcher.stats.as_dict() if prefetcher else None
-        n_chips, reused = done_chips["n"], done_chips["reused"]
-        seconds = time.perf_counter() - t0
-        stored = sum(shard_paths(out, c)[0].stat().st_size for c in list_shards(out))
-        return MaterializeResult(
-            metadata={
-                "buildings": sum(totals.values()),
-                "chips": n_chips,
-                "statuses": counts_table(totals),
-                "cells": len(list_shards(out)),
-                "cells_reused": reused,
-                "chip_size_px": spec.size,
-                "imagery_id": info.imagery_id,
-                "seconds": round(seconds, 2),
-                "chips_per_s": round(n_chips / seconds, 1) if seconds else 0.0,
-                "bytes_per_chip": round(stored / n_chips) if n_chips else 0,
-                "raster_blocks_decoded": done_chips["blocks"],
-                # JPEG 2000 blocks that few windows touch: only their areas decoded (ops.crop.tiles)
-                "raster_blocks_decoded_by_areas": done_chips["area_blocks"],
-                "folder": MetadataValue.path(str(out)),
-                **(prefetch_metadata(fetched, seconds) if fetched else {"prefetch": "off"}),
-            }
+def chips_asset(attributes: Mapping[str, Attribute]) -> AssetsDefinition:
+    """The `chips` asset: the default chips, and the own chips of every attribute that declares a `chip` geometry."""
+    sets = chip_sets(attributes)
+    users = {n: sorted(a.name for a in attributes.values() if a.chip_set == n) for n in sets}
+
+    @asset(
+        name="chips",
+        partitions_def=departements_partitions,
+        deps=[buildings, ortho_mosaic],
+        group_name="imagery",
+        kinds=kinds("numpy"),
+        owners=PIPELINE,
+        # the crop's own version, and the declared chip sets: a change marks the asset stale in the UI (stored
+        # shards are recut, a new set is cut)
+        code_version="+".join([f"crop-{CROP_VERSION}", *sorted(sets)]),
+        retry_policy=IO_RETRY,
+        description="Image chips cut around every building from the mosaic, one shard per grid cell"
+        + "".join(f"; and chip set {n} ({', '.join(users[n])})" for n in sorted(sets))
+        + ".",
+    )
+    def chips(
+        context: AssetExecutionContext, config: ChipsConfig, store: ObjectStore, imagery: OrthoImagery
+    ) -> MaterializeResult:
+        with bad_input_fails_fast(context.partition_key):
+            dep = check_departement(context.partition_key)
+            if imagery.wms_url and config.prefetch == "never":  # GDAL would read the service unthrottled, uncached
+                raise WmsError(
+                    f"partition {dep}: chips config prefetch: never with a {imagery.wms_protocol} source "
+                    f"({imagery.wms_url}, layer {imagery.wms_layer}): its requests would bypass the rate limit "
+                    f"(wms_requests_per_s={imagery.wms_requests_per_s}) and the cache; use auto or always"
+                )
+            default = ChipSpec(config.size, config.margin_m, config.margin_ratio, config.min_valid_fraction)
+            metadata = cut_chip_set(context, config, store, imagery, dep, default, "")
+            for name, geometry in sorted(sets.items()):
+                spec = ChipSpec(geometry.size, geometry.margin_m, geometry.margin_ratio, config.min_valid_fraction)
+                context.log.info(f"partition {dep}: chip set {name} of {', '.join(users[name])}: {spec}")
+                got = cut_chip_set(context, config, store, imagery, dep, spec, name)
+                metadata.update({f"{name}_{k}": v for k, v in got.items() if k in SET_METADATA})
+            return MaterializeResult(metadata=metadata)
+
+    return chips
+
+
+#: What the metadata shows of each attribute's own chip set (prefixed with its name).
+SET_METADATA = ("chips", "statuses", "cells_reused", "chip_size_px", "seconds", "chips_per_s", "folder")
+
+
+def cut_chip_set(
+    context: AssetExecutionContext,
+    config: ChipsConfig,
+    store: ObjectStore,
+    imagery: OrthoImagery,
+    dep: str,
+    spec: ChipSpec,
+    chip_set: str,
+) -> dict:
+    """Cut (or resume) one set of the partition's chips; its metadata."""
+    info = MosaicInfo.from_json(store.path(keys.mosaic_info(dep)).read_text())
+    bpath = store.path(keys.buildings(dep))
+    out = store.folder(keys.chips(dep, chip_set))
+    what = f"partition {dep}: " + (f"chip set {chip_set}: " if chip_set else "")
+    t0 = time.perf_counter()
+    totals = dict.fromkeys(STATUSES, 0)
+    done_chips = {"n": 0, "reused": 0, "blocks": 0, "area_blocks": 0}
+
+    def progress(r: CellResult, done: int, total: int) -> None:
+        for k, v in r.counts.items():
+            totals[k] += v
+        done_chips["n"] += r.chips
+        done_chips["reused"] += int(r.reused)
+        done_chips["blocks"] += r.blocks
+        done_chips["area_blocks"] += r.area_blocks
+        elapsed = time.perf_counter() - t0
+        eta = elapsed / done * (total - done)
+        how = "reused" if r.reused else f"{r.seconds:.1f} s"
+        context.log.info(
+            f"{what}shard {r.shard_id} ({done}/{total}): {r.chips} chips ({how}); "
+            f"{done_chips['n'] / max(elapsed, 1e-9):,.0f} chips/s, ETA {eta:.0f} s"
         )
+
+    remote = any(is_remote(t.path) for t in info.tiles)
+    service = bool(imagery.wms_url)
+    use_prefetch = config.prefetch == "always" or (config.prefetch == "auto" and (remote or service))
+    fetcher = _prefetcher(config, imagery, info, spec, dep, context) if use_prefetch else contextlib.nullcontext()
+    with partition_lock(out, f"{what}chips"), fetcher as prefetcher:
+        for _ in crop_partition(
+            bpath,
+            info,
+            out,
+            spec,
+            buildings_fingerprint=file_digest(bpath),
+            workers=config.workers or available_cpus(),
+            resume=config.resume,
+            progress=progress,
+            prefetch=prefetcher,
+            prefetch_depth=config.prefetch_depth,
+        ):
+            pass
+        fetched = prefetcher.stats.as_dict() if prefetcher else None
+    n_chips, reused = done_chips["n"], done_chips["reused"]
+    seconds = time.perf_counter() - t0
+    stored = sum(shard_paths(out, c)[0].stat().st_size for c in list_shards(out))
+    return {
+        "buildings": sum(totals.values()),
+        "chips": n_chips,
+        "statuses": counts_table(totals),
+        "cells": len(list_shards(out)),
+        "cells_reused": reused,
+        "chip_size_px": spec.size,
+        "imagery_id": info.imagery_id,
+        "seconds": round(seconds, 2),
+        "chips_per_s": round(n_chips / seconds, 1) if seconds else 0.0,
+        "bytes_per_chip": round(stored / n_chips) if n_chips else 0,
+        "raster_blocks_decoded": done_chips["blocks"],
+        # JPEG 2000 blocks that few windows touch: only their areas decoded (ops.crop.tiles)
+        "raster_blocks_decoded_by_areas": done_chips["area_blocks"],
+        "folder": MetadataValue.path(str(out)),
+        **(prefetch_metadata(fetched, seconds) if fetched else {"prefetch": "off"}),
+    }
 
 
 def _prefetcher(
@@ -177,3 +222,7 @@ def prefetch_metadata(stats: dict, seconds: float) -> dict:
         "prefetch_unavailable_blocks": int(stats.get("unavailable_blocks", 0)),
         "prefetch_mib_per_s": round(stats["bytes"] / 2**20 / seconds, 1) if seconds else 0.0,
     }
+
+
+#: The code location's `chips`: the default chips and the chip sets of models/attributes.yaml (or BATIVISION_ATTRIBUTES).
+chips = chips_asset(load_attributes())

@@ -103,7 +103,7 @@ def labelling_sheet(
             )
             store.delete(sheet_key)  # no sheet pointing at deleted chips if the step fails below
             store.delete(png_key)
-            chips_folder = store.folder(keys.chips(dep))
+            chips_folder = store.folder(keys.chips(dep, card.chip_set))  # the chips the model reads
             written = write_sheet(
                 rows,
                 chips_folder,

@@ -12,6 +12,7 @@ run published them — and reports.
 """
 
 import time
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import torch
@@ -30,7 +31,14 @@ from ops.geo.reproject import wgs84_batches
 from ops.imagery.mosaic import MosaicInfo
 from ops.locks import partition_lock
 from ops.ml.attributes import Attribute, load_attributes
-from ops.ml.batch_size import CPU_DEFAULT_BATCH, CUDA_DEFAULT_BATCH, choose_batch_size, machine_key, models_key
+from ops.ml.batch_size import (
+    CPU_DEFAULT_BATCH,
+    CUDA_DEFAULT_BATCH,
+    BatchSize,
+    choose_batch_size,
+    machine_key,
+    models_key,
+)
 from ops.ml.card import check_outputs
 from ops.ml.inference import BatchRunner, forward_fn, pick_device, reuse_freed_memory
 from ops.ml.predict import ModelRun, PartitionPredictions, ShardPredictions, check_partition, predict_partition
@@ -125,54 +133,48 @@ def run_predictions(
         if not runs:
             raise ModelNotFoundError(f"partition {dep}: no model to run: {untrained} are declared but none is trained")
         cards = [r.card for r in runs]
-        folder = store.folder(keys.chips(dep))
-        shards = list_shards(folder)
+        # models read the chips they were trained on: the default ones, or their attribute's own chip set
+        groups: dict[str, list[ModelRun]] = {}
+        for r in runs:
+            groups.setdefault(r.card.chip_set, []).append(r)
         buildings_path = store.path(keys.buildings(dep))
         expected = pq.ParquetFile(buildings_path).metadata.num_rows
-        n_chips = check_partition(folder, shards, cards, expected, dep)  # before any row is written
-        batch = choose_batch_size(
-            config.batch_size,
-            device,
-            [r.runner.forward for r in runs],
-            folder,
-            shards,
-            n_chips,
-            store.path(keys.batch_size_cache(machine_key(device), models_key(cards))),
-            context.log.info,
-        )
-        for r in runs:
-            r.runner.max_batch = batch.size
-        names = ", ".join(f"{c.name}@{c.version} ({c.task})" for c in cards)
-        context.log.info(
-            f"partition {dep}: {expected:,} buildings in {len(shards)} shards; {names} on {device}, batch {batch.size}"
-        )
-
-        def progress(res: ShardPredictions, k: int, tally: PartitionPredictions, elapsed: float) -> None:
-            context.log.info(
-                f"partition {dep}: shard {res.shard} ({k}/{len(shards)}): {res.n_chips} chips; "
-                f"{tally.chips / max(elapsed, 1e-9):,.0f} chips/s, ETA {elapsed / k * (len(shards) - k):.0f} s"
+        folders = {s: store.folder(keys.chips(dep, s)) for s in groups}
+        shards = {s: list_shards(f) for s, f in folders.items()}
+        n_chips = {  # every set checked before any row is written
+            s: check_partition(folders[s], shards[s], [r.card for r in g], expected, _where(dep, s, g))
+            for s, g in groups.items()
+        }
+        batches = {}
+        for s, g in groups.items():
+            batches[s] = choose_batch_size(
+                config.batch_size,
+                device,
+                [r.runner.forward for r in g],
+                folders[s],
+                shards[s],
+                n_chips[s],
+                store.path(keys.batch_size_cache(machine_key(device), models_key([r.card for r in g]))),
+                context.log.info,
             )
-
+            for r in g:
+                r.runner.max_batch = batches[s].size
+        names = ", ".join(f"{c.name}@{c.version} ({c.task})" for c in cards)
+        sizes = ", ".join(f"{s or 'default chips'}: batch {b.size}" for s, b in batches.items())
+        context.log.info(
+            f"partition {dep}: {expected:,} buildings in {len(shards[cards[0].chip_set])} shards; {names} on "
+            f"{device}, {sizes}"
+        )
         staged = {c.name: store.path(keys.staged_predictions(dep, c.name, c.version)) for c in cards}
+        tallies: dict[str, PartitionPredictions] = {}
         # one run stages and publishes a partition at a time: another would overwrite the staged files
         with partition_lock(next(iter(staged.values())).parent, f"partition {dep}: predictions"):
-            tally = predict_partition(
-                folder,
-                shards,
-                runs,
-                batch.size,
-                departement=dep,
-                buildings=buildings_path,
-                staged=staged,
-                scratch=store.folder(keys.scratch()),
-                run_id=context.run_id,
-                pin_memory=device.type == "cuda",
-                depth=config.prefetch_batches,
-                progress=progress,
-            )
-            batch.forget_if_slower(
-                tally.chips, tally.seconds, lambda msg: context.log.warning(f"partition {dep}: {msg}")
-            )
+            for s, g in groups.items():
+                group_staged = {r.card.name: staged[r.card.name] for r in g}
+                tallies[s] = _predict_set(
+                    context, config, dep, s, g, folders[s], shards[s], batches[s], device, group_staged,
+                    buildings_path, store,
+                )  # fmt: skip
             written = warehouse.publish(
                 dep,
                 [
@@ -193,47 +195,58 @@ def run_predictions(
             context.log.info(
                 f"partition {dep}: published {written[0]:,} buildings and {sum(loaded.values()):,} predictions"
             )
+        tally = tallies[cards[0].chip_set]  # the first model's chips: the step's statuses and speed
         if tally.statuses["error"]:
             context.log.warning(
                 f"partition {dep}: {tally.statuses['error']} buildings with status error (see chips index messages)"
             )
-        xs, ys = tally.centres()
         tiles = [t.bounds for t in MosaicInfo.from_json(store.path(keys.mosaic_info(dep)).read_text()).tiles]
+        seconds = sum(t.seconds for t in tallies.values())
+        predicted = sum(t.chips for t in tallies.values())
         metadata = {
             "rows": sum(loaded.values()),
-            "predicted": tally.chips,
+            "predicted": predicted,
             "statuses": counts_table(tally.statuses),
             "models": ", ".join(f"{c.name}@{c.version}" for c in cards),
             "device": str(device),
-            "batch_size": batch.size,
+            "batch_size": batches[cards[0].chip_set].size,
             "threads": torch.get_num_threads(),
             "oom_halvings": sum(r.runner.halvings for r in runs),
-            "seconds": round(tally.seconds, 2),
-            "chips_per_s": round(tally.chips / tally.seconds, 1) if tally.seconds else 0.0,
+            "seconds": round(seconds, 2),
+            "chips_per_s": round(predicted / seconds, 1) if seconds else 0.0,
         }
-        if batch.rates:
-            metadata["batch_size_rates"] = MetadataValue.json({str(b): round(v, 1) for b, v in batch.rates.items()})
+        rates = batches[cards[0].chip_set].rates
+        if rates:
+            metadata["batch_size_rates"] = MetadataValue.json({str(b): round(v, 1) for b, v in rates.items()})
+        for s in groups:
+            if s:
+                metadata[f"{s}_statuses"] = counts_table(tallies[s].statuses)
+                metadata[f"{s}_batch_size"] = batches[s].size
         for c in cards:
+            t, folder = tallies[c.chip_set], folders[c.chip_set]
+            xs, ys = t.centres()
             metadata[f"{c.name}_model_version"] = c.version
-            metadata[f"{c.name}_labels"] = counts_table(dict(sorted(tally.labels.get(c.name, {}).items())), "label")
+            if c.chip_set:
+                metadata[f"{c.name}_chip_set"] = c.chip_set
+            metadata[f"{c.name}_labels"] = counts_table(dict(sorted(t.labels.get(c.name, {}).items())), "label")
             metadata[f"{c.name}_map"] = points_map(
                 xs,
                 ys,
-                tally.map_categories.get(c.name, []),
+                t.map_categories.get(c.name, []),
                 f"{c.name}@{c.version} in {dep}: label, or status when not predicted",
-                polygons=tally.polygons.get(c.name, []),
+                polygons=t.polygons.get(c.name, []),
                 tiles=tiles,
             )
             examples = {
                 label: [(open_chips(folder, shard)[row], score) for shard, row, score in found]
-                for label, found in tally.examples.get(c.name, {}).items()
+                for label, found in t.examples.get(c.name, {}).items()
             }
             metadata[f"{c.name}_examples"] = chip_grid(examples, f"{c.name}@{c.version} in {dep}: examples and scores")
             metadata[f"{c.name}_staged"] = MetadataValue.path(str(staged[c.name]))
-            if c.name in tally.area_m2:
-                metadata[f"{c.name}_area_m2"] = round(tally.area_m2[c.name], 1)
-            if tally.values.get(c.name, [0])[0]:
-                n, total, lo, hi = tally.values[c.name]
+            if c.name in t.area_m2:
+                metadata[f"{c.name}_area_m2"] = round(t.area_m2[c.name], 1)
+            if t.values.get(c.name, [0])[0]:
+                n, total, lo, hi = t.values[c.name]
                 metadata[f"{c.name}_mean_value"] = round(total / n, 3)
                 metadata[f"{c.name}_value_range"] = f"{lo:.3g} to {hi:.3g} {c.unit or ''}".rstrip()
         # from the step's start: model loading, checks, batch-size choice, warehouse load and these previews included
@@ -241,6 +254,54 @@ def run_predictions(
         if untrained:
             metadata["untrained_attributes"] = ", ".join(untrained)
         return MaterializeResult(metadata=metadata)
+
+
+def _where(dep: str, chip_set: str, group: list[ModelRun]) -> str:
+    """How errors name a partition's chips: the partition, and the chip set of these models if not the default."""
+    if not chip_set:
+        return dep
+    return f"{dep}, chip set {chip_set} of {', '.join(r.card.name for r in group)}"
+
+
+def _predict_set(
+    context: AssetExecutionContext,
+    config: PredictionsConfig,
+    dep: str,
+    chip_set: str,
+    group: list[ModelRun],
+    folder: Path,
+    shards: list[str],
+    batch: BatchSize,
+    device: torch.device,
+    staged: dict[str, Path],
+    buildings_path: Path,
+    store: ObjectStore,
+) -> PartitionPredictions:
+    """Run the models that read one set of the partition's chips over it (the chips read once)."""
+    what = _where(dep, chip_set, group)
+
+    def progress(res: ShardPredictions, k: int, tally: PartitionPredictions, elapsed: float) -> None:
+        context.log.info(
+            f"partition {what}: shard {res.shard} ({k}/{len(shards)}): {res.n_chips} chips; "
+            f"{tally.chips / max(elapsed, 1e-9):,.0f} chips/s, ETA {elapsed / k * (len(shards) - k):.0f} s"
+        )
+
+    tally = predict_partition(
+        folder,
+        shards,
+        group,
+        batch.size,
+        departement=dep,
+        buildings=buildings_path,
+        staged=staged,
+        scratch=store.folder(keys.scratch()),
+        run_id=context.run_id,
+        pin_memory=device.type == "cuda",
+        depth=config.prefetch_batches,
+        progress=progress,
+    )
+    batch.forget_if_slower(tally.chips, tally.seconds, lambda msg: context.log.warning(f"partition {what}: {msg}"))
+    return tally
 
 
 #: The code location's `predictions`: the attributes of models/attributes.yaml (or BATIVISION_ATTRIBUTES).

@@ -22,6 +22,7 @@ from assets.metadata import (
     predicted_vs_true_figure,
     reliability_figure,
 )
+from ops.geo.departements import DEPARTEMENTS
 from ops.ml.datasets import gather
 from ops.ml.training import TrainConfig, TrainResult
 from resources import keys
@@ -57,17 +58,19 @@ def training_arrays(
     truth_of: Callable[[str], Path | None],
     arrays_of: Callable[[Path, str, Path], tuple[np.ndarray, ...]],
     what: str,
+    chip_set: str = "",
 ) -> tuple[tuple[np.ndarray, ...], list[str]]:
     """Training arrays over the configured départements (default: every cropped one with ``what``).
 
-    ``arrays_of(chips folder, dep, ground truth)`` aligns one département's ground truth with its chips.
+    ``arrays_of(chips folder, dep, ground truth)`` aligns one département's ground truth with its chips,
+    those of ``chip_set`` (an attribute's own chip geometry; "" the default chips).
     """
-    chip_root = store.folder(keys.CHIPS_ROOT)
-    deps = config.departements or sorted(p.name for p in chip_root.iterdir() if p.is_dir())
+    chip_root = store.folder(keys.chips_root(chip_set))
+    deps = config.departements or sorted(p.name for p in chip_root.iterdir() if p.is_dir() and p.name in DEPARTEMENTS)
     return gather(
         deps,
         truth_of,
-        lambda dep, path: arrays_of(store.folder(keys.chips(dep)), dep, path),
+        lambda dep, path: arrays_of(store.folder(keys.chips(dep, chip_set)), dep, path),
         what,
         required=bool(config.departements),
         max_samples=config.max_samples,

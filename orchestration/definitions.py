@@ -1,7 +1,7 @@
 """The Dagster code location: every asset, check, job, schedule, sensor and resource of bativision.
 
 The attribute assets (one training asset per declaration, `predictions` over
-all of them, the dbt models' attribute columns) come from
+all of them, the dbt models' attribute columns, the chip sets `chips` cuts) come from
 ``models/attributes.yaml`` — or the file ``BATIVISION_ATTRIBUTES`` names — read
 once when the code location loads: a bad declaration fails the load, naming
 the file, the attribute and the field.
@@ -9,8 +9,9 @@ the file, the attribute and the field.
 
 from dagster import AssetsDefinition, Definitions, load_asset_checks_from_modules, load_assets_from_modules
 
-from assets import buildings, checks, chips, inputs, mosaic
+from assets import buildings, checks, inputs, mosaic
 from assets.attribute_models import model_assets
+from assets.chips import chips_asset
 from assets.dbt import dbt_models_asset
 from assets.labelling import labelling_sheet
 from assets.predictions import predictions_asset
@@ -24,7 +25,8 @@ from orchestration.sensors import model_rollout_sensor, new_imagery_sensor
 def assemble_assets(attributes: dict[str, Attribute]) -> list[AssetsDefinition]:
     """Every asset of the code location for these declared attributes."""
     return [
-        *load_assets_from_modules([inputs, buildings, mosaic, chips]),
+        *load_assets_from_modules([inputs, buildings, mosaic]),
+        chips_asset(attributes),
         *model_assets(attributes),
         predictions_asset(attributes),
         labelling_sheet,

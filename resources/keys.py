@@ -45,9 +45,19 @@ def mosaic_info(dep: str) -> str:
     return f"{MOSAIC_ROOT}/{dep}/mosaic.json"
 
 
-def chips(dep: str) -> str:
-    """The folder of the partition's chip shards (the format is ``ops.shards``)."""
-    return f"{CHIPS_ROOT}/{dep}"
+def chips_root(chip_set: str = "") -> str:
+    """The folder holding one folder of chip shards per partition, for ``chip_set`` ("": the default chips)."""
+    return f"{CHIPS_ROOT}/sets/{chip_set}" if chip_set else CHIPS_ROOT
+
+
+def chips(dep: str, chip_set: str = "") -> str:
+    """The folder of the partition's chip shards (the format is ``ops.shards``).
+
+    ``chip_set``: an attribute's own chip geometry (``ops.ml.attributes.ChipGeometry.name``);
+    "" for the default chips. A set lives beside the default folder, not in it, so the
+    default folder holds only its own shards.
+    """
+    return f"{chips_root(chip_set)}/{dep}"
 
 
 def staged_predictions(dep: str, model: str, version: str) -> str:

@@ -20,6 +20,7 @@ import pytest
 from dagster import materialize
 
 from ops.ml.attributes import load_attributes
+from ops.shards import index_rows, list_shards, open_chips, read_index
 from orchestration.definitions import assemble_assets
 from tests.localenv import local_env, query_warehouse
 
@@ -41,6 +42,7 @@ ROOF_COVER = """
     labels:
       footprint_column: mat_toits
       values: {"00": null, "10": tiles, "20": slate, "40": concrete, "90": other}
+    chip: {size: 48, margin_m: 4}
     training: {epochs: 6, learning_rate: 0.004}
 """
 PITCH = """
@@ -118,6 +120,29 @@ def test_a_declared_attribute_gets_a_column_for_every_building(env, trained):
     assert ba.loc[ba["pitch_status"] != "ok", "pitch_value"].isna().all()
     summary = _query(data, "select model_name, task, mean_value from departement_summary where departement = '12'")
     assert summary.set_index("model_name").loc["pitch", "task"] == "regression"
+
+
+def test_an_attribute_with_its_own_chip_geometry_is_cut_trained_and_predicted_on_its_own_chips(env, trained):
+    """roof_cover declares 48 px chips with a 4 m margin: a set of chips beside the default ones, for it alone."""
+    _, data, dep, _, _ = env
+    store = data / "store"
+    own, default = store / "chips" / "sets" / "s48-m4-r0.15" / "12", store / "chips" / "12"
+    widths = {}
+    for folder, size in ((own, 48), (default, 64)):
+        shards = list_shards(folder)
+        assert sum(index_rows(folder, s) for s in shards) == dep.n_buildings
+        assert {open_chips(folder, s).shape[-2:] for s in shards} == {(size, size)}
+        index = pd.concat([read_index(folder, s).to_pandas() for s in shards]).set_index("building_id")
+        widths[size] = (index["maxx"] - index["minx"]).dropna()
+    # the same buildings, 2 m more margin on each side where the metres set the margin
+    assert widths[48].median() >= widths[64].median() + 3
+    cards = [json.loads(p.read_text()) for p in (store / "models").rglob("model_card.json")]
+    assert {
+        (c["name"], c["input_size"], c.get("chip_set", "")) for c in cards if c["name"] in ("roof_cover", "pitch")
+    } == {
+        ("roof_cover", 48, "s48-m4-r0.15"),
+        ("pitch", 64, ""),
+    }
 
 
 def test_the_regression_beats_predicting_the_mean_on_held_out_cells(env, trained):

@@ -16,7 +16,9 @@ import pytest
 from dagster import DagsterInstance, materialize
 
 from assets.attribute_models import model_asset
-from ops.ml.attributes import DEFAULT_PATH, DeclarationError, load_attributes
+from assets.chips import ChipsConfig, chip_sets
+from ops.crop.spec import ChipSpec
+from ops.ml.attributes import CHIP_DEFAULTS, DEFAULT_PATH, ChipGeometry, DeclarationError, load_attributes
 
 GOOD = """
 attributes:
@@ -56,6 +58,23 @@ def test_the_shipped_declarations_hold_the_two_historic_models_and_two_more():
             ("    task: classification", "    task: classification\n    training: {epochs: -3}"),
             "field 'training.epochs': expected a positive int",
         ),
+        (
+            ("    task: classification", "    task: classification\n    chip: {size: 8}"),
+            "field 'chip.size': expected a whole number of pixels from 16 to 512, got 8",
+        ),
+        (
+            ("    task: classification", "    task: classification\n    chip: {size: 64.5}"),
+            "field 'chip.size': expected a whole number of pixels",
+        ),
+        (
+            ("    task: classification", "    task: classification\n    chip: {margin_m: -1}"),
+            "field 'chip.margin_m': expected a number from 0 to 200, got -1",
+        ),
+        (
+            ("    task: classification", "    task: classification\n    chip: {zoom: 2}"),
+            "field 'chip.zoom': unknown setting",
+        ),
+        (("    task: classification", "    task: classification\n    chip: 96"), "field 'chip': expected a mapping"),
     ],
 )
 def test_a_bad_declaration_names_the_file_the_attribute_and_the_field(tmp_path, edit, culprit):
@@ -66,6 +85,23 @@ def test_a_bad_declaration_names_the_file_the_attribute_and_the_field(tmp_path, 
     assert str(path) in str(err.value) and culprit in str(err.value)
     if "Roof-Cover" not in edit[1]:
         assert "'roof_cover'" in str(err.value)
+
+
+def test_a_chip_geometry_names_its_own_chip_set_and_defaults_to_the_crop_s(tmp_path):
+    """Undeclared chip settings are those of the `chips` asset; equal geometries share one set of chips."""
+    spec, config = ChipSpec(), ChipsConfig()
+    assert {"size": spec.size, "margin_m": spec.margin_m, "margin_ratio": spec.margin_ratio} == CHIP_DEFAULTS
+    assert {"size": config.size, "margin_m": config.margin_m, "margin_ratio": config.margin_ratio} == CHIP_DEFAULTS
+    text = GOOD + GOOD.replace("attributes:\n", "").replace("roof_cover", "pool")
+    text = text.replace("    task: classification", "    task: classification\n    chip: {margin_m: 12, size: 96}")
+    attrs = load_attributes(_write(tmp_path, text))
+    assert attrs["roof_cover"].chip_set == attrs["pool"].chip_set == "s96-m12-r0.15"
+    assert attrs["pool"].chip == ChipGeometry(96, 12.0, 0.15)
+    assert chip_sets(attrs) == {"s96-m12-r0.15": ChipGeometry(96, 12.0, 0.15)}
+    plain = load_attributes(_write(tmp_path, GOOD))["roof_cover"]
+    assert plain.chip is None and plain.chip_set == "" and chip_sets({"roof_cover": plain}) == {}
+    # a chip geometry is part of the declaration: another one marks the model stale
+    assert plain.digest != attrs["roof_cover"].digest
 
 
 def test_a_regression_needs_a_unit_and_no_classes(tmp_path):

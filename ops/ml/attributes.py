@@ -38,6 +38,10 @@ TRAINING_DEFAULTS: dict[str, int | float] = {
 #: The declarations the product ships; ``BATIVISION_ATTRIBUTES`` points elsewhere (a deployment's own file, tests).
 DEFAULT_PATH = Path(__file__).resolve().parents[2] / "models" / "attributes.yaml"
 NAME = re.compile(r"^[a-z][a-z0-9_]{0,39}$")  # it becomes dbt column prefixes and an asset key
+#: The chip geometry of the `chips` asset's defaults (``ops.crop.spec.ChipSpec``): what a `chip` field overrides.
+CHIP_DEFAULTS: dict[str, int | float] = {"size": 64, "margin_m": 2.0, "margin_ratio": 0.15}
+#: Bounds of a declared chip: its side in pixels, its margins (metres, fraction of the building's extent).
+CHIP_BOUNDS: dict[str, tuple[float, float]] = {"size": (16, 512), "margin_m": (0.0, 200.0), "margin_ratio": (0.0, 5.0)}
 
 
 class DeclarationError(ValueError):
@@ -71,6 +75,26 @@ class LabelSource:
 
 
 @dataclass(frozen=True)
+class ChipGeometry:
+    """An attribute's own chips: a side and margins other than the default crop's.
+
+    A swimming pool sits in the garden, not on the roof: its model needs a wider
+    margin than a roof's. Attributes that declare the same geometry share one
+    set of chips, cut by the `chips` asset beside the default ones and named
+    after the geometry (:attr:`name`), so the set's name alone says how it was cut.
+    """
+
+    size: int
+    margin_m: float
+    margin_ratio: float
+
+    @property
+    def name(self) -> str:
+        """The chip set's name, e.g. ``s96-m12-r0.5``: a folder name (``resources.keys.chips``)."""
+        return f"s{self.size}-m{self.margin_m:g}-r{self.margin_ratio:g}"
+
+
+@dataclass(frozen=True)
 class Attribute:
     """One declared attribute: the model that learns it and how it is trained."""
 
@@ -84,11 +108,20 @@ class Attribute:
     asset: str = ""
     description: str = ""
     training: Mapping[str, int | float] = field(default_factory=dict)
+    #: its own chip geometry; None: the partition's default chips
+    chip: ChipGeometry | None = None
+
+    @property
+    def chip_set(self) -> str:
+        """The chips it is trained on and predicted from: "" for the default ones, else its geometry's name."""
+        return self.chip.name if self.chip else ""
 
     @property
     def digest(self) -> str:
         """12 hex digits over the declaration: the training asset's code version, so an edit marks the model stale."""
         doc = asdict(self)
+        if doc["chip"] is None:  # declarations from before `chip` existed keep their version
+            del doc["chip"]
         return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
     def setting(self, key: str) -> int | float:
@@ -137,7 +170,7 @@ def load_attributes(path: Path | None = None) -> dict[str, Attribute]:
     return out
 
 
-_FIELDS = {"task", "classes", "unit", "range", "asset", "description", "labels", "training"}
+_FIELDS = {"task", "classes", "unit", "range", "asset", "description", "labels", "training", "chip"}
 _LABEL_FIELDS = {"file", "column", "footprint_column", "polygons", "values", "unmapped"}
 
 
@@ -210,6 +243,7 @@ def parse_attribute(name: str, decl: Any, path: Path | str = "<declarations>") -
         if not ok or (key != "seed" and value <= 0) or value < 0:
             raise bad(f"training.{key}", f"expected a positive {want.__name__}, got {value!r}")
         training[key] = want(value)
+    chip = _parse_chip(decl.get("chip"), bad)
     return Attribute(
         name=name,
         task=task,
@@ -220,7 +254,27 @@ def parse_attribute(name: str, decl: Any, path: Path | str = "<declarations>") -
         asset=asset,
         description=description.strip(),
         training=dict(training),
+        chip=chip,
     )
+
+
+def _parse_chip(decl: Any, bad) -> ChipGeometry | None:
+    """The `chip` field: any of size, margin_m, margin_ratio; the others keep their default."""
+    if decl is None:
+        return None
+    if not isinstance(decl, dict) or not decl:
+        raise bad("chip", f"expected a mapping of some of {sorted(CHIP_DEFAULTS)}, got {decl!r}")
+    got = dict(CHIP_DEFAULTS)
+    for key, value in decl.items():
+        if key not in CHIP_DEFAULTS:
+            raise bad(f"chip.{key}", f"unknown setting; settings are {sorted(CHIP_DEFAULTS)}")
+        lo, hi = CHIP_BOUNDS[key]
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not number or not lo <= value <= hi or (key == "size" and value != int(value)):
+            what = "a whole number of pixels" if key == "size" else "a number"
+            raise bad(f"chip.{key}", f"expected {what} from {lo:g} to {hi:g}, got {value!r}")
+        got[key] = int(value) if key == "size" else float(value)
+    return ChipGeometry(int(got["size"]), float(got["margin_m"]), float(got["margin_ratio"]))
 
 
 def _parse_labels(decl: Any, task: str, classes: tuple[str, ...], bad) -> LabelSource:

@@ -48,6 +48,8 @@ class ModelCard:
     unit: str | None = None
     #: classification: the temperature and the expected calibration error before and after (ops.ml.calibration)
     calibration: dict = field(default_factory=dict)
+    #: the chips it reads: "" the partition's default chips, else its attribute's own chip set (``resources.keys.chips``)
+    chip_set: str = ""
 
     def check_chips(self, chip_shape: tuple[int, ...], *, what: str) -> None:
         """Raise :class:`ModelMismatchError` if chips of ``chip_shape`` (…, C, H, W) don't fit."""
