@@ -181,8 +181,19 @@ def test_a_backfill_of_two_departements_clicked_through_the_ui(dagster_dev, brow
     wait.until(lambda b: b.find_elements(By.XPATH, confirm) or b.find_elements(By.XPATH, picker))
     for b in browser.find_elements(By.XPATH, confirm):
         b.click()
-    wait.until(ec.element_to_be_clickable((By.XPATH, picker))).click()
-    wait.until(ec.presence_of_element_located((By.XPATH, "//*[normalize-space()='Select all (101)']")))
+    # a click while the confirmation closes can land before the picker listens (seen once under a loaded
+    # xdist run: the list never opened): click again until the 101 partitions show
+    for attempt in range(3):
+        wait.until(ec.element_to_be_clickable((By.XPATH, picker))).click()
+        try:
+            WebDriverWait(browser, 30).until(
+                ec.presence_of_element_located((By.XPATH, "//*[normalize-space()='Select all (101)']"))
+            )
+            break
+        except TimeoutException:
+            shot(f"picker-not-open-{attempt}")
+    else:
+        raise AssertionError("the backfill dialog's partition picker did not open after 3 clicks")
     search = wait.until(ec.element_to_be_clickable((By.XPATH, "//input[@placeholder='Filter partitions']")))
 
     def pick(dep: str) -> None:
