@@ -90,7 +90,8 @@ def forward_only(
 
 
 def naive(model, card, folder: Path, out_db: Path, limit: int, device: torch.device) -> float:
-    """Per chip: read, forward at batch 1 (a segmenter's mask traced into polygons), append a row; rows written at the end."""
+    """Per chip: read, forward at batch 1 (a segmenter's mask traced into polygons, a regression's value clipped),
+    append a row; rows written at the end."""
     from ops.ml.vectorize import polygons_from_probability
     from ops.shards import list_shards, open_chips, read_index
 
@@ -103,7 +104,14 @@ def naive(model, card, folder: Path, out_db: Path, limit: int, device: torch.dev
                 continue
             x = torch.from_numpy(np.array(arr[r["row"]]))[None].to(device)
             with torch.no_grad():
-                p = torch.softmax(model(x).float(), 1)[0].cpu().numpy()
+                out = model(x).float()
+            if card.task == "regression":  # the value itself, clipped to the declared range as ours does
+                lo, hi = card.postprocess.get("range") or (-np.inf, np.inf)
+                value = float(np.clip(out[0, 0].item(), lo, hi))
+                rows.append({"building_id": r["building_id"], "value": value})
+                n += 1
+                continue
+            p = torch.softmax(out, 1)[0].cpu().numpy()
             if card.task == "segmentation":  # per-pixel classes: trace the panel pixels of this chip alone
                 window = [r["minx"], r["miny"], r["maxx"], r["maxy"]]
                 found = polygons_from_probability(p[1], window, threshold=card.postprocess.get("threshold", 0.5))
