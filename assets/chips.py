@@ -2,7 +2,7 @@
 
 Besides the default chips (the run config's size and margins), every chip
 geometry declared by an attribute (its `chip` field in models/attributes.yaml)
-is cut into its own set, beside the default folder, resumed the same way.
+is cut into its own set (``keys.chips(dep, set)``, under its own root), resumed the same way.
 """
 
 import contextlib

@@ -13,6 +13,7 @@ from __future__ import annotations
 BUILDINGS_ROOT = "buildings"
 MOSAIC_ROOT = "mosaic"
 CHIPS_ROOT = "chips"
+CHIP_SETS_ROOT = "chip_sets"
 PREDICTIONS_ROOT = "predictions"
 BATCH_SIZE_ROOT = "inference/batch_size"
 SCRATCH_ROOT = "tmp"
@@ -46,16 +47,19 @@ def mosaic_info(dep: str) -> str:
 
 
 def chips_root(chip_set: str = "") -> str:
-    """The folder holding one folder of chip shards per partition, for ``chip_set`` ("": the default chips)."""
-    return f"{CHIPS_ROOT}/sets/{chip_set}" if chip_set else CHIPS_ROOT
+    """The folder holding one folder of chip shards per partition, for ``chip_set`` ("": the default chips).
+
+    Sets live under their own root, not under ``chips/``: a training of a default-chips model takes the
+    whole ``chips/`` prefix (a bucket store downloads it), which must not hold every set's shards too.
+    """
+    return f"{CHIP_SETS_ROOT}/{chip_set}" if chip_set else CHIPS_ROOT
 
 
 def chips(dep: str, chip_set: str = "") -> str:
     """The folder of the partition's chip shards (the format is ``ops.shards``).
 
     ``chip_set``: an attribute's own chip geometry (``ops.ml.attributes.ChipGeometry.name``);
-    "" for the default chips. A set lives beside the default folder, not in it, so the
-    default folder holds only its own shards.
+    "" for the default chips.
     """
     return f"{chips_root(chip_set)}/{dep}"
 

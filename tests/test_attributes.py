@@ -126,7 +126,7 @@ def test_an_attribute_with_its_own_chip_geometry_is_cut_trained_and_predicted_on
     """roof_cover declares 48 px chips with a 4 m margin: a set of chips beside the default ones, for it alone."""
     _, data, dep, _, _ = env
     store = data / "store"
-    own, default = store / "chips" / "sets" / "s48-m4-r0.15" / "12", store / "chips" / "12"
+    own, default = store / "chip_sets" / "s48-m4-r0.15" / "12", store / "chips" / "12"
     widths = {}
     for folder, size in ((own, 48), (default, 64)):
         shards = list_shards(folder)
