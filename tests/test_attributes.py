@@ -13,6 +13,7 @@ nothing already written.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -143,6 +144,27 @@ def test_an_attribute_with_its_own_chip_geometry_is_cut_trained_and_predicted_on
         ("roof_cover", 48, "s48-m4-r0.15"),
         ("pitch", 64, ""),
     }
+
+
+def test_a_model_whose_chip_set_is_not_cut_fails_before_any_row_naming_the_set(env, trained):
+    """A partition cropped before the declaration gained its `chip`: predictions says to re-run chips."""
+    attrs, _ = trained
+    _, data, _, _, _ = env
+    own = data / "store" / "chip_sets" / "s48-m4-r0.15" / "12"
+    hidden = own.with_name("hidden")
+    published = "select count(*) n, max(predicted_at) t from predictions where departement = '12'"
+    before = _query(data, published).iloc[0].tolist()
+    own.rename(hidden)
+    try:
+        failed = _run(env, attrs, ["predictions"], "12", raise_on_error=False)
+    finally:
+        shutil.rmtree(own, ignore_errors=True)
+        hidden.rename(own)
+    assert not failed.success
+    (failure,) = [e for e in failed.all_events if e.event_type_value == "STEP_FAILURE"]
+    message = failure.step_failure_data.error.message
+    assert "partition 12, chip set s48-m4-r0.15 of roof_cover" in message and "re-run chips" in message
+    assert _query(data, published).iloc[0].tolist() == before  # nothing published: the last run's rows stand
 
 
 def test_the_regression_beats_predicting_the_mean_on_held_out_cells(env, trained):
