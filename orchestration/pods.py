@@ -60,10 +60,10 @@ CROP_PARENT_GIB = 0.64  # two workers or more: the step process, which only hand
 # Each forked worker's RSS (0.505 GiB), although only 0.08 GiB of it is its own (USS/PSS): the rest is
 # shared with the step process until written. Sizing on RSS holds even if every page gets copied.
 CROP_WORKER_GIB = 0.505
-PREDICT_CPU_GIB = 1.53  # the predictions step on CPU torch, both models (1.26-1.53 with the measured batch)
+PREDICT_CPU_GIB = 1.53  # the predictions step on CPU torch: 1.26-1.53 with two models, 1.27 with four (3,000 buildings)
 CUDA_HOST_GIB = 2.0  # stated, not measured here (no GPU): CUDA context and loader buffers on the host
 HEADROOM = 1.25  # larger cells and tiles than the sample's, allocator fragmentation
-SCRATCH_BYTES_PER_BUILDING = 12_500  # measured 12,481: the chips shards and index + staged predictions
+SCRATCH_BYTES_PER_BUILDING = 12_800  # measured 12,786 with four models (12,481 with two): chips + staged predictions
 GPU_STEP_CPUS = 4  # chip loader thread, mask vectorisation, Arrow rows; the GPU does the rest
 # buildings 0.73 GiB and ortho_mosaic 0.63 GiB measured (0.6 of it imports); buildings' source file and
 # GeoParquet take about 420 B per building of scratch (0.5 GiB for the largest département)
