@@ -34,10 +34,11 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ops.ml.attributes import load_attributes
+from ops.ml.attributes import Attribute, load_attributes
 
 SCRATCH_DIR = "/scratch"
 DEFAULT_CROP_WORKERS = 6  # a 6-CPU chips pod per n2-standard-8 (7.91 allocatable, DaemonSets beside it)
@@ -69,7 +70,11 @@ GPU_STEP_CPUS = 4  # chip loader thread, mask vectorisation, Arrow rows; the GPU
 # GeoParquet take about 420 B per building of scratch (0.5 GiB for the largest département)
 SMALL_STEP = {"cpu": "1", "memory": "2Gi", "ephemeral-storage": "2Gi"}
 #: predictions and every declared attribute's training asset (models/attributes.yaml, or BATIVISION_ATTRIBUTES)
-GPU_STEPS = ("predictions", *(a.asset for a in load_attributes().values()))
+_ATTRIBUTES = load_attributes()
+GPU_STEPS = ("predictions", *(a.asset for a in _ATTRIBUTES.values()))
+#: What a building's chip set adds to the scratch besides its chip (3 bytes a pixel): the measured default
+#: less a 64 px chip, i.e. its index row and more (staged rows: an overestimate, kept as headroom)
+CHIP_SET_OVERHEAD_BYTES = SCRATCH_BYTES_PER_BUILDING - 3 * 64**2
 
 
 @dataclass(frozen=True)
@@ -146,9 +151,16 @@ def gpu_step_memory_gib() -> float:
     return (PREDICT_CPU_GIB + CUDA_HOST_GIB) * HEADROOM
 
 
-def scratch_gib(max_buildings: int) -> int:
-    """The scratch a partition of ``max_buildings`` needs (chips, staged predictions), with headroom."""
-    return math.ceil(SCRATCH_BYTES_PER_BUILDING * max_buildings * 1.25 / 2**30)
+def scratch_bytes_per_building(attributes: Mapping[str, Attribute]) -> int:
+    """Scratch per building: the measured chips and staged rows, plus each declared chip set's chip and index row."""
+    sets = {a.chip.name: a.chip.size for a in attributes.values() if a.chip}
+    return SCRATCH_BYTES_PER_BUILDING + sum(3 * size**2 + CHIP_SET_OVERHEAD_BYTES for size in sets.values())
+
+
+def scratch_gib(max_buildings: int, attributes: Mapping[str, Attribute] | None = None) -> int:
+    """The scratch a partition of ``max_buildings`` needs (default: the code location's declarations), with headroom."""
+    per_building = scratch_bytes_per_building(_ATTRIBUTES if attributes is None else attributes)
+    return math.ceil(per_building * max_buildings * 1.25 / 2**30)
 
 
 @dataclass(frozen=True)

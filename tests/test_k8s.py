@@ -19,16 +19,19 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ops.ml.attributes import load_attributes
 from orchestration.pods import (
     CPU_NODE,
     DAEMONSET_RESERVE,
     GPU_NODE,
     GPU_STEPS,
     RUN_AS,
+    SCRATCH_BYTES_PER_BUILDING,
     SCRATCH_DIR,
     PodSettings,
     crop_memory_gib,
     k8s_executor_config,
+    scratch_bytes_per_building,
     scratch_gib,
 )
 from tests.prodenv import prod_env
@@ -197,6 +200,26 @@ def test_chips_pods_are_as_wide_as_their_workers_and_as_big_as_the_measured_memo
         assert _quantity(res["limits"]["memory"]) < crop_memory_gib(workers) + 0.25
     # the scratch follows the largest partition
     assert scratch_gib(2_000_000) > scratch_gib(500_000) > 0
+
+
+def test_an_attribute_s_own_chip_set_grows_the_scratch_by_its_chips(tmp_path):
+    """A declared chip set is a second set of shards on the pod's scratch: sized in, one per distinct geometry."""
+    base = "attributes:\n  a:\n    task: classification\n    classes: [x, y]\n    labels: {file: l.csv, column: c}\n"
+    plain = load_attributes(_declare(tmp_path / "plain.yaml", base))
+    pool = base + base.replace("attributes:\n", "").replace("  a:", "  b:") + "    chip: {size: 128, margin_m: 12}\n"
+    own = load_attributes(_declare(tmp_path / "own.yaml", pool))
+    twice = pool + base.replace("attributes:\n", "").replace("  a:", "  c:") + "    chip: {size: 128, margin_m: 12}\n"
+    shared = load_attributes(_declare(tmp_path / "twice.yaml", twice))
+    assert scratch_bytes_per_building(plain) == SCRATCH_BYTES_PER_BUILDING
+    added = scratch_bytes_per_building(own) - SCRATCH_BYTES_PER_BUILDING
+    assert 3 * 128 * 128 < added < 3 * 128 * 128 + 1024  # its chips, 3 bytes a pixel, and an index row
+    assert scratch_bytes_per_building(shared) == scratch_bytes_per_building(own)  # one set for equal geometries
+    assert scratch_gib(1_200_000, own) > scratch_gib(1_200_000, plain)
+
+
+def _declare(path, text: str):
+    path.write_text(text)
+    return path
 
 
 def test_pod_settings_come_from_the_configmap_and_bad_values_are_named(monkeypatch):
