@@ -55,12 +55,11 @@ def ortho_mosaic(
     with bad_input_fails_fast(context.partition_key):
         dep = check_departement(context.partition_key)
         if imagery.wms_url:  # the service is the mosaic: its layer is checked now, naming URL and layer
-            tiles = [imagery.service_tile(dep, store.path(keys.mosaic_service(dep)))]
+            tiles, versions = [imagery.service_tile(dep, store.path(keys.mosaic_service(dep)))], {}
             context.log.info(f"partition {dep}: mosaic over WMS {imagery.wms_url} layer {imagery.wms_layer}")
         else:
-            tiles = imagery.tiles(dep)
+            tiles, versions = imagery.tiles_and_versions(dep)
             context.log.info(f"partition {dep}: building a mosaic over {len(tiles)} tiles")
-        versions = imagery.tile_versions(dep)
         converted = _convert(context, config, dep, tiles, versions, imagery, store) if config.convert != "never" else {}
         tiles = [converted[t][0] if t in converted else t for t in tiles]
         versions |= {cog: digest for cog, digest in converted.values() if is_remote(cog)}

@@ -136,29 +136,30 @@ class OrthoImagery(ConfigurableResource):
         return sorted(found)
 
     def tiles(self, departement: str) -> list[str]:
+        return self.tiles_and_versions(departement)[0]
+
+    def tiles_and_versions(self, departement: str) -> tuple[list[str], dict[str, str]]:
+        """The département's tiles, and {tile: what identifies its content} where a stat can't tell (a gs://
+        tile's size and generation), from one listing of the bucket.
+
+        Local tiles have no versions here: their size and modification time are read where needed. Why
+        versions matter: a new vintage of a tile uploaded under the same name must change the mosaic's
+        ``imagery_id`` (so chips are cut again) and be converted again. Why one listing: a tile uploaded
+        between two listings would be in the mosaic without its version (and a département's tiles take
+        a few pages of listing).
+        """
         if is_gs(self.root):
-            found = [t[0] for t in self._gs_tiles(departement)]
+            found = self._gs_tiles(departement)
             if not found:
                 raise MissingInputError(
                     f"partition {departement}: no orthophoto tiles ({', '.join(TILE_SUFFIXES)}) under "
                     f"{self.root.rstrip('/')}/{departement}/{self.subdir}/"
                 )
-            return found
+            return [t[0] for t in found], {path: f"{size}:{gen}" for path, size, gen in found}
         folder = Path(self.root) / departement / self.subdir
         if not folder.is_dir():
             raise MissingInputError(f"partition {departement}: no imagery folder at {folder.resolve()}")
-        return find_tiles(folder)
-
-    def tile_versions(self, departement: str) -> dict[str, str]:
-        """{tile: what identifies its content} where a stat can't tell: a gs:// tile's size and generation.
-
-        Local tiles are left out: their size and modification time are read where needed. Why it
-        matters: a new vintage of a tile uploaded under the same name must change the mosaic's
-        ``imagery_id`` (so chips are cut again) and be converted again.
-        """
-        if self.wms_url or not is_gs(self.root):
-            return {}
-        return {path: f"{size}:{gen}" for path, size, gen in self._gs_tiles(departement)}
+        return find_tiles(folder), {}
 
     def download(self, tile: str, folder: Path) -> Path:
         """A remote tile copied whole to ``folder`` (retried with backoff); a local one as it is."""

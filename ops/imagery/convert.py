@@ -113,7 +113,7 @@ def source_digest(source: str | Path, compression: Compression, block: int, vers
 
     ``version`` says what identifies the source's content: its size and modification time for a
     local file (the default, :func:`local_version`), its size and generation for a Cloud Storage
-    object (``resources.imagery.OrthoImagery.tile_versions``).
+    object (``resources.imagery.OrthoImagery.tiles_and_versions``).
     """
     version = local_version(source) if version is None else version
     key = f"{Path(source).name}:{version}:{compression}:{block}:{JPEG_QUALITY}:{CONVERT_VERSION}"
