@@ -14,13 +14,13 @@ from dagster import AssetCheckExecutionContext, AssetCheckResult, AssetCheckSeve
 from pydantic import Field
 
 from assets.buildings import buildings
-from assets.chips import chip_sets, chips
+from assets.chips import chips
 from assets.metadata import counts_table
 from assets.partitions import departements_partitions
 from assets.predictions import predictions
 from ops.geo.departements import check_departement
 from ops.geo.footprints import count_features, read_source
-from ops.ml.attributes import load_attributes
+from ops.ml.attributes import chip_sets, load_attributes
 from ops.shards import STATUSES, index_rows, list_shards, read_index
 from resources import keys
 from resources.imagery import FootprintSource

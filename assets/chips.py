@@ -31,7 +31,7 @@ from ops.imagery.mosaic import MosaicInfo
 from ops.imagery.remote import HttpRangeReader, is_remote
 from ops.imagery.wms import WmsError
 from ops.locks import partition_lock
-from ops.ml.attributes import Attribute, ChipGeometry, load_attributes
+from ops.ml.attributes import Attribute, chip_sets, load_attributes
 from ops.shards import STATUSES, list_shards, shard_paths
 from resources import keys
 from resources.env import kinds
@@ -61,11 +61,6 @@ class ChipsConfig(Config):
     prefetch_dir: str | None = Field(
         default=None, description="Local scratch for the fetched blocks (a few cells' worth); None = the temp folder"
     )
-
-
-def chip_sets(attributes: Mapping[str, Attribute]) -> dict[str, ChipGeometry]:
-    """The chip sets the declarations ask for beyond the default chips: name → geometry (shared by equal ones)."""
-    return {a.chip.name: a.chip for a in attributes.values() if a.chip}
 
 
 def chips_asset(attributes: Mapping[str, Attribute]) -> AssetsDefinition:

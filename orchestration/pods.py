@@ -38,7 +38,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ops.ml.attributes import Attribute, load_attributes
+from ops.ml.attributes import Attribute, chip_sets, load_attributes
 
 SCRATCH_DIR = "/scratch"
 DEFAULT_CROP_WORKERS = 6  # a 6-CPU chips pod per n2-standard-8 (7.91 allocatable, DaemonSets beside it)
@@ -153,8 +153,8 @@ def gpu_step_memory_gib() -> float:
 
 def scratch_bytes_per_building(attributes: Mapping[str, Attribute]) -> int:
     """Scratch per building: the measured chips and staged rows, plus each declared chip set's chip and index row."""
-    sets = {a.chip.name: a.chip.size for a in attributes.values() if a.chip}
-    return SCRATCH_BYTES_PER_BUILDING + sum(3 * size**2 + CHIP_SET_OVERHEAD_BYTES for size in sets.values())
+    sets = chip_sets(attributes).values()
+    return SCRATCH_BYTES_PER_BUILDING + sum(3 * g.size**2 + CHIP_SET_OVERHEAD_BYTES for g in sets)
 
 
 def scratch_gib(max_buildings: int, attributes: Mapping[str, Attribute] | None = None) -> int:

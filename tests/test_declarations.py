@@ -16,9 +16,16 @@ import pytest
 from dagster import DagsterInstance, materialize
 
 from assets.attribute_models import model_asset
-from assets.chips import ChipsConfig, chip_sets
+from assets.chips import ChipsConfig
 from ops.crop.spec import ChipSpec
-from ops.ml.attributes import CHIP_DEFAULTS, DEFAULT_PATH, ChipGeometry, DeclarationError, load_attributes
+from ops.ml.attributes import (
+    CHIP_DEFAULTS,
+    DEFAULT_PATH,
+    ChipGeometry,
+    DeclarationError,
+    chip_sets,
+    load_attributes,
+)
 
 GOOD = """
 attributes:

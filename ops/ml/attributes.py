@@ -139,6 +139,11 @@ class Attribute:
         return out
 
 
+def chip_sets(attributes: Mapping[str, Attribute]) -> dict[str, ChipGeometry]:
+    """The chip sets the declarations ask for beyond the default chips: name → geometry (shared by equal ones)."""
+    return {a.chip.name: a.chip for a in attributes.values() if a.chip}
+
+
 def attributes_path() -> Path:
     return Path(os.environ.get("BATIVISION_ATTRIBUTES") or DEFAULT_PATH)
 
@@ -274,7 +279,7 @@ def _parse_chip(decl: Any, bad) -> ChipGeometry | None:
             what = "a whole number of pixels" if key == "size" else "a number"
             raise bad(f"chip.{key}", f"expected {what} from {lo:g} to {hi:g}, got {value!r}")
         got[key] = int(value) if key == "size" else float(value)
-    return ChipGeometry(int(got["size"]), float(got["margin_m"]), float(got["margin_ratio"]))
+    return ChipGeometry(**got)
 
 
 def _parse_labels(decl: Any, task: str, classes: tuple[str, ...], bad) -> LabelSource:
