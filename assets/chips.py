@@ -95,11 +95,14 @@ def chips_asset(attributes: Mapping[str, Attribute]) -> AssetsDefinition:
                     f"(wms_requests_per_s={imagery.wms_requests_per_s}) and the cache; use auto or always"
                 )
             default = ChipSpec(config.size, config.margin_m, config.margin_ratio, config.min_valid_fraction)
-            metadata = cut_chip_set(context, config, store, imagery, dep, default, "")
+            # read once for every set: the mosaic, and the buildings' digest (a hash of the whole GeoParquet)
+            info = MosaicInfo.from_json(store.path(keys.mosaic_info(dep)).read_text())
+            buildings_fingerprint = file_digest(store.path(keys.buildings(dep)))
+            metadata = cut_chip_set(context, config, store, imagery, dep, info, buildings_fingerprint, default, "")
             for name, geometry in sorted(sets.items()):
                 spec = ChipSpec(geometry.size, geometry.margin_m, geometry.margin_ratio, config.min_valid_fraction)
                 context.log.info(f"partition {dep}: chip set {name} of {', '.join(users[name])}: {spec}")
-                got = cut_chip_set(context, config, store, imagery, dep, spec, name)
+                got = cut_chip_set(context, config, store, imagery, dep, info, buildings_fingerprint, spec, name)
                 metadata.update({f"{name}_{k}": v for k, v in got.items() if k in SET_METADATA})
             return MaterializeResult(metadata=metadata)
 
@@ -116,11 +119,12 @@ def cut_chip_set(
     store: ObjectStore,
     imagery: OrthoImagery,
     dep: str,
+    info: MosaicInfo,
+    buildings_fingerprint: str,
     spec: ChipSpec,
     chip_set: str,
 ) -> dict:
     """Cut (or resume) one set of the partition's chips; its metadata."""
-    info = MosaicInfo.from_json(store.path(keys.mosaic_info(dep)).read_text())
     bpath = store.path(keys.buildings(dep))
     out = store.folder(keys.chips(dep, chip_set))
     what = f"partition {dep}: " + (f"chip set {chip_set}: " if chip_set else "")
@@ -153,7 +157,7 @@ def cut_chip_set(
             info,
             out,
             spec,
-            buildings_fingerprint=file_digest(bpath),
+            buildings_fingerprint=buildings_fingerprint,
             workers=config.workers or available_cpus(),
             resume=config.resume,
             progress=progress,
