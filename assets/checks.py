@@ -20,7 +20,7 @@ from assets.partitions import departements_partitions
 from assets.predictions import predictions
 from ops.geo.departements import check_departement
 from ops.geo.footprints import count_features, read_source
-from ops.ml.attributes import chip_sets, load_attributes
+from ops.ml.attributes import chip_sets, declared_attributes
 from ops.shards import STATUSES, index_rows, list_shards, read_index
 from resources import keys
 from resources.imagery import FootprintSource
@@ -28,7 +28,7 @@ from resources.object_store import ObjectStore
 from resources.warehouse import Warehouse
 
 #: The attributes' own chip sets (models/attributes.yaml), checked like the default chips.
-CHIP_SETS = sorted(chip_sets(load_attributes()))
+CHIP_SETS = sorted(chip_sets(declared_attributes()))
 
 
 def _warehouse_buildings(warehouse: Warehouse, dep: str) -> int:

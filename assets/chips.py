@@ -31,7 +31,7 @@ from ops.imagery.mosaic import MosaicInfo
 from ops.imagery.remote import HttpRangeReader, is_remote
 from ops.imagery.wms import WmsError
 from ops.locks import partition_lock
-from ops.ml.attributes import Attribute, chip_sets, load_attributes
+from ops.ml.attributes import Attribute, chip_sets, declared_attributes
 from ops.shards import STATUSES, list_shards, shard_paths
 from resources import keys
 from resources.env import kinds
@@ -224,4 +224,4 @@ def prefetch_metadata(stats: dict, seconds: float) -> dict:
 
 
 #: The code location's `chips`: the default chips and the chip sets of models/attributes.yaml (or BATIVISION_ATTRIBUTES).
-chips = chips_asset(load_attributes())
+chips = chips_asset(declared_attributes())

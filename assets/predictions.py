@@ -30,7 +30,7 @@ from ops.geo.departements import check_departement, native_epsg
 from ops.geo.reproject import wgs84_batches
 from ops.imagery.mosaic import MosaicInfo
 from ops.locks import partition_lock
-from ops.ml.attributes import Attribute, load_attributes
+from ops.ml.attributes import Attribute, declared_attributes
 from ops.ml.batch_size import (
     CPU_DEFAULT_BATCH,
     CUDA_DEFAULT_BATCH,
@@ -305,4 +305,4 @@ def _predict_set(
 
 
 #: The code location's `predictions`: the attributes of models/attributes.yaml (or BATIVISION_ATTRIBUTES).
-predictions = predictions_asset(load_attributes())
+predictions = predictions_asset(declared_attributes())

@@ -15,7 +15,7 @@ from assets.chips import chips_asset
 from assets.dbt import dbt_models_asset
 from assets.labelling import labelling_sheet
 from assets.predictions import predictions_asset
-from ops.ml.attributes import Attribute, load_attributes
+from ops.ml.attributes import Attribute, declared_attributes
 from orchestration.environment import executor_for, resources_for
 from orchestration.jobs import enrich_job, predict_job, train_job
 from orchestration.schedules import monthly_reprocessing
@@ -34,7 +34,7 @@ def assemble_assets(attributes: dict[str, Attribute]) -> list[AssetsDefinition]:
     ]
 
 
-attributes = load_attributes()
+attributes = declared_attributes()
 all_assets = assemble_assets(attributes)
 all_checks = load_asset_checks_from_modules([checks])
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from dagster import AssetKey, DagsterInstance, execute_job, reconstructable
 
-from ops.ml.attributes import load_attributes
+from ops.ml.attributes import declared_attributes
 from ops.shards import STATUSES
 from orchestration.environment import REPO_ROOT, data_dir, source_dir
 from orchestration.recovery import recover_dead_runs
@@ -101,7 +101,7 @@ def summary(dep: str, crop: dict, pred: dict, seconds: float) -> str:
     )
     meta = pred["predictions"]
     lines = [f"département {dep}", f"  buildings      {b:,}"]
-    for name, attr in load_attributes().items():
+    for name, attr in declared_attributes().items():
         version = meta.get(f"{name}_model_version")
         cur = rows[(rows.model_name == name) & (rows.model_version == version)]
         if cur.empty:
@@ -132,7 +132,7 @@ def summary(dep: str, crop: dict, pred: dict, seconds: float) -> str:
 def model_lines(models) -> list[str]:
     """Each current model's version and held-out metrics, from its model card."""
     out = []
-    for name in load_attributes():
+    for name in declared_attributes():
         try:
             card = models.card(name)
         except FileNotFoundError:
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{dep}: buildings, mosaic and chips materialized ({timing[dep]:.1f} s)")
     if args.train:
         budget = {"config": {"max_train_seconds": args.train_seconds}}
-        run(train_job, inst, run_config={"ops": {a.asset: budget for a in load_attributes().values()}})
+        run(train_job, inst, run_config={"ops": {a.asset: budget for a in declared_attributes().values()}})
     from orchestration.environment import local_resources
 
     for line in model_lines(local_resources()["models"]):
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
         print()
     print(f"done in {time.perf_counter() - t_start:.0f} s. Tables in {data_dir() / 'warehouse.duckdb'}.")
     print("Open the Dagster UI with `make ui` (then http://127.0.0.1:3000) to browse assets, runs and lineage.")
-    versions = {n: pred[args.departements[0]]["predictions"].get(f"{n}_model_version") for n in load_attributes()}
+    versions = {n: pred[args.departements[0]]["predictions"].get(f"{n}_model_version") for n in declared_attributes()}
     print(json.dumps({"demo": "ok", "departements": args.departements, "models": versions}))
 
 

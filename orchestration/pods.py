@@ -38,7 +38,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ops.ml.attributes import Attribute, chip_sets, load_attributes
+from ops.ml.attributes import Attribute, chip_sets, declared_attributes
 
 SCRATCH_DIR = "/scratch"
 DEFAULT_CROP_WORKERS = 6  # a 6-CPU chips pod per n2-standard-8 (7.91 allocatable, DaemonSets beside it)
@@ -70,7 +70,7 @@ GPU_STEP_CPUS = 4  # chip loader thread, mask vectorisation, Arrow rows; the GPU
 # GeoParquet take about 420 B per building of scratch (0.5 GiB for the largest département)
 SMALL_STEP = {"cpu": "1", "memory": "2Gi", "ephemeral-storage": "2Gi"}
 #: predictions and every declared attribute's training asset (models/attributes.yaml, or BATIVISION_ATTRIBUTES)
-_ATTRIBUTES = load_attributes()
+_ATTRIBUTES = declared_attributes()
 GPU_STEPS = ("predictions", *(a.asset for a in _ATTRIBUTES.values()))
 #: What a building's chip set adds to the scratch besides its chip (3 bytes a pixel): the measured default
 #: less a 64 px chip, i.e. its index row and more (staged rows: an overestimate, kept as headroom)

@@ -12,6 +12,7 @@ this module.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -146,6 +147,21 @@ def chip_sets(attributes: Mapping[str, Attribute]) -> dict[str, ChipGeometry]:
 
 def attributes_path() -> Path:
     return Path(os.environ.get("BATIVISION_ATTRIBUTES") or DEFAULT_PATH)
+
+
+@functools.cache
+def _declared(path: Path) -> dict[str, Attribute]:
+    return load_attributes(path)
+
+
+def declared_attributes() -> dict[str, Attribute]:
+    """The code location's declarations (:func:`attributes_path`), read and checked once per process.
+
+    The Definitions, `chips`, `predictions`, the asset checks and the pods' sizing all build
+    themselves from them at import: one read, and all of them from the same file contents.
+    Shared: don't modify the mapping.
+    """
+    return _declared(attributes_path().resolve())
 
 
 def load_attributes(path: Path | None = None) -> dict[str, Attribute]:
