@@ -130,7 +130,7 @@ def cut_chip_set(
     what = f"partition {dep}: " + (f"chip set {chip_set}: " if chip_set else "")
     t0 = time.perf_counter()
     totals = dict.fromkeys(STATUSES, 0)
-    done_chips = {"n": 0, "reused": 0, "blocks": 0, "area_blocks": 0}
+    done_chips = {"n": 0, "reused": 0, "blocks": 0, "area_blocks": 0, "ahead_blocks": 0}
 
     def progress(r: CellResult, done: int, total: int) -> None:
         for k, v in r.counts.items():
@@ -139,6 +139,7 @@ def cut_chip_set(
         done_chips["reused"] += int(r.reused)
         done_chips["blocks"] += r.blocks
         done_chips["area_blocks"] += r.area_blocks
+        done_chips["ahead_blocks"] += r.ahead_blocks
         elapsed = time.perf_counter() - t0
         eta = elapsed / done * (total - done)
         how = "reused" if r.reused else f"{r.seconds:.1f} s"
@@ -183,6 +184,8 @@ def cut_chip_set(
         "raster_blocks_decoded": done_chips["blocks"],
         # JPEG 2000 blocks that few windows touch: only their areas decoded (ops.crop.tiles)
         "raster_blocks_decoded_by_areas": done_chips["area_blocks"],
+        # JPEG 2000 blocks decoded ahead of the sweep on the worker's spare CPUs (ops.crop.tiles)
+        "raster_blocks_decoded_ahead": done_chips["ahead_blocks"],
         "folder": MetadataValue.path(str(out)),
         **(prefetch_metadata(fetched, seconds) if fetched else {"prefetch": "off"}),
     }

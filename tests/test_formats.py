@@ -28,6 +28,7 @@ from __future__ import annotations
 import filecmp
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,7 @@ from ops.crop.partition import crop_partition
 from ops.crop.spec import ChipSpec
 from ops.geo.footprints import iter_building_batches, write_buildings_geoparquet
 from ops.imagery.mosaic import build_mosaic, find_tiles
+from ops.shards import list_shards, read_index
 from synthetic import SampleManifest, generate_departement, load_manifest
 from synthetic.cli import main as synthetic_cli
 from tests.shardfiles import read_chips
@@ -187,5 +189,95 @@ def test_jp2_blocks_decoded_by_areas_give_the_chips_of_whole_blocks(samples, tmp
     for b, (s, v) in ref_status.items():
         assert status[b][0] == s and (status[b][1] == v or v != v), b
     assert chips.keys() == ref_chips.keys()
+    for b, chip in ref_chips.items():
+        np.testing.assert_array_equal(chips[b], chip, err_msg=b)
+
+
+def _crop_with_cpus(monkeypatch, buildings: Path, info, out: Path, cpus: int) -> list:
+    """The crop in one worker that owns ``cpus`` CPUs (its decode threads), in parts of 40 buildings."""
+    import ops.crop.partition as partition
+
+    monkeypatch.setattr(partition, "available_cpus", lambda: cpus)
+    return list(crop_partition(buildings, info, out, ChipSpec(), buildings_fingerprint="f", workers=1,
+                               resume=False, part_size=40))  # fmt: skip
+
+
+@pytest.mark.parametrize("damaged", [False, True], ids=["intact", "one_tile_cut_short"])
+def test_jp2_blocks_decoded_ahead_on_a_workers_spare_cpus_give_the_same_chips_and_statuses(
+    samples, tmp_path, monkeypatch, damaged
+):
+    """A worker with two CPUs decodes the JPEG 2000 blocks of its unit of work ahead, two at a time
+    (``ops.crop.tiles.TileSet``): every chip and status is the one-thread crop's, bit for bit, and a tile
+    cut short still quarantines exactly its own buildings, with the error naming the file.
+    """
+    m = samples["jp2"]
+    ortho = tmp_path / "ortho"
+    shutil.copytree(m.ortho_dir, ortho)
+    if damaged:
+        victim = sorted(ortho.glob("*.jp2"))[len(list(ortho.glob("*.jp2"))) // 2]
+        data = victim.read_bytes()
+        victim.write_bytes(data[: len(data) * 2 // 3])
+    buildings = tmp_path / "buildings.parquet"
+    write_buildings_geoparquet(iter_building_batches(m.footprints, DEP, m.epsg), buildings, m.epsg)
+    info = build_mosaic(find_tiles(ortho), tmp_path / "mosaic.vrt", name="jp2")
+    one = _crop_with_cpus(monkeypatch, buildings, info, tmp_path / "one", 1)
+    two = _crop_with_cpus(monkeypatch, buildings, info, tmp_path / "two", 2)
+    assert sum(r.ahead_blocks for r in one) == 0
+    assert sum(r.ahead_blocks for r in two) > sum(r.blocks for r in two) // 2  # most blocks came from the pool
+    assert sum(r.blocks for r in two) == sum(r.blocks for r in one)  # still each block once per unit of work
+    (chips, status), (ref_chips, ref_status) = read_chips(tmp_path / "two"), read_chips(tmp_path / "one")
+    assert status.keys() == ref_status.keys() and chips.keys() == ref_chips.keys() and len(ref_chips) > 200
+    for b, (s, v) in ref_status.items():
+        assert status[b][0] == s and (status[b][1] == v or v != v), b
+    for b, chip in ref_chips.items():
+        np.testing.assert_array_equal(chips[b], chip, err_msg=b)
+    errors = [b for b, (s, _) in status.items() if s == "error"]
+    assert bool(errors) == damaged
+    if damaged:
+        rows = [r for sh in list_shards(tmp_path / "two") for r in read_index(tmp_path / "two", sh).to_pylist()]
+        said = {r["message"] for r in rows if r["status"] == "error"}
+        assert said and all(victim.name in s for s in said), said
+
+
+def _open_tiles(ortho: Path) -> set[str]:
+    """Tiles of ``ortho`` this process holds a file descriptor on (GDAL's or the block reader's)."""
+    out = set()
+    for fd in Path("/proc/self/fd").iterdir():
+        try:
+            target = Path(fd.readlink())
+        except OSError:  # closed since listed
+            continue
+        if target.parent == ortho:
+            out.add(target.name)
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts file descriptors in /proc")
+def test_a_crop_keeps_a_bounded_number_of_tiles_open_whatever_the_partitions_size(samples, tmp_path, monkeypatch):
+    """A worker cuts cells all over its partition: it must not keep every tile it met open (a département of
+    BD ORTHO is thousands of tiles: file descriptors and memory would grow with it). Bounded to 3 here on the
+    42 tiles of the sample, the crop holds at most 3 tiles open after any shard, and cuts the same chips.
+    """
+    import ops.crop.tiles as tiles
+
+    m = samples["jp2"]
+    ortho = m.ortho_dir.resolve()
+    buildings = tmp_path / "buildings.parquet"
+    write_buildings_geoparquet(iter_building_batches(m.footprints, DEP, m.epsg), buildings, m.epsg)
+    info = build_mosaic(find_tiles(ortho), tmp_path / "mosaic.vrt", name="jp2")
+
+    def crop(bound: int, out: Path) -> int:
+        monkeypatch.setattr(tiles, "MAX_OPEN_TILES", bound)
+        seen: list[int] = []
+        list(crop_partition(buildings, info, out, ChipSpec(), buildings_fingerprint="f", workers=1, resume=False,
+                            part_size=40, progress=lambda *_: seen.append(len(_open_tiles(ortho)))))  # fmt: skip
+        return max(seen)
+
+    assert crop(10**6, tmp_path / "unbounded") > 6  # the sample does make a worker meet many tiles
+    assert 0 < crop(3, tmp_path / "bounded") <= 3
+    (chips, status), (ref_chips, ref_status) = read_chips(tmp_path / "bounded"), read_chips(tmp_path / "unbounded")
+    assert status.keys() == ref_status.keys() and chips.keys() == ref_chips.keys()
+    for b, (s, v) in ref_status.items():
+        assert status[b][0] == s and (status[b][1] == v or v != v), b
     for b, chip in ref_chips.items():
         np.testing.assert_array_equal(chips[b], chip, err_msg=b)

@@ -69,7 +69,7 @@ def _run_task(task: CellTask, folder: Path, meta: dict[str, str]) -> CellResult:
     t0 = time.perf_counter()
     w = _WORKER
     tiles, writer = w["tiles"], w["writer"]
-    decodes, area_decodes = tiles.decodes, tiles.area_decodes
+    decodes, area_decodes, ahead = tiles.decodes, tiles.area_decodes, tiles.decoded_ahead
     stream = writer.open(folder, task.shard_id, len(task.building_ids))
     try:
         chips, index = cut_cell(tiles, w["info"], task, w["spec"], stream)
@@ -84,6 +84,7 @@ def _run_task(task: CellTask, folder: Path, meta: dict[str, str]) -> CellResult:
     result = CellResult(
         task.shard_id, counts, chips, time.perf_counter() - t0,
         blocks=tiles.decodes - decodes, area_blocks=tiles.area_decodes - area_decodes,
+        ahead_blocks=tiles.decoded_ahead - ahead,
     )  # fmt: skip
     writer.submit(stream, folder, task.shard_id, index, meta)
     return result

@@ -251,6 +251,7 @@ class _Jp2Blocks:
 
     def __init__(self, ds: rasterio.io.DatasetReader, fd: int, threads: int) -> None:
         self.ds, self.fd, self.threads = ds, fd, max(1, threads)
+        self.count = ds.count  # read once here: decodes may run on other threads, which must not call GDAL
         size = os.fstat(fd).st_size
         if os.pread(fd, 4, 0) == b"\xff\x4f\xff\x51":  # a bare codestream
             start, end = 0, size
@@ -337,24 +338,26 @@ class _Jp2Blocks:
             body.append(raw[:4] + b"\x00\x00" + raw[6:])  # Isot: tile 0 of the one-tile codestream
         return b"".join(head + body + [b"\xff\xd9"]), x0, y0
 
-    def decode(self, br: int, bc: int, h: int, w: int, where: str) -> np.ndarray | None:
+    def decode(self, br: int, bc: int, h: int, w: int, where: str, threads: int | None = None) -> np.ndarray | None:
         data, _, _ = self.codestream(br, bc, h, w, where)
         try:
-            arr = imagecodecs.jpeg2k_decode(data, numthreads=self.threads)
+            arr = imagecodecs.jpeg2k_decode(data, numthreads=threads or self.threads)
         except imagecodecs.Jpeg2kError as exc:
             raise BlockReadError(f"{where}: corrupt JPEG 2000 tile: {exc}") from exc
         if arr.ndim == 2:
             arr = arr[:, :, None]
-        if arr.shape != (h, w, self.ds.count) or arr.dtype != np.uint8:
+        if arr.shape != (h, w, self.count) or arr.dtype != np.uint8:
             return None
         return arr
 
-    def decode_areas(self, br: int, bc: int, h: int, w: int, areas: list[Area], where: str) -> np.ndarray | None:
+    def decode_areas(
+        self, br: int, bc: int, h: int, w: int, areas: list[Area], where: str, threads: int | None = None
+    ) -> np.ndarray | None:
         """The block with only ``areas`` decoded (see :meth:`BlockReader.read`); None if OpenJPEG can't."""
         data, x0, y0 = self.codestream(br, bc, h, w, where)
-        out = np.empty((h, w, self.ds.count), dtype=np.uint8)
+        out = np.empty((h, w, self.count), dtype=np.uint8)
         try:
-            with openjpeg.Codestream(data, self.threads) as cs:
+            with openjpeg.Codestream(data, threads or self.threads) as cs:
                 for r0, r1, c0, c1 in areas:
                     out[r0:r1, c0:c1] = cs.area(x0 + c0, y0 + r0, x0 + c1, y0 + r1)
         except openjpeg.OpenJpegError as exc:
@@ -375,6 +378,7 @@ class BlockReader:
         self.path = path
         self.ds = rasterio.open(path)
         self.block = self.ds.block_shapes[0]  # (rows, cols)
+        self.height, self.width = self.ds.height, self.ds.width
         tags = self.ds.tags(ns="IMAGE_STRUCTURE")
         self.refusal = fast_path_refusal(self.ds, tags)
         self._fd: int | None = None
@@ -408,18 +412,39 @@ class BlockReader:
         the array is left unset. For a block of which a few chip windows need a few per cent: each
         area costs its own code-blocks instead of the whole tile (``ops.crop.tiles`` decides).
         """
+        blk = self.decode_direct(br, bc, areas)
+        return blk if blk is not None else self.read_gdal(br, bc)
+
+    def decode_direct(
+        self, br: int, bc: int, areas: list[Area] | None = None, threads: int | None = None
+    ) -> np.ndarray | None:
+        """:meth:`read` by the file's own decoder only, or None where it can't (then :meth:`read_gdal`).
+
+        Touches no GDAL object, so it may run on another thread than the reader's (JPEG 2000 blocks
+        decoded ahead, see ``ops.crop.tiles``), several blocks at once; ``threads``: OpenJPEG's threads
+        for this block instead of the reader's.
+        """
         bh, bw = self.block
-        h = min(bh, self.ds.height - br * bh)
-        w = min(bw, self.ds.width - bc * bw)
+        h = min(bh, self.height - br * bh)
+        w = min(bw, self.width - bc * bw)
+        where = f"{self.path}: block ({br}, {bc})"
         if areas and self.decodes_areas:
             assert isinstance(self._codec, _Jp2Blocks)
-            blk = self._codec.decode_areas(br, bc, h, w, areas, f"{self.path}: block ({br}, {bc})")
+            blk = self._codec.decode_areas(br, bc, h, w, areas, where, threads)
             if blk is not None:
                 return blk
+        if isinstance(self._codec, _Jp2Blocks):
+            return self._codec.decode(br, bc, h, w, where, threads)
         if self._codec is not None:
-            blk = self._codec.decode(br, bc, h, w, f"{self.path}: block ({br}, {bc})")
-            if blk is not None:
-                return blk
+            return self._codec.decode(br, bc, h, w, where)
+        return None
+
+    def read_gdal(self, br: int, bc: int) -> np.ndarray:
+        """Block (``br``, ``bc``) read through GDAL (on the reader's own thread), bands last."""
+        bh, bw = self.block
+        h = min(bh, self.height - br * bh)
+        w = min(bw, self.width - bc * bw)
+        if self._codec is not None:
             self.fallbacks += 1
         try:
             planar = self.ds.read(window=Window(bc * bw, br * bh, w, h))
