@@ -31,7 +31,9 @@ have, rather than through a GDAL windowed read:
   coordinates, so every wavelet and code-block boundary is unchanged) and
   OpenJPEG (``imagecodecs``) decodes it with ``threads`` threads. Exactly
   GDAL's pixels; about 1.3x less CPU per block than GDAL's JP2OpenJPEG driver,
-  plus OpenJPEG's threads (the crop gives each worker its share of the CPUs).
+  plus OpenJPEG's threads (the crop gives each worker its share of the CPUs,
+  and a worker with several decodes blocks ahead, several at once, through
+  :meth:`BlockReader.decode_direct`, which touches no GDAL object).
   A block that few chip windows touch can instead be decoded by *areas*, each
   from its own code-blocks only (``ops.imagery.openjpeg``; same pixels): about
   a tenth of the tile's cost per small area instead of the whole.
