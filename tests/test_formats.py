@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import filecmp
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -279,5 +280,41 @@ def test_a_crop_keeps_a_bounded_number_of_tiles_open_whatever_the_partitions_siz
     assert status.keys() == ref_status.keys() and chips.keys() == ref_chips.keys()
     for b, (s, v) in ref_status.items():
         assert status[b][0] == s and (status[b][1] == v or v != v), b
+    for b, chip in ref_chips.items():
+        np.testing.assert_array_equal(chips[b], chip, err_msg=b)
+
+
+def test_on_jpeg2000_a_crop_asked_for_two_workers_on_two_cpus_runs_one_that_decodes_on_both(
+    samples, tmp_path, monkeypatch
+):
+    """On JPEG 2000, one worker process per two CPUs: it decodes blocks ahead on two threads while it
+    resamples (1,087-1,106 chips/s on the 2-core VM against 886-909 for two one-CPU processes). The
+    other formats keep a process per CPU. Same chips and statuses either way.
+    """
+    from ops.crop.partition import worker_processes
+
+    jp2, deflate = (
+        build_mosaic(find_tiles(samples[f].ortho_dir), tmp_path / f"{f}.vrt", name=f) for f in ("jp2", "deflate")
+    )
+    assert worker_processes(jp2, 2, 10, 2) == (1, 2) and worker_processes(deflate, 2, 10, 2) == (2, 1)
+    assert worker_processes(jp2, 6, 10, 6) == (3, 2) and worker_processes(deflate, 6, 10, 6) == (6, 1)
+    assert worker_processes(jp2, 1, 10, 6) == (1, 6) and worker_processes(jp2, 4, 1, 4) == (1, 4)
+
+    m = samples["jp2"]
+    buildings = tmp_path / "buildings.parquet"
+    write_buildings_geoparquet(iter_building_batches(m.footprints, DEP, m.epsg), buildings, m.epsg)
+    import ops.crop.partition as partition
+
+    monkeypatch.setattr(partition, "available_cpus", lambda: 2)
+    runs = {}
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        done = list(crop_partition(buildings, jp2, out, ChipSpec(), buildings_fingerprint="f", workers=workers,
+                                   resume=False))  # fmt: skip
+        assert {os.getpid()} == {r.pid for r in done if not r.reused}  # cut in this process, no forked worker
+        assert sum(r.ahead_blocks for r in done) > 0
+        runs[workers] = read_chips(out)
+    (chips, status), (ref_chips, ref_status) = runs[2], runs[1]
+    assert status.keys() == ref_status.keys() and chips.keys() == ref_chips.keys()
     for b, chip in ref_chips.items():
         np.testing.assert_array_equal(chips[b], chip, err_msg=b)

@@ -65,6 +65,7 @@ class CellResult:
     blocks: int = 0  # raster blocks decoded to cut it
     area_blocks: int = 0  # of which JPEG 2000 blocks decoded by areas only (``ops.crop.tiles.TileSet.plan``)
     ahead_blocks: int = 0  # of which JPEG 2000 blocks decoded ahead, on the worker's decode threads
+    pid: int = 0  # the process that cut it (0 when reused)
 
 
 def cell_tasks(buildings_parquet: Path, part_size: int = 4096, batch_size: int = 16_384) -> list[CellTask]:
