@@ -54,8 +54,8 @@ ESTIMATE = "estimate"
 # --- Rates ---------------------------------------------------------------------------------------
 # Measured: `make bench-crop` (README "Benchmarks"), the real `chips` code path with 1 worker on the
 # project's 2-core VM, 100,000 buildings over DEFLATE GeoTIFF tiles on local disk: 5.0-5.6k chips/s
-# (commit 1cbff92; 6.1-6.9k in other rounds, d758857). 5,000 is the low end. Remote tiles (prefetch)
-# and JPEG / JPEG 2000 tiles (decoded by GDAL, not the fast path) are slower; nothing measured them.
+# (commit 1cbff92; 6.1-6.9k in other rounds, d758857). 5,000 is the low end, at about 1,250 buildings/km².
+# Slower per chip (README "Benchmarks"): BD ORTHO's JPEG 2000 (550 a core at 833/km², 100 at 83/km²).
 CROP_CHIPS_PER_S_PER_CORE = 5_000.0
 
 
