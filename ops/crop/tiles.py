@@ -91,11 +91,6 @@ class TileSet:
             for j in [j for j in self._readers if j != last and j not in busy][:extra]:
                 self._readers.pop(j).close()
 
-    @property
-    def open_tiles(self) -> int:
-        """Source tiles open now (at most :data:`MAX_OPEN_TILES`, but for those being decoded ahead)."""
-        return len(self._readers)
-
     def use_paths(self, overrides: dict[int, str] | None) -> None:
         """Read tile ``i`` from ``overrides[i]`` (a local copy), the others from the mosaic's own paths."""
         self._drain()  # nothing may still be decoding from a reader closed below
@@ -259,7 +254,7 @@ class TileSet:
                 finally:
                     self._top_up()
                 if blk is None:  # the direct decoder could not: GDAL, here on the sweep's thread
-                    blk = reader.read_gdal(br, bc)
+                    blk = self._reader(i).read_gdal(br, bc)  # asked again: the top-up may have closed it
                 else:
                     self.decoded_ahead += 1
             else:
