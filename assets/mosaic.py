@@ -20,7 +20,7 @@ from assets.partitions import departements_partitions
 from ops.cpus import available_cpus
 from ops.geo.departements import check_departement, native_epsg
 from ops.imagery.convert import convert_tiles
-from ops.imagery.mosaic import build_mosaic
+from ops.imagery.mosaic import build_mosaic, is_jpeg2000
 from ops.imagery.remote import is_remote
 from resources import keys
 from resources.env import kinds
@@ -101,7 +101,7 @@ def _convert(
     the COGs are uploaded to it as they are finished and the mosaic reads them there (see
     ``ops.imagery.convert``).
     """
-    jp2 = [t for t in tiles if t.lower().endswith(".jp2")]
+    jp2 = [t for t in tiles if is_jpeg2000(t)]
     if not jp2:
         return {}
     key = keys.converted_tiles(dep)

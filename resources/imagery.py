@@ -135,9 +135,6 @@ class OrthoImagery(ConfigurableResource):
         ]
         return sorted(found)
 
-    def tiles(self, departement: str) -> list[str]:
-        return self.tiles_and_versions(departement)[0]
-
     def tiles_and_versions(self, departement: str) -> tuple[list[str], dict[str, str]]:
         """The département's tiles, and {tile: what identifies its content} where a stat can't tell (a gs://
         tile's size and generation), from one listing of the bucket.

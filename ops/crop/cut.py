@@ -108,8 +108,8 @@ def cut_cell(tiles: TileSet, info: MosaicInfo, task: CellTask, spec: ChipSpec, s
     # which tiles each window touches, and whether one tile holds it whole (no nodata fill needed)
     touch = tiles.touching(cols, rws, npxs)
     holder = tiles.holding(cols, rws, npxs)
-    tiles.plan(cols, rws, npxs, touch)  # JPEG 2000 blocks that a few windows need: decoded by areas
     order = np.lexsort((cols, rws))  # sweep top to bottom: each block decoded once
+    tiles.plan(cols, rws, npxs, touch, order)  # JPEG 2000 blocks: which by areas, in what order ahead
     # a block is dropped one window side after the sweep has passed it: the next part of a big cell (cut by
     # footprint top, not window top) may start that far above where this one ends
     lag = int(npxs.max()) if len(npxs) else 0

@@ -38,7 +38,7 @@ from ops.crop.spec import ChipSpec
 from ops.crop.tiles import TileSet
 from ops.crop.units import CellResult, CellTask, cell_tasks
 from ops.crop.writer import ShardWriter
-from ops.imagery.mosaic import MosaicInfo
+from ops.imagery.mosaic import MosaicInfo, is_jpeg2000
 from ops.shards import list_shards, shard_meta, shard_paths, status_counts
 
 _WORKER: dict = {}
@@ -59,11 +59,6 @@ PER_LANE = 2  # units in flight per crop worker: one cut, one queued behind it
 JPEG2000_CPUS_PER_WORKER = 2
 
 
-def is_jpeg2000(info: MosaicInfo) -> bool:
-    """Whether the mosaic's tiles are JPEG 2000 (BD ORTHO's delivery), by their names."""
-    return bool(info.tiles) and all(t.path.lower().endswith((".jp2", ".j2k")) for t in info.tiles)
-
-
 def worker_processes(info: MosaicInfo, workers: int, units: int, cpus: int) -> tuple[int, int]:
     """(worker processes, decode threads of each) for a crop asked for ``workers`` on ``cpus`` CPUs.
 
@@ -71,7 +66,7 @@ def worker_processes(info: MosaicInfo, workers: int, units: int, cpus: int) -> t
     :data:`JPEG2000_CPUS_PER_WORKER` of them. Each gets its share of the CPUs as decode threads.
     """
     n = 1 if workers <= 1 or units <= 1 else min(workers, units, cpus)
-    if n > 1 and is_jpeg2000(info):
+    if n > 1 and info.tiles and all(is_jpeg2000(t.path) for t in info.tiles):
         n = max(1, n // JPEG2000_CPUS_PER_WORKER)
     return n, max(1, cpus // n)
 

@@ -155,7 +155,7 @@ class TileSet:
                 found.update((br, bc) for br in range(a, b + 1) for bc in range(c, d + 1))
         return out
 
-    def plan(self, cols: np.ndarray, rows: np.ndarray, npxs: np.ndarray, touch: np.ndarray) -> None:
+    def plan(self, cols: np.ndarray, rows: np.ndarray, npxs: np.ndarray, touch: np.ndarray, order: np.ndarray) -> None:
         """Decide, for the JPEG 2000 blocks these windows need, which are decoded by areas rather than whole.
 
         Why: a codestream tile costs the same to decode whoever asks, and a rural block that two
@@ -164,13 +164,14 @@ class TileSet:
         its sweep, so each block's areas (window ∩ block) are too: a block is decoded by areas when
         the cost model says that is cheaper, and whole otherwise (towns). A cached block of a
         previous part decoded by areas that do not cover this part's is dropped and decoded again.
-        ``touch`` is :meth:`touching`'s answer for these windows: only the tiles they touch are looked at.
+        ``touch`` is :meth:`touching`'s answer for these windows: only the tiles they touch are looked at;
+        ``order``: the windows in the order the sweep will read them (blocks are decoded ahead in that order).
         """
         self._areas = {}
         needed: dict[tuple[int, int, int], list[Area]] = {}
-        # each block's first window in the sweep's order (that of cut_cell): the order to decode them ahead
+        # each block's first window in the sweep's order: the order to decode them ahead
         rank = np.empty(len(cols), dtype=np.int64)
-        rank[np.lexsort((cols, rows))] = np.arange(len(cols))
+        rank[order] = np.arange(len(cols))
         first: dict[tuple[int, int, int], int] = {}
         for i in np.flatnonzero(touch.any(axis=0)).tolist():  # the tiles these windows touch (see touching)
             if not self._decodes_areas(i):

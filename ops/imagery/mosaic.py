@@ -31,6 +31,14 @@ from ops.geo.crs import recognise_epsg
 from ops.imagery.remote import gdal_http_options, is_remote
 
 TILE_SUFFIXES = (".tif", ".tiff", ".jp2", ".vrt")
+JPEG2000_SUFFIXES = (".jp2", ".j2k")
+
+
+def is_jpeg2000(path: str) -> bool:
+    """Whether a tile is JPEG 2000 (BD ORTHO's delivery), by its name."""
+    return path.lower().endswith(JPEG2000_SUFFIXES)
+
+
 _GDAL_TYPES = {"uint8": "Byte", "uint16": "UInt16", "int16": "Int16", "float32": "Float32"}
 _COLOR = ("Red", "Green", "Blue", "Undefined")
 
