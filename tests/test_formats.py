@@ -39,7 +39,7 @@ import rasterio
 from ops.crop.partition import crop_partition
 from ops.crop.spec import ChipSpec
 from ops.geo.footprints import iter_building_batches, write_buildings_geoparquet
-from ops.imagery.mosaic import build_mosaic, find_tiles
+from ops.imagery.mosaic import MosaicInfo, build_mosaic, find_tiles
 from ops.shards import list_shards, read_index
 from synthetic import SampleManifest, generate_departement, load_manifest
 from synthetic.cli import main as synthetic_cli
@@ -61,12 +61,27 @@ def samples(tmp_path_factory) -> dict[str, SampleManifest]:
     return {f: generate_departement(root / f, DEP, N, SEED, tile_px=TILE_PX, imagery_format=f) for f in FORMATS}
 
 
+def _partition(m: SampleManifest, work: Path, ortho: Path | None = None) -> tuple[Path, MosaicInfo]:
+    """The sample's buildings GeoParquet and its mosaic (over ``ortho``, default the sample's tiles), in ``work``."""
+    buildings = work / "buildings.parquet"
+    write_buildings_geoparquet(iter_building_batches(m.footprints, DEP, m.epsg), buildings, m.epsg)
+    return buildings, build_mosaic(find_tiles(ortho or m.ortho_dir), work / "mosaic.vrt", name=m.imagery_format)
+
+
+def _assert_same_crop(got: tuple[dict, dict], ref: tuple[dict, dict]) -> None:
+    """Two crops (:func:`read_chips`) give every building the same status and valid fraction, and the same chips."""
+    (chips, status), (ref_chips, ref_status) = got, ref
+    assert status.keys() == ref_status.keys() and chips.keys() == ref_chips.keys()
+    for b, (s, v) in ref_status.items():
+        assert status[b][0] == s and (status[b][1] == v or v != v), b
+    for b, chip in ref_chips.items():
+        np.testing.assert_array_equal(chips[b], chip, err_msg=b)
+
+
 def _crop(m: SampleManifest, work: Path) -> tuple[dict[str, np.ndarray], dict[str, tuple[str, float]]]:
     """Chips (by building id) and (status, valid fraction) of every building, cut by the project's crop."""
     work.mkdir()
-    buildings = work / "buildings.parquet"
-    write_buildings_geoparquet(iter_building_batches(m.footprints, DEP, m.epsg), buildings, m.epsg)
-    info = build_mosaic(find_tiles(m.ortho_dir), work / "mosaic.vrt", name=m.imagery_format)
+    buildings, info = _partition(m, work)
     out = work / "chips"
     list(crop_partition(buildings, info, out, ChipSpec(), buildings_fingerprint="f", workers=1, resume=False))
     return read_chips(out)
@@ -171,9 +186,7 @@ def test_jp2_blocks_decoded_by_areas_give_the_chips_of_whole_blocks(samples, tmp
     import ops.imagery.openjpeg as oj
 
     m = samples["jp2"]
-    buildings = tmp_path / "buildings.parquet"
-    write_buildings_geoparquet(iter_building_batches(m.footprints, DEP, m.epsg), buildings, m.epsg)
-    info = build_mosaic(find_tiles(m.ortho_dir), tmp_path / "mosaic.vrt", name="jp2")
+    buildings, info = _partition(m, tmp_path)
 
     def crop(name: str, budget: float):
         monkeypatch.setattr(oj, "AREA_BUDGET", budget)
@@ -183,15 +196,11 @@ def test_jp2_blocks_decoded_by_areas_give_the_chips_of_whole_blocks(samples, tmp
         assert any(".p" in r.shard_id for r in done)  # cells really were cut in parts
         return sum(r.area_blocks for r in done), sum(r.blocks for r in done), read_chips(out)
 
-    by_areas, blocks, (chips, status) = crop("areas", oj.AREA_BUDGET)
-    none, blocks_whole, (ref_chips, ref_status) = crop("whole", 0.0)
+    by_areas, blocks, got = crop("areas", oj.AREA_BUDGET)
+    none, blocks_whole, ref = crop("whole", 0.0)
     assert none == 0 and 0 < by_areas <= blocks and blocks_whole > 0
-    assert status.keys() == ref_status.keys() and len(ref_chips) > 250
-    for b, (s, v) in ref_status.items():
-        assert status[b][0] == s and (status[b][1] == v or v != v), b
-    assert chips.keys() == ref_chips.keys()
-    for b, chip in ref_chips.items():
-        np.testing.assert_array_equal(chips[b], chip, err_msg=b)
+    assert len(ref[0]) > 250
+    _assert_same_crop(got, ref)
 
 
 def _crop_with_cpus(monkeypatch, buildings: Path, info, out: Path, cpus: int) -> list:
@@ -218,20 +227,15 @@ def test_jp2_blocks_decoded_ahead_on_a_workers_spare_cpus_give_the_same_chips_an
         victim = sorted(ortho.glob("*.jp2"))[len(list(ortho.glob("*.jp2"))) // 2]
         data = victim.read_bytes()
         victim.write_bytes(data[: len(data) * 2 // 3])
-    buildings = tmp_path / "buildings.parquet"
-    write_buildings_geoparquet(iter_building_batches(m.footprints, DEP, m.epsg), buildings, m.epsg)
-    info = build_mosaic(find_tiles(ortho), tmp_path / "mosaic.vrt", name="jp2")
+    buildings, info = _partition(m, tmp_path, ortho)
     one = _crop_with_cpus(monkeypatch, buildings, info, tmp_path / "one", 1)
     two = _crop_with_cpus(monkeypatch, buildings, info, tmp_path / "two", 2)
     assert sum(r.ahead_blocks for r in one) == 0
     assert sum(r.ahead_blocks for r in two) > sum(r.blocks for r in two) // 2  # most blocks came from the pool
     assert sum(r.blocks for r in two) == sum(r.blocks for r in one)  # still each block once per unit of work
-    (chips, status), (ref_chips, ref_status) = read_chips(tmp_path / "two"), read_chips(tmp_path / "one")
-    assert status.keys() == ref_status.keys() and chips.keys() == ref_chips.keys() and len(ref_chips) > 200
-    for b, (s, v) in ref_status.items():
-        assert status[b][0] == s and (status[b][1] == v or v != v), b
-    for b, chip in ref_chips.items():
-        np.testing.assert_array_equal(chips[b], chip, err_msg=b)
+    (chips, status), ref = read_chips(tmp_path / "two"), read_chips(tmp_path / "one")
+    assert len(ref[0]) > 200
+    _assert_same_crop((chips, status), ref)
     errors = [b for b, (s, _) in status.items() if s == "error"]
     assert bool(errors) == damaged
     if damaged:
@@ -263,9 +267,7 @@ def test_a_crop_keeps_a_bounded_number_of_tiles_open_whatever_the_partitions_siz
 
     m = samples["jp2"]
     ortho = m.ortho_dir.resolve()
-    buildings = tmp_path / "buildings.parquet"
-    write_buildings_geoparquet(iter_building_batches(m.footprints, DEP, m.epsg), buildings, m.epsg)
-    info = build_mosaic(find_tiles(ortho), tmp_path / "mosaic.vrt", name="jp2")
+    buildings, info = _partition(m, tmp_path, ortho)
 
     def crop(bound: int, out: Path) -> int:
         monkeypatch.setattr(tiles, "MAX_OPEN_TILES", bound)
@@ -276,12 +278,7 @@ def test_a_crop_keeps_a_bounded_number_of_tiles_open_whatever_the_partitions_siz
 
     assert crop(10**6, tmp_path / "unbounded") > 6  # the sample does make a worker meet many tiles
     assert 0 < crop(3, tmp_path / "bounded") <= 3
-    (chips, status), (ref_chips, ref_status) = read_chips(tmp_path / "bounded"), read_chips(tmp_path / "unbounded")
-    assert status.keys() == ref_status.keys() and chips.keys() == ref_chips.keys()
-    for b, (s, v) in ref_status.items():
-        assert status[b][0] == s and (status[b][1] == v or v != v), b
-    for b, chip in ref_chips.items():
-        np.testing.assert_array_equal(chips[b], chip, err_msg=b)
+    _assert_same_crop(read_chips(tmp_path / "bounded"), read_chips(tmp_path / "unbounded"))
 
 
 def test_on_jpeg2000_a_crop_asked_for_two_workers_on_two_cpus_runs_one_that_decodes_on_both(
@@ -293,16 +290,12 @@ def test_on_jpeg2000_a_crop_asked_for_two_workers_on_two_cpus_runs_one_that_deco
     """
     from ops.crop.partition import worker_processes
 
-    jp2, deflate = (
-        build_mosaic(find_tiles(samples[f].ortho_dir), tmp_path / f"{f}.vrt", name=f) for f in ("jp2", "deflate")
-    )
+    buildings, jp2 = _partition(samples["jp2"], tmp_path)
+    deflate = build_mosaic(find_tiles(samples["deflate"].ortho_dir), tmp_path / "deflate.vrt", name="deflate")
     assert worker_processes(jp2, 2, 10, 2) == (1, 2) and worker_processes(deflate, 2, 10, 2) == (2, 1)
     assert worker_processes(jp2, 6, 10, 6) == (3, 2) and worker_processes(deflate, 6, 10, 6) == (6, 1)
     assert worker_processes(jp2, 1, 10, 6) == (1, 6) and worker_processes(jp2, 4, 1, 4) == (1, 4)
 
-    m = samples["jp2"]
-    buildings = tmp_path / "buildings.parquet"
-    write_buildings_geoparquet(iter_building_batches(m.footprints, DEP, m.epsg), buildings, m.epsg)
     import ops.crop.partition as partition
 
     monkeypatch.setattr(partition, "available_cpus", lambda: 2)
@@ -314,7 +307,4 @@ def test_on_jpeg2000_a_crop_asked_for_two_workers_on_two_cpus_runs_one_that_deco
         assert {os.getpid()} == {r.pid for r in done if not r.reused}  # cut in this process, no forked worker
         assert sum(r.ahead_blocks for r in done) > 0
         runs[workers] = read_chips(out)
-    (chips, status), (ref_chips, ref_status) = runs[2], runs[1]
-    assert status.keys() == ref_status.keys() and chips.keys() == ref_chips.keys()
-    for b, chip in ref_chips.items():
-        np.testing.assert_array_equal(chips[b], chip, err_msg=b)
+    _assert_same_crop(runs[2], runs[1])
