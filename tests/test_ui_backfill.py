@@ -182,19 +182,21 @@ def test_a_backfill_of_two_departements_clicked_through_the_ui(dagster_dev, brow
     for b in browser.find_elements(By.XPATH, confirm):
         b.click()
     # a click while the confirmation closes can land before the picker listens (seen once under a loaded
-    # xdist run: the list never opened): click again until the 101 partitions show
-    for attempt in range(3):
+    # xdist run: the list never opened), and once the 101 partitions showed without their filter ever
+    # becoming usable: click again until both are there
+    opened = ec.all_of(
+        ec.presence_of_element_located((By.XPATH, "//*[normalize-space()='Select all (101)']")),
+        ec.element_to_be_clickable((By.XPATH, "//input[@placeholder='Filter partitions']")),
+    )
+    for attempt in range(4):
         wait.until(ec.element_to_be_clickable((By.XPATH, picker))).click()
         try:
-            WebDriverWait(browser, 30).until(
-                ec.presence_of_element_located((By.XPATH, "//*[normalize-space()='Select all (101)']"))
-            )
+            search = WebDriverWait(browser, 30).until(opened)[1]
             break
         except TimeoutException:
             shot(f"picker-not-open-{attempt}")
     else:
-        raise AssertionError("the backfill dialog's partition picker did not open after 3 clicks")
-    search = wait.until(ec.element_to_be_clickable((By.XPATH, "//input[@placeholder='Filter partitions']")))
+        raise AssertionError("the backfill dialog's partition picker did not open with its filter after 4 clicks")
 
     def pick(dep: str) -> None:
         """Filter the list down to ``dep`` and tick it, once the list has settled on the filter.
