@@ -46,9 +46,10 @@ class ChipsConfig(Config):
     min_valid_fraction: float = Field(default=0.5, description="Below this share of valid pixels a chip is `nodata`")
     workers: int = Field(
         default=0,
-        description="Worker processes cropping cells in parallel; 0 = the CPUs this step may use "
+        description="CPUs the crop uses, a worker process cropping cells on each; 0 = the CPUs this step may use "
         "(in a pod: its CPU limit, read from the cgroup quota, so the pod's size sets the workers). On JPEG 2000 "
-        "imagery one process per two of them, each decoding blocks on two threads (faster, measured)",
+        "imagery one process per two of them, each decoding blocks on two threads (faster, measured); "
+        "1 keeps the crop on one CPU whatever the format",
     )
     resume: bool = Field(default=True, description="Reuse cells whose shard was cut from the same inputs")
     prefetch: Literal["auto", "always", "never"] = Field(

@@ -16,15 +16,21 @@ Same files, same run:
   ``--baseline-buildings`` buildings (default 20,000) to keep the run short; chips/s is
   what is compared. rio-tiler's is *the* baseline (``ratio_vs_baseline``); the plain read is reported beside it.
 - **decode floor**: decompress once every raster block that the chips touch, with the fastest
-  decoder we have (``ops.imagery.blocks.BlockReader``, with every CPU's thread where the format can
-  use them: libdeflate on DEFLATE tiles, about 7 % faster per block than a GDAL windowed read;
+  decoder we have (``ops.imagery.blocks.BlockReader``, with a thread per CPU it runs on where the
+  format can use them: libdeflate on DEFLATE tiles, about 7 % faster per block than a GDAL windowed read;
   libjpeg-turbo on JPEG tiles, about 4x GDAL's libjpeg 9; OpenJPEG on each JPEG 2000 codestream
-  tile, as many tiles at once as there are CPUs), so the floor is not one our own crop could beat by decoding blocks — except that on
+  tile, as many tiles at once as it has CPUs), so the floor is not one our own crop could beat by decoding blocks — except that on
   JPEG 2000 the crop decodes only the areas the windows need of a block that few windows touch
   (``ops.imagery.openjpeg``): there ``fraction_of_decode_floor`` can pass 1, the sparser the buildings
   the more (``--keep-one-in``).
 - **ours**: the real `chips` code path (``ops.crop.partition.crop_partition``), writing shards, with 1
-  and 2 worker processes.
+  and 2 workers (``workers`` is the crop's CPU budget: on JPEG 2000, 2 workers are one process
+  decoding on two threads).
+- **CPUs**: every contender runs pinned to as many CPUs as it is compared on (``CPUS``; Linux
+  affinity, and ``GDAL_NUM_THREADS`` for GDAL's own threads, which JP2OpenJPEG uses on all CPUs by
+  default): the baselines, the floor and ours with 1 worker on one CPU, so ``ratio_vs_baseline`` and
+  ``fraction_of_decode_floor`` compare like with like on every format; ours with 2 workers against
+  rio-tiler with two threads on two CPUs (``ratio_vs_baseline_2_cpus``).
 - **memory**: peak RSS of the crop (1 worker, in a fresh process) for N and 2N buildings.
 Every contender runs in a fresh process (as the `chips` step does in production: a Dagster step
 subprocess or a pod), so none inherits another's GDAL cache or thread pools. The contenders run in ``--repeats`` rounds
@@ -39,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -65,6 +72,8 @@ from synthetic import IMAGERY_FORMATS, generate_departement
 
 DEP = "33"
 SPEC = ChipSpec()
+#: the CPUs each contender runs on (see the module's doc)
+CPUS = {"rio-tiler": 1, "rasterio": 1, "floor": 1, "ours1": 1, "rio-tiler2": 2, "ours2": 2}
 
 
 def format_folder(out: Path, imagery_format: str) -> Path:
@@ -215,9 +224,10 @@ def ours(parquet: Path, info: MosaicInfo, folder: Path, workers: int) -> tuple[f
 def child(kind: str, work: Path, parquet: Path, n_sample: int) -> dict:
     """Run one contender in this (fresh) process: the state a production step starts from."""
     info = MosaicInfo.from_json((work / "mosaic.json").read_text())
-    if kind in ("rio-tiler", "rasterio"):
+    if kind.startswith(("rio-tiler", "rasterio")):
         sample = windows_in_source_order(parquet, info)[:n_sample]
-        return {"chips_per_s": baseline(kind, work / "mosaic.vrt", sample, work / f"baseline_{kind}")}
+        reader = kind.rstrip("2")
+        return {"chips_per_s": baseline(reader, work / "mosaic.vrt", sample, work / f"baseline_{reader}")}
     if kind == "floor":
         windows = windows_in_source_order(parquet, info)
         seconds, blocks, nbytes, decoder = decode_floor(info, windows)
@@ -233,15 +243,25 @@ def child(kind: str, work: Path, parquet: Path, n_sample: int) -> dict:
     }  # fmt: skip
 
 
+def pin(cpus: int) -> int:
+    """Keep this process (and the threads it will start) on its first ``cpus`` CPUs; the CPUs it got."""
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:cpus])
+    return min(cpus, available_cpus())
+
+
 def run_child(kind: str, work: Path, parquet: Path, n_sample: int = 0) -> dict:
+    """One contender in a fresh process on its :data:`CPUS` (GDAL's threads capped to match)."""
+    env = {**os.environ, "GDAL_NUM_THREADS": str(CPUS[kind])}
     out = subprocess.run(
         [sys.executable, "-m", "bench.crop", "--child", kind, str(work), str(parquet), str(n_sample)],
-        check=True, capture_output=True, text=True,
+        check=True, capture_output=True, text=True, env=env,
     )  # fmt: skip
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def rss_child(parquet: str, info_json: str, folder: str) -> None:
+    pin(CPUS["ours1"])
     info = MosaicInfo.from_json(Path(info_json).read_text())
     ours(Path(parquet), info, Path(folder), workers=1)
     print(json.dumps({"peak_rss_mib": peak_rss_bytes() / 2**20}))
@@ -276,7 +296,8 @@ def main(argv: list[str] | None = None) -> None:
         return rss_child(*args.rss_child)
     if args.child:
         kind, work, parquet, n = args.child
-        print(json.dumps(child(kind, Path(work), Path(parquet), int(n))))
+        got = pin(CPUS[kind])
+        print(json.dumps({**child(kind, Path(work), Path(parquet), int(n)), "cpus": got}))
         return None
     root = format_folder(args.out, args.format)
     full, half, info, facts = prepare(root, args.buildings, args.format)
@@ -300,12 +321,14 @@ def main(argv: list[str] | None = None) -> None:
             "floor": run_child("floor", work, full),
             "ours1": run_child("ours1", work, full),
             "ours2": run_child("ours2", work, full),
+            "rio-tiler2": run_child("rio-tiler2", work, full, nb),
         }
         cps = {kind: d["chips_per_s"] for kind, d in got.items()}
         rounds.append((cps, got))
         print(f"round {k + 1}: " + ", ".join(f"{kind} {v:,.0f}" for kind, v in cps.items()) + " chips/s; "
               f"ours/rio-tiler {cps['ours1'] / cps['rio-tiler']:.2f}x, ours/rasterio {cps['ours1'] / cps['rasterio']:.2f}x, "
-              f"ours/floor {cps['ours1'] / cps['floor']:.2f}, 2 workers/1 {cps['ours2'] / cps['ours1']:.2f}")  # fmt: skip
+              f"ours/floor {cps['ours1'] / cps['floor']:.2f}, 2 workers/1 {cps['ours2'] / cps['ours1']:.2f}, "
+              f"on 2 CPUs ours/rio-tiler {cps['ours2'] / cps['rio-tiler2']:.2f}x")  # fmt: skip
 
     def med(f) -> float:
         return float(np.median([f(c) for c, _ in rounds]))
@@ -314,14 +337,18 @@ def main(argv: list[str] | None = None) -> None:
     one, two = med(lambda c: c["ours1"]), med(lambda c: c["ours2"])
     ratio_rt, ratio_rio = med(lambda c: c["ours1"] / c["rio-tiler"]), med(lambda c: c["ours1"] / c["rasterio"])
     frac, scale = med(lambda c: c["ours1"] / c["floor"]), med(lambda c: c["ours2"] / c["ours1"])
+    base_rt2, ratio_rt2 = med(lambda c: c["rio-tiler2"]), med(lambda c: c["ours2"] / c["rio-tiler2"])
+    if rounds[0][1]["ours2"]["cpus"] < 2:
+        print("this machine gave the 2-CPU contenders one CPU: their figures are not a 2-CPU measurement")
     fl, o1, o2 = rounds[0][1]["floor"], rounds[0][1]["ours1"], rounds[0][1]["ours2"]
     bpc = o1["bytes_per_chip"]
     print(f"baseline rio-tiler part() per building : {base_rt:8,.0f} chips/s ({nb:,} buildings)")
     print(f"baseline rasterio read per building    : {base_rio:8,.0f} chips/s ({nb:,} buildings)")
+    print(f"baseline rio-tiler, 2 threads on 2 CPUs: {base_rt2:8,.0f} chips/s")
     print(f"decode floor ({fl['decoder']}, {fl['blocks']:,} blocks, {fl['bytes'] / 2**20:,.0f} MiB, "
-          f"{fl['bytes'] / 2**20 / fl['seconds']:,.0f} MiB/s in round 1) : {floor:8,.0f} chips/s")  # fmt: skip
-    print(f"ours, 1 worker                         : {one:8,.0f} chips/s ({o1['chips']:,} chips)")
-    print(f"ours, 2 workers                        : {two:8,.0f} chips/s ({scale:.2f}x one worker)")
+          f"{fl['bytes'] / 2**20 / fl['seconds']:,.0f} MiB/s in round 1, {fl['cpus']} CPU) : {floor:8,.0f} chips/s")  # fmt: skip
+    print(f"ours, 1 worker (1 CPU)                 : {one:8,.0f} chips/s ({o1['chips']:,} chips)")
+    print(f"ours, 2 workers ({o2['cpus']} CPUs)               : {two:8,.0f} chips/s ({scale:.2f}x one worker)")
     print(f"raster blocks decoded                  : {o1['blocks']:,} with 1 worker, {o2['blocks']:,} with 2 "
           f"(the floor's {fl['blocks']:,} are each needed block once, whole; cells decode the blocks they share); "
           f"by areas only: {o1['area_blocks']:,} / {o2['area_blocks']:,}")  # fmt: skip
@@ -329,6 +356,7 @@ def main(argv: list[str] | None = None) -> None:
     rss_2n = peak_rss(full, info, work)
     print(f"ratio ours/baseline (rio-tiler part()) : {ratio_rt:.2f}x")
     print(f"ratio ours/rasterio windowed read      : {ratio_rio:.2f}x")
+    print(f"ratio on 2 CPUs, ours/rio-tiler        : {ratio_rt2:.2f}x")
     print(f"fraction of decode floor               : {frac:.2f}")
     print(f"bytes per stored chip                  : {bpc:,.0f}")
     print(f"peak RSS, {args.buildings // 2:,} / {args.buildings:,} buildings : {rss_n:,.0f} / {rss_2n:,.0f} MiB "
@@ -344,6 +372,8 @@ def main(argv: list[str] | None = None) -> None:
         "decode_floor_chips_per_s": round(floor, 1),
         "ratio_vs_baseline": round(ratio_rt, 2),
         "ratio_vs_rasterio": round(ratio_rio, 2),
+        "baseline_2_cpus_chips_per_s": round(base_rt2, 1),
+        "ratio_vs_baseline_2_cpus": round(ratio_rt2, 2),
         "fraction_of_decode_floor": round(frac, 3),
         "two_workers_vs_one": round(scale, 2),
         "two_workers_vs_one_rounds": [round(c["ours2"] / c["ours1"], 2) for c, _ in rounds],

@@ -55,3 +55,21 @@ def test_the_crop_benchmarks_floor_decodes_every_needed_block_once_with_the_form
     # a chip for each window with imagery, but for the few over the sample's nodata hole
     assert 0.9 * len(windows) <= chips <= len(windows)
     assert bytes_per_chip >= 3 * SPEC.size**2 and decoded >= blocks
+
+
+def test_each_crop_contender_runs_on_the_cpus_it_is_compared_on(tmp_path):
+    """The ratios compare like with like: ours with 1 worker (and the baselines and the floor) on one
+    CPU, ours with 2 workers on two. Before, "1 worker" decoded JPEG 2000 on every CPU of the machine
+    and JP2OpenJPEG gave rio-tiler all of them too, so the 1-worker figures measured no one CPU."""
+    from bench.crop import run_child
+    from ops.cpus import available_cpus
+
+    m = generate_departement(tmp_path / "data", "33", 60, seed=3, tile_px=1000, imagery_format="jp2")
+    parquet = tmp_path / "buildings.parquet"
+    write_buildings_geoparquet(iter_building_batches(m.footprints, "33", m.epsg), parquet, m.epsg)
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "mosaic.json").write_text(build_mosaic(find_tiles(m.ortho_dir), work / "mosaic.vrt", name="b").to_json())
+    one, two, floor = (run_child(kind, work, parquet) for kind in ("ours1", "ours2", "floor"))
+    assert one["cpus"] == 1 and floor["cpus"] == 1 and two["cpus"] == min(2, available_cpus())
+    assert one["chips"] == two["chips"] > 30 and one["blocks"] == two["blocks"] and floor["blocks"] > 0

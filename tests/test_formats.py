@@ -204,11 +204,12 @@ def test_jp2_blocks_decoded_by_areas_give_the_chips_of_whole_blocks(samples, tmp
 
 
 def _crop_with_cpus(monkeypatch, buildings: Path, info, out: Path, cpus: int) -> list:
-    """The crop in one worker that owns ``cpus`` CPUs (its decode threads), in parts of 40 buildings."""
+    """The crop given ``cpus`` CPUs on a machine of as many, in parts of 40 buildings: on JPEG 2000, one
+    worker whose decode threads they are."""
     import ops.crop.partition as partition
 
     monkeypatch.setattr(partition, "available_cpus", lambda: cpus)
-    return list(crop_partition(buildings, info, out, ChipSpec(), buildings_fingerprint="f", workers=1,
+    return list(crop_partition(buildings, info, out, ChipSpec(), buildings_fingerprint="f", workers=cpus,
                                resume=False, part_size=40))  # fmt: skip
 
 
@@ -294,7 +295,10 @@ def test_on_jpeg2000_a_crop_asked_for_two_workers_on_two_cpus_runs_one_that_deco
     deflate = build_mosaic(find_tiles(samples["deflate"].ortho_dir), tmp_path / "deflate.vrt", name="deflate")
     assert worker_processes(jp2, 2, 10, 2) == (1, 2) and worker_processes(deflate, 2, 10, 2) == (2, 1)
     assert worker_processes(jp2, 6, 10, 6) == (3, 2) and worker_processes(deflate, 6, 10, 6) == (6, 1)
-    assert worker_processes(jp2, 1, 10, 6) == (1, 6) and worker_processes(jp2, 4, 1, 4) == (1, 4)
+    assert worker_processes(jp2, 4, 1, 4) == (1, 4)  # one unit of work: one process, the budget as threads
+    # the budget is the CPUs asked for, not the machine's: one worker decodes on one thread
+    assert worker_processes(jp2, 1, 10, 6) == (1, 1) and worker_processes(jp2, 3, 10, 6) == (1, 3)
+    assert worker_processes(jp2, 8, 10, 6) == (3, 2)  # never more than the CPUs there are
 
     import ops.crop.partition as partition
 
@@ -305,6 +309,7 @@ def test_on_jpeg2000_a_crop_asked_for_two_workers_on_two_cpus_runs_one_that_deco
         done = list(crop_partition(buildings, jp2, out, ChipSpec(), buildings_fingerprint="f", workers=workers,
                                    resume=False))  # fmt: skip
         assert {os.getpid()} == {r.pid for r in done if not r.reused}  # cut in this process, no forked worker
-        assert sum(r.ahead_blocks for r in done) > 0
+        # one worker is one CPU: no decode thread beside the sweep; two share one process's pool
+        assert (sum(r.ahead_blocks for r in done) > 0) == (workers == 2)
         runs[workers] = read_chips(out)
     _assert_same_crop(runs[2], runs[1])

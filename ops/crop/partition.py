@@ -9,8 +9,9 @@ Why this shape:
   ``ops.crop.lanes`` hands it the next part of the cell it holds, so the
   blocks along a seam are decoded once. Each worker streams its own shards to
   disk (``ops.crop.writer``). One worker runs in the caller's process.
-- A worker gets its share of the CPUs as decode threads: on a JPEG 2000 mosaic
-  each takes two (:data:`JPEG2000_CPUS_PER_WORKER`) and decodes its blocks ahead.
+- ``workers`` is the crop's CPU budget, and a worker gets its share of it as
+  decode threads: on a JPEG 2000 mosaic each takes two
+  (:data:`JPEG2000_CPUS_PER_WORKER`) and decodes its blocks ahead.
 - With remote imagery, a prefetch (``ops.crop.prefetch``) makes the blocks of
   the next units local while the current ones are cut.
 """
@@ -62,13 +63,16 @@ JPEG2000_CPUS_PER_WORKER = 2
 def worker_processes(info: MosaicInfo, workers: int, units: int, cpus: int) -> tuple[int, int]:
     """(worker processes, decode threads of each) for a crop asked for ``workers`` on ``cpus`` CPUs.
 
-    One process per worker, at most one per unit of work and per CPU; on a JPEG 2000 mosaic one per
-    :data:`JPEG2000_CPUS_PER_WORKER` of them. Each gets its share of the CPUs as decode threads.
+    ``workers`` is the crop's CPU budget (at most ``cpus``): one process per worker, at most one per
+    unit of work; on a JPEG 2000 mosaic one per :data:`JPEG2000_CPUS_PER_WORKER` of them. Each process
+    gets its share of the budget as decode threads, so ``workers=1`` keeps the crop on one CPU whatever
+    the format (a step sharing its machine, or a one-CPU measurement), not one process on all of them.
     """
-    n = 1 if workers <= 1 or units <= 1 else min(workers, units, cpus)
+    budget = max(1, min(workers, cpus))
+    n = 1 if budget == 1 or units <= 1 else min(budget, units)
     if n > 1 and info.tiles and all(is_jpeg2000(t.path) for t in info.tiles):
         n = max(1, n // JPEG2000_CPUS_PER_WORKER)
-    return n, max(1, cpus // n)
+    return n, max(1, budget // n)
 
 
 def _init_worker(info_json: str, spec: ChipSpec, decode_threads: int = 1) -> None:
