@@ -6,13 +6,16 @@
 
 Why a module of its own: sizing a node pool, or answering "what does France cost?", should take
 seconds and say which inputs were measured (on this project's 2-core VM) and which are only stated
-(anything on a GPU, prices): every figure below is a named constant whose comment gives its source.
+(anything on a GPU, prices): every figure is a named constant whose comment gives its source (the
+rates in ``orchestration.capacity_rates``).
 The arithmetic (:func:`plan`) is pure, on frozen :class:`Rates`, :class:`Pool`, :class:`Prices` and
 :class:`Plan`; only the command line reads footprint files (Dagster-backed resources imported lazily).
 
 Work model (one chip per building, every model on every chip: an upper bound, some chips end ``nodata``):
 
-- crop core-hours = buildings / (chips/s per core) / 3600;
+- crop core-hours = (buildings / (chips/s per core) + km² of imagery × core-s per km²) / 3600, the
+  rates of the imagery's format (``orchestration.capacity_rates``: on JPEG 2000 decoding the km²
+  dominates); a département's km² is France's spread evenly unless given;
 - GPU-hours = buildings × Σ over models (1 / images/s of that model on one GPU) / 3600;
 - wall time = max(crop core-hours / crop cores, GPU-hours / GPUs)  (the bottleneck stage: crop and
   inference of *different* départements overlap, since each run's ``predictions`` waits only for
@@ -34,12 +37,21 @@ import json
 import math
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
-from types import MappingProxyType
 
 from ops.geo.departements import DEPARTEMENTS, check_departement
-from ops.ml.catalog import MODELS, ROOF_TYPE, SOLAR_PANELS
+from ops.ml.catalog import MODELS
+from orchestration.capacity_rates import (
+    CPU_BENCH_CORES,
+    CPU_IMAGES_PER_S,
+    CROP_COST,
+    GPU_IMAGES_PER_S,
+    IMAGERY_FORMAT,
+    PARTITION_OVERHEAD_S,
+    Rates,
+    positive,
+)
 from orchestration.pods import DEFAULT_CROP_WORKERS
 
 # --- Buildings -----------------------------------------------------------------------------------
@@ -47,39 +59,13 @@ from orchestration.pods import DEFAULT_CROP_WORKERS
 # Without a better stated basis it is spread evenly over the 101 départements (Paris has far fewer,
 # large rural départements more): per-département estimates are rough, their sum is the figure.
 FRANCE_BUILDINGS = 35_000_000
+# France's area, all of it under BD ORTHO: métropole 543,940 km² (INSEE) and the five overseas
+# départements 89,176 (Guyane 83,534, Réunion 2,512, Guadeloupe 1,628, Martinique 1,128, Mayotte 374),
+# spread evenly like the buildings (stated, not counted).
+FRANCE_KM2 = 633_116.0
 
 COUNTED = "counted"
 ESTIMATE = "estimate"
-
-# --- Rates ---------------------------------------------------------------------------------------
-# Measured: `make bench-crop` (README "Benchmarks"), the real `chips` code path with 1 worker on the
-# project's 2-core VM, 100,000 buildings over DEFLATE GeoTIFF tiles on local disk: 5.0-5.6k chips/s
-# (commit 1cbff92; 6.1-6.9k in other rounds, d758857). 5,000 is the low end, at about 1,250 buildings/km².
-# Slower per chip (README "Benchmarks"): BD ORTHO's JPEG 2000 (550 a core at 833/km², 100 at 83/km²).
-CROP_CHIPS_PER_S_PER_CORE = 5_000.0
-
-
-# Stated for one NVIDIA L4 (g2-standard-8), 64 × 64 chips, batch 512, shards to rows: no L4 was measured. An H200
-# was (make bench-cuda, README): both models 45,387 images/s, bound by one CPU core; an L4 has a fraction of its fp16.
-def per_attribute(measured: Mapping[str, float]) -> Mapping[str, float]:
-    """Every shipped attribute's rate (all run on each chip): its own if measured, else its network's.
-
-    A classification or regression is RoofNet's body (ValueNet: one output), costed at roof_type's rate.
-    """
-    like = {name: SOLAR_PANELS if task == "segmentation" else ROOF_TYPE for name, task in MODELS.items()}
-    return MappingProxyType({name: measured.get(name, measured[like[name]]) for name in MODELS})
-
-
-GPU_IMAGES_PER_S: Mapping[str, float] = per_attribute({ROOF_TYPE: 8_000.0, SOLAR_PANELS: 2_000.0})
-# Measured: `make bench-infer` (README "Benchmarks"), the real `predictions` step on CPU, 50,000
-# buildings, 2 torch threads on the 2-core VM: roof_type 1,139 images/s, solar_panels ≈ 220.
-# Only a reference (CPU inference core-hours); the plan's inference runs on GPUs.
-CPU_IMAGES_PER_S: Mapping[str, float] = per_attribute({ROOF_TYPE: 1_139.0, SOLAR_PANELS: 220.0})
-CPU_BENCH_CORES = 2
-
-# Stated: per-partition work outside crop and inference (pod scheduling and image pull, `buildings`,
-# `ortho_mosaic`, model loading and batch-size choice, the dbt build). Not measured.
-PARTITION_OVERHEAD_S = 600.0
 
 # --- Pool (defaults: the production configuration of this repository) ----------------------------
 CROP_NODES = 2
@@ -95,47 +81,6 @@ CROP_WORKERS_PER_RUN = DEFAULT_CROP_WORKERS  # BATIVISION_CROP_WORKERS' default 
 CROP_VCPU_HOUR_USD = 0.0125  # n2-standard-8 spot ≈ $0.10/hour (c3-standard-8 similar), per vCPU-hour
 CROP_NODE_VCPUS = 8  # n2-standard-8
 GPU_NODE_HOUR_USD = 0.32  # g2-standard-8 (8 vCPUs, 32 GB, 1 NVIDIA L4) spot, per node-hour
-
-STATED = "stated, not measured"
-MEASURED = "measured"
-
-
-def _positive(name: str, value: float) -> None:
-    if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
-
-
-@dataclass(frozen=True)
-class Rates:
-    """How fast the work goes: crop chips/s per core, inference images/s per model on one GPU.
-
-    ``gpu_measured`` says whether the GPU figures come from a measurement (only the caller knows);
-    the plan prints it beside every GPU figure.
-    """
-
-    crop_chips_per_s_per_core: float = CROP_CHIPS_PER_S_PER_CORE
-    gpu_images_per_s: Mapping[str, float] = field(default_factory=lambda: GPU_IMAGES_PER_S, hash=False)
-    gpu_measured: bool = False
-    partition_overhead_s: float = PARTITION_OVERHEAD_S
-
-    def __post_init__(self) -> None:
-        _positive("crop chips/s per core", self.crop_chips_per_s_per_core)
-        if not self.gpu_images_per_s:
-            raise ValueError("gpu_images_per_s names no model")
-        for model, rate in self.gpu_images_per_s.items():
-            _positive(f"GPU images/s of {model}", rate)
-        if not (math.isfinite(self.partition_overhead_s) and self.partition_overhead_s >= 0):
-            raise ValueError(f"partition overhead must be >= 0 s, got {self.partition_overhead_s!r}")
-        object.__setattr__(self, "gpu_images_per_s", MappingProxyType(dict(self.gpu_images_per_s)))
-
-    @property
-    def gpu_label(self) -> str:
-        return MEASURED if self.gpu_measured else STATED
-
-    @property
-    def gpu_s_per_chip(self) -> float:
-        """GPU-seconds per chip: every model runs on every chip, so their times add up."""
-        return sum(1.0 / r for r in self.gpu_images_per_s.values())
 
 
 @dataclass(frozen=True)
@@ -175,9 +120,9 @@ class Prices:
     gpu_node_hour_usd: float = GPU_NODE_HOUR_USD
 
     def __post_init__(self) -> None:
-        _positive("crop vCPU-hour price", self.crop_vcpu_hour_usd)
-        _positive("crop node vCPUs", self.crop_node_vcpus)
-        _positive("GPU node-hour price", self.gpu_node_hour_usd)
+        positive("crop vCPU-hour price", self.crop_vcpu_hour_usd)
+        positive("crop node vCPUs", self.crop_node_vcpus)
+        positive("GPU node-hour price", self.gpu_node_hour_usd)
 
 
 @dataclass(frozen=True)
@@ -186,6 +131,7 @@ class Plan:
 
     departements: tuple[str, ...]
     buildings: int
+    km2: float
     crop_core_hours: float
     gpu_hours: float
     gpu_label: str
@@ -205,6 +151,7 @@ class Plan:
         return {
             "departements": len(self.departements),
             "buildings": self.buildings,
+            "km2": round(self.km2, 1),
             "crop_core_hours": round(self.crop_core_hours, 3),
             "gpu_hours": round(self.gpu_hours, 3),
             "gpu_rates": self.gpu_label,
@@ -222,10 +169,12 @@ def plan(
     rates: Rates | None = None,
     pool: Pool | None = None,
     prices: Prices | None = None,
+    km2_by_dep: Mapping[str, float] | None = None,
 ) -> Plan:
     """Plan these départements run together on ``pool`` (the model is in the module docstring).
 
     One département alone is ``plan({dep: n}, ...)``: its crop, then its inference, then overhead.
+    ``km2_by_dep``: each one's km² of imagery (default :func:`estimate_km2`).
     """
     rates, pool, prices = rates or Rates(), pool or Pool(), prices or Prices()
     if not buildings_by_dep:
@@ -234,8 +183,13 @@ def plan(
         check_departement(dep)
         if not isinstance(n, int) or n < 0:
             raise ValueError(f"département {dep}: buildings must be an integer >= 0, got {n!r}")
+    km2 = dict(km2_by_dep) if km2_by_dep is not None else estimate_km2(buildings_by_dep)
+    for dep in buildings_by_dep:
+        if not (isinstance(km2.get(dep), int | float) and math.isfinite(km2[dep]) and km2[dep] >= 0):
+            raise ValueError(f"département {dep}: km² of imagery must be a number >= 0, got {km2.get(dep)!r}")
     total, parts = sum(buildings_by_dep.values()), len(buildings_by_dep)
-    crop_h = total / rates.crop_chips_per_s_per_core / 3600
+    crop_s = {dep: rates.crop_core_s(n, km2[dep]) for dep, n in buildings_by_dep.items()}
+    crop_h = sum(crop_s.values()) / 3600
     gpu_h = total * rates.gpu_s_per_chip / 3600
     crop_wall, gpu_wall = crop_h / pool.crop_cores(parts), gpu_h / pool.gpus(parts)
     # fill or drain: the stage that is not the bottleneck, for the largest département on its own share
@@ -243,7 +197,7 @@ def plan(
     if crop_wall >= gpu_wall:
         fill = largest * rates.gpu_s_per_chip / 3600 / pool.gpus(1)
     else:
-        fill = largest / rates.crop_chips_per_s_per_core / 3600 / pool.crop_cores(1)
+        fill = max(crop_s.values()) / 3600 / pool.crop_cores(1)
     overhead = math.ceil(parts / pool.concurrent_runs) * rates.partition_overhead_s / 3600
     wall = max(crop_wall, gpu_wall) + fill + overhead
     pool_hourly = pool.crop_nodes * prices.crop_node_vcpus * prices.crop_vcpu_hour_usd
@@ -251,6 +205,7 @@ def plan(
     return Plan(
         departements=tuple(buildings_by_dep),
         buildings=total,
+        km2=sum(km2[dep] for dep in buildings_by_dep),
         crop_core_hours=crop_h,
         gpu_hours=gpu_h,
         gpu_label=rates.gpu_label,
@@ -282,6 +237,11 @@ def estimate_buildings(departements: Iterable[str], france: int = FRANCE_BUILDIN
     base, extra = divmod(france, len(DEPARTEMENTS))
     rank = {d: i for i, d in enumerate(DEPARTEMENTS)}
     return {d: base + (1 if rank[check_departement(d)] < extra else 0) for d in departements}
+
+
+def estimate_km2(departements: Iterable[str], france: float = FRANCE_KM2) -> dict[str, float]:
+    """France's km² of imagery spread evenly over the 101 départements (stated: Guyane is 84,000, Paris 105)."""
+    return {check_departement(d): france / len(DEPARTEMENTS) for d in departements}
 
 
 def buildings_by_departement(
@@ -387,7 +347,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--estimate-only", action="store_true", help="do not look for footprint files")
     b.add_argument("--france-buildings", type=_count, default=FRANCE_BUILDINGS, help="basis of the estimates")
     r = p.add_argument_group("rates")
-    r.add_argument("--crop-chips-per-s-per-core", type=_rate, default=CROP_CHIPS_PER_S_PER_CORE, help="measured")
+    r.add_argument(
+        "--imagery-format", choices=sorted(CROP_COST), default=IMAGERY_FORMAT,
+        help="the imagery the crop decodes: jp2 = BD ORTHO as delivered, jpeg = its JPEG COG conversion",
+    )  # fmt: skip
+    r.add_argument("--crop-chips-per-s-per-core", type=_rate, help="per chip (default: the format's, measured)")
+    r.add_argument("--crop-core-s-per-km2", type=_seconds, help="per km² of imagery (default: the format's, measured)")
+    b.add_argument("--france-km2", type=_rate, default=FRANCE_KM2, help="imagery km² spread over the départements")
     default_gpu = ",".join(f"{k}={v:g}" for k, v in GPU_IMAGES_PER_S.items())
     r.add_argument(
         "--gpu-images-per-s",
@@ -424,10 +390,13 @@ def render(
 ) -> str:
     """The report: the inputs and their labels, one row per département (``each``), the total."""
     rates, pool, prices = inputs
+    measured = CROP_COST.get(rates.imagery_format) == (rates.crop_core_s_per_km2, rates.crop_chips_per_s_per_core)
+    crop_basis = "measured: bench-crop, 1 CPU" if measured else "given"
     gpu = ", ".join(f"{k} {v:,.0f}" for k, v in rates.gpu_images_per_s.items())
     at_once = f", {pool.predictions_at_once} predictions at once" if pool.predictions_at_once else ""
     lines = [
-        f"  crop: {rates.crop_chips_per_s_per_core:,.0f} chips/s per core (measured: bench-crop, local DEFLATE tiles)",
+        f"  crop ({rates.imagery_format}): {rates.crop_chips_per_s_per_core:,.0f} chips/s per core + "
+        f"{rates.crop_core_s_per_km2:.2f} core-s per km² of imagery ({crop_basis})",
         f"  GPU: {gpu} images/s on one GPU ({rates.gpu_label}); every model runs on every chip",
         f"  pool: {pool.crop_nodes} crop nodes × {pool.crop_node_cpus} cores, {pool.gpu_nodes} GPU nodes, "
         f"{pool.concurrent_runs} runs at once, {pool.crop_workers_per_run} crop workers per run{at_once}",
@@ -437,19 +406,19 @@ def render(
         "",
     ]
     if each:
-        head = f"{'dep':>4} {'buildings':>11} {'basis':>9} {'crop core-h':>12} {'GPU-h':>9} {'wall':>10} {'cost $':>9}"
+        head = f"{'dep':>4} {'buildings':>11} {'basis':>9} {'km²':>8} {'crop core-h':>12} {'GPU-h':>9} {'wall':>10} {'cost $':>9}"
         lines += [head, "-" * len(head)]
         for d in each:
             (dep,) = d.departements
             lines.append(
-                f"{dep:>4} {d.buildings:>11,} {basis[dep]:>9} {d.crop_core_hours:>12.3f} {d.gpu_hours:>9.3f} "
+                f"{dep:>4} {d.buildings:>11,} {basis[dep]:>9} {d.km2:>8,.0f} {d.crop_core_hours:>12.3f} {d.gpu_hours:>9.3f} "
                 f"{_duration(d.wall_hours):>10} {d.cost_usd:>9.2f}"
             )
         lines += ["(each département alone on the pool: its crop, then its inference, then overhead)", ""]
     counted = sum(1 for d in result.departements if basis[d] == COUNTED)
     lines += [
         f"Total, {len(result.departements)} département(s) together: {result.buildings:,} buildings "
-        f"({counted} counted, {len(result.departements) - counted} estimated)",
+        f"({counted} counted, {len(result.departements) - counted} estimated) on {result.km2:,.0f} km² of imagery",
         f"  crop: {result.crop_core_hours:,.2f} core-hours on {result.crop_cores} cores = "
         f"{_duration(result.crop_wall_hours)}",
         f"  inference: {result.gpu_hours:,.2f} GPU-hours ({result.gpu_label}) on {result.gpus} GPUs = "
@@ -471,7 +440,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:  # UnknownDepartementError names the code
         parser.error(f"argument --departements: {exc}")
     gpu_rates = {**GPU_IMAGES_PER_S, **(args.gpu_images_per_s or {})}
-    rates = Rates(args.crop_chips_per_s_per_core, gpu_rates, args.measured, args.partition_overhead_s)
+    given = {
+        "crop_chips_per_s_per_core": args.crop_chips_per_s_per_core,
+        "crop_core_s_per_km2": args.crop_core_s_per_km2,
+    }
+    rates = Rates.for_format(
+        args.imagery_format, gpu_images_per_s=gpu_rates, gpu_measured=args.measured,
+        partition_overhead_s=args.partition_overhead_s, **{k: v for k, v in given.items() if v is not None},
+    )  # fmt: skip
     # the options' names are the fields' names
     pool = Pool(**{f.name: getattr(args, f.name) for f in fields(Pool)})
     prices = Prices(**{f.name: getattr(args, f.name) for f in fields(Prices)})
@@ -485,8 +461,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         found = sum(1 for d in deps if basis[d] == COUNTED)
         notes = [f"buildings: counted from the footprints in {source} for {found} of {len(deps)}, the rest {estimated}"]
         notes += [f"  {d} not counted: {why[d]}" for d in deps if d in why] if len(deps) <= 10 else []
-    result = plan(counts, rates, pool, prices)
-    each = [plan({d: counts[d]}, rates, pool, prices) for d in deps] if len(deps) <= 10 else []
+    km2 = estimate_km2(deps, args.france_km2)
+    notes.append(f"imagery: {args.france_km2:,.0f} km² for France spread evenly (stated)")
+    result = plan(counts, rates, pool, prices, km2)
+    each = [plan({d: counts[d]}, rates, pool, prices, km2) for d in deps] if len(deps) <= 10 else []
     scope = "France (101 départements)" if args.departements is None else ", ".join(deps)
     print(f"Capacity plan: {scope}")
     print(render(result, each, basis, (rates, pool, prices), notes))

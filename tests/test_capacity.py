@@ -2,13 +2,15 @@
 
 Two départements of 100,000 and 50,000 buildings, 5,000 chips/s per core, roof_type 8,000 and
 solar_panels 2,000 images/s on one GPU (so 1/8000 + 1/2000 = 0.000625 GPU-s per chip), a pool of one
-4-core crop node and 2 GPU nodes, 60 s of overhead per partition.
+4-core crop node and 2 GPU nodes, 60 s of overhead per partition; no cost per km² of imagery but where
+a test gives one.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -17,22 +19,23 @@ from ops.geo.departements import DEPARTEMENTS, UnknownDepartementError
 from orchestration.capacity import (
     COUNTED,
     ESTIMATE,
-    MEASURED,
-    STATED,
+    FRANCE_KM2,
     Plan,
     Pool,
     Prices,
     Rates,
     buildings_by_departement,
     estimate_buildings,
+    estimate_km2,
     main,
     parse_model_rates,
     plan,
     select_departements,
 )
+from orchestration.capacity_rates import CROP_COST, MEASURED, STATED, CropRun, crop_cost
 
 H = 3600.0
-RATES = Rates(5_000.0, {"roof_type": 8_000.0, "solar_panels": 2_000.0}, False, 60.0)
+RATES = Rates(5_000.0, {"roof_type": 8_000.0, "solar_panels": 2_000.0}, False, 60.0, crop_core_s_per_km2=0.0)
 POOL = Pool(crop_nodes=1, crop_node_cpus=4, gpu_nodes=2, concurrent_runs=8, crop_workers_per_run=4)
 PRICES = Prices(crop_vcpu_hour_usd=0.02, crop_node_vcpus=8, gpu_node_hour_usd=0.5)
 TWO = {"01": 100_000, "02": 50_000}
@@ -144,3 +147,56 @@ def test_bad_inputs_are_refused_naming_them():
         plan({"01": -1}, RATES, POOL, PRICES)
     with pytest.raises(dataclasses.FrozenInstanceError):
         POOL.gpu_nodes = 3  # type: ignore[misc]
+
+
+def test_the_crop_pays_for_each_km2_of_imagery_as_well_as_each_chip():
+    """JPEG 2000 decoding is paid per km² of imagery, whatever the buildings on it."""
+    rates = dataclasses.replace(RATES, crop_core_s_per_km2=2.0)
+    p = plan(TWO, rates, POOL, PRICES, {"01": 10.0, "02": 40.0})
+    assert p.km2 == 50.0
+    assert p.crop_core_hours == approx((30 + 50 * 2.0) / H)  # 150,000 chips / 5,000 + 50 km² × 2 s
+    assert p.crop_wall_hours == approx(130 / 4 / H)  # 32.5 s, still under the GPUs' 46.875 s
+    # the fill is the crop of the département with the most crop work: 02's 10 + 80 s (01 has 20 + 20)
+    assert p.fill_hours == approx(90 / 4 / H)
+    p = plan({"01": 100_000}, rates, POOL, PRICES, {"01": 10.0})
+    assert p.wall_hours == approx(((20 + 20) / 4 + 100_000 * 0.000625 + 60) / H)  # crop alone: 40 core-s on 4
+    assert estimate_km2(DEPARTEMENTS)["2A"] == approx(FRANCE_KM2 / 101)
+    assert plan(TWO, rates, POOL, PRICES).km2 == approx(2 * FRANCE_KM2 / 101)  # spread evenly unless given
+    with pytest.raises(ValueError, match="département 02: km²"):
+        plan(TWO, rates, POOL, PRICES, {"01": 1.0})
+
+
+def test_a_formats_crop_rates_are_the_line_through_two_measured_densities():
+    # 10 km²: 2,000 chips in 20 s (2 s/km² at 200/km²), 200 chips in 3 s (0.3 s/km² at 20/km²)
+    s_per_km2, chips_per_s = crop_cost(CropRun(2_000, 10.0, 100.0), CropRun(200, 10.0, 200 / 3))
+    assert 1 / chips_per_s == pytest.approx(1.7 / 180) and s_per_km2 == pytest.approx(2.0 - 200 * 1.7 / 180)
+    with pytest.raises(ValueError, match="first run must be the denser"):
+        crop_cost(CropRun(200, 10.0, 200 / 3), CropRun(2_000, 10.0, 100.0))
+    with pytest.raises(ValueError, match="denser run must cost more"):
+        crop_cost(CropRun(2_000, 10.0, 1_000.0), CropRun(200, 10.0, 20.0))  # 0.2 s/km² against 1 s/km²
+    # measured: decoding a km² of JPEG 2000 costs over ten times what a JPEG COG's or a DEFLATE GeoTIFF's does
+    assert CROP_COST["jp2"][0] > 10 * max(CROP_COST["jpeg"][0], CROP_COST["deflate"][0]) > 0
+    for imagery_format, (_, chips_per_s) in CROP_COST.items():
+        assert Rates.for_format(imagery_format).crop_chips_per_s_per_core == chips_per_s > 0
+    assert Rates() == Rates.for_format("jp2")  # BD ORTHO as delivered
+    with pytest.raises(ValueError, match="'png'.*jp2"):
+        Rates.for_format("png")
+
+
+def test_frances_plan_on_jpeg2000_is_led_by_decoding_its_km2(capsys):
+    """What `make capacity` prints for France on BD ORTHO as delivered, and on its JPEG COGs."""
+    totals = {}
+    for imagery_format in ("jp2", "jpeg"):
+        assert main(["--estimate-only", "--imagery-format", imagery_format]) == 0
+        out = capsys.readouterr().out
+        totals[imagery_format] = json.loads(out.strip().splitlines()[-1])
+        assert f"crop ({imagery_format})" in out and "633,116 km² of imagery" in out
+    jp2, jpeg = totals["jp2"], totals["jpeg"]
+    assert jp2["km2"] == jpeg["km2"] == FRANCE_KM2 and jp2["buildings"] == 35_000_000
+    s_per_km2, chips_per_s = CROP_COST["jp2"]
+    assert jp2["crop_core_hours"] == pytest.approx((35e6 / chips_per_s + FRANCE_KM2 * s_per_km2) / H, abs=1e-3)
+    assert FRANCE_KM2 * s_per_km2 > 35e6 / chips_per_s  # the km² outweigh the chips
+    assert jp2["crop_core_hours"] > jpeg["crop_core_hours"]
+    assert main(["--estimate-only", "--crop-core-s-per-km2", "0", "--crop-chips-per-s-per-core", "5000"]) == 0
+    given = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert given["crop_core_hours"] == pytest.approx(35e6 / 5000 / H, abs=1e-3)
