@@ -7,13 +7,14 @@
 Why a module of its own: sizing a node pool, or answering "what does France cost?", should take
 seconds and say which inputs were measured (on this project's 2-core VM) and which are only stated
 (anything on a GPU, prices): every figure is a named constant whose comment gives its source (the
-rates in ``orchestration.capacity_rates``).
+rates in ``orchestration.capacity_rates``, the buildings and km² in ``orchestration.capacity_workload``).
 The arithmetic (:func:`plan`) is pure, on frozen :class:`Rates`, :class:`Pool`, :class:`Prices` and
 :class:`Plan`; only the command line reads footprint files (Dagster-backed resources imported lazily).
 
 Work model (one chip per building, every model on every chip: an upper bound, some chips end ``nodata``):
 
-- crop core-hours = (buildings / (chips/s per core) + km² of imagery × core-s per km²) / 3600, the
+- crop core-hours = chip sets × (buildings / (chips/s per core) + km² of imagery × core-s per km²) / 3600,
+  each chip set the declared attributes ask for beyond the default chips being cut (decoded) again, the
   rates of the imagery's format (``orchestration.capacity_rates``: on JPEG 2000 decoding the km²
   dominates); a département's km² is France's spread evenly unless given;
 - GPU-hours = buildings × Σ over models (1 / images/s of that model on one GPU) / 3600;
@@ -41,31 +42,30 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from ops.geo.departements import DEPARTEMENTS, check_departement
+from ops.ml.attributes import DEFAULT_PATH, attributes_path, chip_sets, load_attributes
 from ops.ml.catalog import MODELS
 from orchestration.capacity_rates import (
     CPU_BENCH_CORES,
-    CPU_IMAGES_PER_S,
+    CPU_NETWORK_IMAGES_PER_S,
     CROP_COST,
     GPU_IMAGES_PER_S,
+    GPU_NETWORK_IMAGES_PER_S,
     IMAGERY_FORMAT,
     PARTITION_OVERHEAD_S,
     Rates,
+    per_attribute,
     positive,
 )
+from orchestration.capacity_workload import (
+    COUNTED,
+    FRANCE_BUILDINGS,
+    FRANCE_KM2,
+    buildings_by_departement,
+    default_source_dir,
+    estimate_km2,
+    footprint_counter,
+)
 from orchestration.pods import DEFAULT_CROP_WORKERS
-
-# --- Buildings -----------------------------------------------------------------------------------
-# France ≈ 35 million buildings: the product's stated figure for IGN BD TOPO (not counted here).
-# Without a better stated basis it is spread evenly over the 101 départements (Paris has far fewer,
-# large rural départements more): per-département estimates are rough, their sum is the figure.
-FRANCE_BUILDINGS = 35_000_000
-# France's area, all of it under BD ORTHO: métropole 543,940 km² (INSEE) and the five overseas
-# départements 89,176 (Guyane 83,534, Réunion 2,512, Guadeloupe 1,628, Martinique 1,128, Mayotte 374),
-# spread evenly like the buildings (stated, not counted).
-FRANCE_KM2 = 633_116.0
-
-COUNTED = "counted"
-ESTIMATE = "estimate"
 
 # --- Pool (defaults: the production configuration of this repository) ----------------------------
 CROP_NODES = 2
@@ -132,6 +132,7 @@ class Plan:
     departements: tuple[str, ...]
     buildings: int
     km2: float
+    chip_sets: int
     crop_core_hours: float
     gpu_hours: float
     gpu_label: str
@@ -152,6 +153,7 @@ class Plan:
             "departements": len(self.departements),
             "buildings": self.buildings,
             "km2": round(self.km2, 1),
+            "chip_sets": self.chip_sets,
             "crop_core_hours": round(self.crop_core_hours, 3),
             "gpu_hours": round(self.gpu_hours, 3),
             "gpu_rates": self.gpu_label,
@@ -170,11 +172,13 @@ def plan(
     pool: Pool | None = None,
     prices: Prices | None = None,
     km2_by_dep: Mapping[str, float] | None = None,
+    chip_sets: int = 1,
 ) -> Plan:
     """Plan these départements run together on ``pool`` (the model is in the module docstring).
 
     One département alone is ``plan({dep: n}, ...)``: its crop, then its inference, then overhead.
-    ``km2_by_dep``: each one's km² of imagery (default :func:`estimate_km2`).
+    ``km2_by_dep``: each one's km² of imagery (default :func:`estimate_km2`); ``chip_sets``: the crops
+    of each département (the default chips and every declared attribute's own set).
     """
     rates, pool, prices = rates or Rates(), pool or Pool(), prices or Prices()
     if not buildings_by_dep:
@@ -187,8 +191,10 @@ def plan(
     for dep in buildings_by_dep:
         if not (isinstance(km2.get(dep), int | float) and math.isfinite(km2[dep]) and km2[dep] >= 0):
             raise ValueError(f"département {dep}: km² of imagery must be a number >= 0, got {km2.get(dep)!r}")
+    if not isinstance(chip_sets, int) or chip_sets < 1:
+        raise ValueError(f"chip sets must be an integer >= 1, got {chip_sets!r}")
     total, parts = sum(buildings_by_dep.values()), len(buildings_by_dep)
-    crop_s = {dep: rates.crop_core_s(n, km2[dep]) for dep, n in buildings_by_dep.items()}
+    crop_s = {dep: chip_sets * rates.crop_core_s(n, km2[dep]) for dep, n in buildings_by_dep.items()}
     crop_h = sum(crop_s.values()) / 3600
     gpu_h = total * rates.gpu_s_per_chip / 3600
     crop_wall, gpu_wall = crop_h / pool.crop_cores(parts), gpu_h / pool.gpus(parts)
@@ -206,10 +212,11 @@ def plan(
         departements=tuple(buildings_by_dep),
         buildings=total,
         km2=sum(km2[dep] for dep in buildings_by_dep),
+        chip_sets=chip_sets,
         crop_core_hours=crop_h,
         gpu_hours=gpu_h,
         gpu_label=rates.gpu_label,
-        cpu_inference_core_hours=total * sum(CPU_BENCH_CORES / r for r in CPU_IMAGES_PER_S.values()) / 3600,
+        cpu_inference_core_hours=total * sum(CPU_BENCH_CORES / r for r in rates.cpu_images_per_s.values()) / 3600,
         crop_cores=pool.crop_cores(parts),
         gpus=pool.gpus(parts),
         crop_wall_hours=crop_wall,
@@ -230,66 +237,6 @@ def select_departements(codes: Iterable[str] | None) -> tuple[str, ...]:
     if not chosen:
         raise ValueError("no département given")
     return chosen
-
-
-def estimate_buildings(departements: Iterable[str], france: int = FRANCE_BUILDINGS) -> dict[str, int]:
-    """``france`` spread evenly over the 101 départements, the remainder to the first: all 101 add up to it."""
-    base, extra = divmod(france, len(DEPARTEMENTS))
-    rank = {d: i for i, d in enumerate(DEPARTEMENTS)}
-    return {d: base + (1 if rank[check_departement(d)] < extra else 0) for d in departements}
-
-
-def estimate_km2(departements: Iterable[str], france: float = FRANCE_KM2) -> dict[str, float]:
-    """France's km² of imagery spread evenly over the 101 départements (stated: Guyane is 84,000, Paris 105)."""
-    return {check_departement(d): france / len(DEPARTEMENTS) for d in departements}
-
-
-def buildings_by_departement(
-    departements: Sequence[str],
-    locate: Callable[[str], Path] | None,
-    count: Callable[[Path], int] | None,
-    france: int = FRANCE_BUILDINGS,
-) -> tuple[dict[str, int], dict[str, str], dict[str, str]]:
-    """(buildings, basis, why not counted) per département: counted from its footprint file where
-    ``locate`` finds one and ``count`` can read it, else the even-spread estimate.
-
-    ``locate=None`` estimates them all. A missing or unreadable file is not an error: the plan falls
-    back to the estimate and says so (the third dict holds the reason).
-    """
-    estimates = estimate_buildings(departements, france)
-    counts: dict[str, int] = {}
-    basis: dict[str, str] = {}
-    why: dict[str, str] = {}
-    for dep in departements:
-        if locate is not None and count is not None:
-            try:
-                counts[dep] = int(count(locate(dep)))
-                basis[dep] = COUNTED
-                continue
-            except (OSError, ValueError) as exc:  # MissingInputError is an OSError, FootprintError a ValueError
-                why[dep] = str(exc)
-        counts[dep] = estimates[dep]
-        basis[dep] = ESTIMATE
-    return counts, basis, why
-
-
-def footprint_counter(source_dir: str) -> tuple[Callable[[str], Path], Callable[[Path], int]]:
-    """The real locate and count: ``FootprintSource.footprints`` and ``count_features``.
-
-    Imported here, not at the top: ``resources.imagery`` brings Dagster (seconds to import), which the
-    arithmetic does not need.
-    """
-    from ops.geo.footprints import count_features
-    from resources.imagery import FootprintSource
-
-    return FootprintSource(root=source_dir).footprints, lambda path: count_features(path, None)
-
-
-def default_source_dir() -> str:
-    """Where the pipeline reads its inputs (``BATIVISION_SOURCE_DIR``); imports Dagster, so only when counting."""
-    from orchestration.environment import source_dir
-
-    return str(source_dir())
 
 
 # --- Command line --------------------------------------------------------------------------------
@@ -314,15 +261,16 @@ def _number(cast: type, minimum: float, strict: bool) -> Callable[[str], float]:
 _count, _rate, _seconds = _number(int, 1, False), _number(float, 0, True), _number(float, 0, False)
 
 
-def parse_model_rates(text: str) -> dict[str, float]:
+def parse_model_rates(text: str, models: Iterable[str] = MODELS) -> dict[str, float]:
     """``roof_type=8000,solar_panels=2000`` → {model: images/s}; models not named keep their default."""
+    models = list(models)
     rates: dict[str, float] = {}
     for item in filter(None, (p.strip() for p in text.split(","))):
         name, sep, value = (x.strip() for x in item.partition("="))
         if not sep:
             raise argparse.ArgumentTypeError(f"expected model=images_per_s, got {item!r}")
-        if name not in MODELS:
-            raise argparse.ArgumentTypeError(f"unknown model {name!r}: expected one of {', '.join(MODELS)}")
+        if name not in models:
+            raise argparse.ArgumentTypeError(f"unknown model {name!r}: expected one of {', '.join(models)}")
         rates[name] = _rate(value)
     if not rates:
         raise argparse.ArgumentTypeError("expected model=images_per_s[,model=images_per_s]")
@@ -346,6 +294,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--estimate-only", action="store_true", help="do not look for footprint files")
     b.add_argument("--france-buildings", type=_count, default=FRANCE_BUILDINGS, help="basis of the estimates")
+    b.add_argument(
+        "--attributes",
+        help="attribute declarations: each one's model runs on every chip, each chip set it declares is "
+        "one more crop (default: BATIVISION_ATTRIBUTES, else the shipped models/attributes.yaml)",
+    )
     r = p.add_argument_group("rates")
     r.add_argument(
         "--imagery-format", choices=sorted(CROP_COST), default=IMAGERY_FORMAT,
@@ -357,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     default_gpu = ",".join(f"{k}={v:g}" for k, v in GPU_IMAGES_PER_S.items())
     r.add_argument(
         "--gpu-images-per-s",
-        type=parse_model_rates,
+        type=str,
         metavar="MODEL=N[,MODEL=N]",
         help=f"images/s of each model on one GPU (default {default_gpu}, stated)",
     )
@@ -439,14 +392,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         deps = select_departements(args.departements)
     except ValueError as exc:  # UnknownDepartementError names the code
         parser.error(f"argument --departements: {exc}")
-    gpu_rates = {**GPU_IMAGES_PER_S, **(args.gpu_images_per_s or {})}
+    path = Path(args.attributes) if args.attributes else attributes_path()
+    try:
+        declared = load_attributes(path)  # a DeclarationError names the file and the field
+    except ValueError as exc:
+        parser.error(f"argument --attributes: {exc}")
+    tasks = {name: a.task for name, a in declared.items()}
+    try:
+        given_gpu = parse_model_rates(args.gpu_images_per_s, tasks) if args.gpu_images_per_s else {}
+    except argparse.ArgumentTypeError as exc:
+        parser.error(f"argument --gpu-images-per-s: {exc}")
+    gpu_rates = {**per_attribute(GPU_NETWORK_IMAGES_PER_S, tasks), **given_gpu}
     given = {
         "crop_chips_per_s_per_core": args.crop_chips_per_s_per_core,
         "crop_core_s_per_km2": args.crop_core_s_per_km2,
     }
     rates = Rates.for_format(
         args.imagery_format, gpu_images_per_s=gpu_rates, gpu_measured=args.measured,
-        partition_overhead_s=args.partition_overhead_s, **{k: v for k, v in given.items() if v is not None},
+        partition_overhead_s=args.partition_overhead_s, cpu_images_per_s=per_attribute(CPU_NETWORK_IMAGES_PER_S, tasks),
+        **{k: v for k, v in given.items() if v is not None},
     )  # fmt: skip
     # the options' names are the fields' names
     pool = Pool(**{f.name: getattr(args, f.name) for f in fields(Pool)})
@@ -463,8 +427,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         notes += [f"  {d} not counted: {why[d]}" for d in deps if d in why] if len(deps) <= 10 else []
     km2 = estimate_km2(deps, args.france_km2)
     notes.append(f"imagery: {args.france_km2:,.0f} km² for France spread evenly (stated)")
-    result = plan(counts, rates, pool, prices, km2)
-    each = [plan({d: counts[d]}, rates, pool, prices, km2) for d in deps] if len(deps) <= 10 else []
+    sets = 1 + len(chip_sets(declared))
+    where = "the shipped models/attributes.yaml" if path.resolve() == DEFAULT_PATH else path
+    notes.append(f"attributes: {len(tasks)} declared in {where}; {sets} chip set(s), each cut on its own")
+    result = plan(counts, rates, pool, prices, km2, sets)
+    each = [plan({d: counts[d]}, rates, pool, prices, km2, sets) for d in deps] if len(deps) <= 10 else []
     scope = "France (101 départements)" if args.departements is None else ", ".join(deps)
     print(f"Capacity plan: {scope}")
     print(render(result, each, basis, (rates, pool, prices), notes))

@@ -76,20 +76,24 @@ CROP_COST: Mapping[str, tuple[float, float]] = MappingProxyType({f: crop_cost(*r
 
 # Stated for one NVIDIA L4 (g2-standard-8), 64 × 64 chips, batch 512, shards to rows: no L4 was measured. An H200
 # was (make bench-cuda, README): both models 45,387 images/s, bound by one CPU core; an L4 has a fraction of its fp16.
-def per_attribute(measured: Mapping[str, float]) -> Mapping[str, float]:
-    """Every shipped attribute's rate (all run on each chip): its own if measured, else its network's.
+def per_attribute(measured: Mapping[str, float], tasks: Mapping[str, str] = MODELS) -> Mapping[str, float]:
+    """Every attribute's rate (all run on each chip): its own if measured, else its network's.
 
-    A classification or regression is RoofNet's body (ValueNet: one output), costed at roof_type's rate.
+    ``tasks``: attribute → task, the shipped ones unless a declarations file says otherwise. A
+    classification or regression is RoofNet's body (ValueNet: one output), costed at roof_type's rate;
+    a segmentation is solar_panels' network.
     """
-    like = {name: SOLAR_PANELS if task == "segmentation" else ROOF_TYPE for name, task in MODELS.items()}
-    return MappingProxyType({name: measured.get(name, measured[like[name]]) for name in MODELS})
+    like = {name: SOLAR_PANELS if task == "segmentation" else ROOF_TYPE for name, task in tasks.items()}
+    return MappingProxyType({name: measured.get(name, measured[like[name]]) for name in tasks})
 
 
-GPU_IMAGES_PER_S: Mapping[str, float] = per_attribute({ROOF_TYPE: 8_000.0, SOLAR_PANELS: 2_000.0})
+GPU_NETWORK_IMAGES_PER_S: Mapping[str, float] = MappingProxyType({ROOF_TYPE: 8_000.0, SOLAR_PANELS: 2_000.0})
+GPU_IMAGES_PER_S: Mapping[str, float] = per_attribute(GPU_NETWORK_IMAGES_PER_S)
 # Measured: `make bench-infer` (README "Benchmarks"), the real `predictions` step on CPU, 50,000
 # buildings, 2 torch threads on the 2-core VM: roof_type 1,139 images/s, solar_panels ≈ 220.
 # Only a reference (CPU inference core-hours); the plan's inference runs on GPUs.
-CPU_IMAGES_PER_S: Mapping[str, float] = per_attribute({ROOF_TYPE: 1_139.0, SOLAR_PANELS: 220.0})
+CPU_NETWORK_IMAGES_PER_S: Mapping[str, float] = MappingProxyType({ROOF_TYPE: 1_139.0, SOLAR_PANELS: 220.0})
+CPU_IMAGES_PER_S: Mapping[str, float] = per_attribute(CPU_NETWORK_IMAGES_PER_S)
 CPU_BENCH_CORES = 2
 
 # Stated: per-partition work outside crop and inference (pod scheduling and image pull, `buildings`,
@@ -118,6 +122,8 @@ class Rates:
     partition_overhead_s: float = PARTITION_OVERHEAD_S
     crop_core_s_per_km2: float = CROP_COST[IMAGERY_FORMAT][0]
     imagery_format: str = IMAGERY_FORMAT
+    # reference only: the same models on CPU (the plan's "inference on CPU" line)
+    cpu_images_per_s: Mapping[str, float] = field(default_factory=lambda: CPU_IMAGES_PER_S, hash=False)
 
     def __post_init__(self) -> None:
         positive("crop chips/s per core", self.crop_chips_per_s_per_core)
@@ -129,7 +135,10 @@ class Rates:
             positive(f"GPU images/s of {model}", rate)
         if not (math.isfinite(self.partition_overhead_s) and self.partition_overhead_s >= 0):
             raise ValueError(f"partition overhead must be >= 0 s, got {self.partition_overhead_s!r}")
+        for model, rate in self.cpu_images_per_s.items():
+            positive(f"CPU images/s of {model}", rate)
         object.__setattr__(self, "gpu_images_per_s", MappingProxyType(dict(self.gpu_images_per_s)))
+        object.__setattr__(self, "cpu_images_per_s", MappingProxyType(dict(self.cpu_images_per_s)))
 
     @classmethod
     def for_format(cls, imagery_format: str, **overrides: object) -> Rates:

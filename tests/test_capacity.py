@@ -16,23 +16,17 @@ from pathlib import Path
 import pytest
 
 from ops.geo.departements import DEPARTEMENTS, UnknownDepartementError
-from orchestration.capacity import (
+from ops.ml.attributes import DEFAULT_PATH
+from orchestration.capacity import Plan, Pool, Prices, Rates, main, parse_model_rates, plan, select_departements
+from orchestration.capacity_rates import CROP_COST, MEASURED, STATED, CropRun, crop_cost
+from orchestration.capacity_workload import (
     COUNTED,
     ESTIMATE,
     FRANCE_KM2,
-    Plan,
-    Pool,
-    Prices,
-    Rates,
     buildings_by_departement,
     estimate_buildings,
     estimate_km2,
-    main,
-    parse_model_rates,
-    plan,
-    select_departements,
 )
-from orchestration.capacity_rates import CROP_COST, MEASURED, STATED, CropRun, crop_cost
 
 H = 3600.0
 RATES = Rates(5_000.0, {"roof_type": 8_000.0, "solar_panels": 2_000.0}, False, 60.0, crop_core_s_per_km2=0.0)
@@ -200,3 +194,39 @@ def test_frances_plan_on_jpeg2000_is_led_by_decoding_its_km2(capsys):
     assert main(["--estimate-only", "--crop-core-s-per-km2", "0", "--crop-chips-per-s-per-core", "5000"]) == 0
     given = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert given["crop_core_hours"] == pytest.approx(35e6 / 5000 / H, abs=1e-3)
+
+
+def test_declared_attributes_add_their_models_and_their_chip_sets_to_the_plan(tmp_path, capsys, monkeypatch):
+    """A team's declarations file (BATIVISION_ATTRIBUTES): each attribute's model runs on every chip,
+    costed at its network's rate, and an attribute with its own chips is one more crop of France."""
+    monkeypatch.delenv("BATIVISION_ATTRIBUTES", raising=False)  # the shipped declarations by default
+    shipped = DEFAULT_PATH.read_text()
+    extra = (
+        "\n  roof_cover:\n    task: classification\n    classes: [tiles, slate]\n"
+        "    labels: {file: labels.csv, column: roof_cover}\n    chip: {size: 48, margin_m: 4}\n"
+        "  trees:\n    task: segmentation\n    classes: [background, tree]\n    labels: {polygons: trees.gpkg}\n"
+    )
+    declared = tmp_path / "attributes.yaml"
+    declared.write_text(shipped.rstrip() + extra)
+
+    def totals(*args: str) -> tuple[dict, str]:
+        assert main(["--estimate-only", *args]) == 0
+        out = capsys.readouterr().out
+        return json.loads(out.strip().splitlines()[-1]), out
+
+    base, _ = totals()
+    more, out = totals("--attributes", str(declared), "--gpu-images-per-s", "trees=1000")
+    assert "roof_cover 8,000" in out and "trees 1,000" in out and "2 chip set(s)" in out
+    assert (base["chip_sets"], more["chip_sets"]) == (1, 2)
+    assert more["crop_core_hours"] == pytest.approx(2 * base["crop_core_hours"], abs=1e-3)
+    # two more models on every chip: roof_cover at roof_type's 8,000 images/s, trees at the 1,000 given
+    assert more["gpu_hours"] == pytest.approx(base["gpu_hours"] + 35e6 * (1 / 8_000 + 1 / 1_000) / H, abs=1e-3)
+    assert more["cpu_inference_core_hours"] > base["cpu_inference_core_hours"]
+    with pytest.raises(SystemExit):
+        main(["--estimate-only", "--gpu-images-per-s", "trees=1000"])  # not declared in the shipped file
+    assert "'trees'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--estimate-only", "--attributes", str(tmp_path / "missing.yaml")])
+    assert "missing.yaml" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="chip sets"):
+        plan(TWO, RATES, POOL, PRICES, chip_sets=0)
