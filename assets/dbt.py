@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from dagster import AssetExecutionContext, AssetKey, AssetsDefinition, AssetSpec
+from dagster import AssetExecutionContext, AssetKey, AssetsDefinition, AssetSpec, TableColumn, TableSchema
 from dagster_dbt import DagsterDbtTranslator, DbtCliResource, DbtProject, dbt_assets
 
 from assets.owners import ANALYTICS
@@ -114,8 +114,17 @@ def _parse_into(project_dir: Path, manifest: Path) -> None:
         os.replace(Path(scratch) / "manifest.json", manifest)
 
 
+#: The mart with a set of columns per declared attribute (its yml can only describe the fixed ones).
+ATTRIBUTES_MART = "building_attributes"
+
+
 class BativisionDbtTranslator(DagsterDbtTranslator):
-    """dbt sources are our own assets; models go in the `warehouse_models` group."""
+    """dbt sources are our own assets; models go in the `warehouse_models` group; the attributes' mart
+    lists each declared attribute's columns in its column schema."""
+
+    def __init__(self, attributes: Mapping[str, Attribute] | None = None) -> None:
+        super().__init__()
+        self.attributes = dict(attributes or {})
 
     def get_asset_key(self, dbt_resource_props: Mapping[str, Any]) -> AssetKey:
         if dbt_resource_props["resource_type"] == "source":
@@ -132,7 +141,15 @@ class BativisionDbtTranslator(DagsterDbtTranslator):
         """The engine in the kinds is this environment's warehouse, not the adapter the manifest was parsed with."""
         spec = super().get_asset_spec(manifest, unique_id, project)
         adapter = manifest.get("metadata", {}).get("adapter_type")
-        return spec.replace_attributes(kinds=(spec.kinds - {adapter}) | kinds(warehouse=True, store=False))
+        spec = spec.replace_attributes(kinds=(spec.kinds - {adapter}) | kinds(warehouse=True, store=False))
+        if manifest["nodes"].get(unique_id, {}).get("name") != ATTRIBUTES_MART or not self.attributes:
+            return spec
+        fixed = spec.metadata.get("dagster/column_schema")
+        columns = [
+            *(fixed.columns if fixed else []),
+            *(TableColumn(n, t, d) for a in self.attributes.values() for n, t, d in a.columns()),
+        ]
+        return spec.merge_attributes(metadata={"dagster/column_schema": TableSchema(columns=columns)})
 
 
 def dbt_vars(departement: str, attributes: Mapping[str, Attribute]) -> dict[str, Any]:
@@ -146,7 +163,7 @@ def dbt_models_asset(attributes: Mapping[str, Attribute]) -> AssetsDefinition:
     @dbt_assets(
         manifest=ensure_manifest(),
         project=dbt_project,
-        dagster_dbt_translator=BativisionDbtTranslator(),
+        dagster_dbt_translator=BativisionDbtTranslator(attributes),
         partitions_def=departements_partitions,
         pool=WAREHOUSE_POOL,
     )

@@ -123,6 +123,22 @@ def test_a_declared_attribute_gets_a_column_for_every_building(env, trained):
     assert summary.set_index("model_name").loc["pitch", "task"] == "regression"
 
 
+def test_the_marts_column_schema_in_the_ui_lists_every_column_of_the_table_from_the_declarations(env, trained):
+    """What an analyst reads beside `building_attributes`: its yml describes the fixed columns only;
+    each declared attribute's columns come from its declaration (classes, unit, range)."""
+    attrs, _ = trained
+    _, data, _, _, _ = env
+    (spec,) = [
+        s for a in assemble_assets(attrs) for s in getattr(a, "specs", []) if s.key.path[-1] == "building_attributes"
+    ]
+    schema = {c.name: c for c in spec.metadata["dagster/column_schema"].columns}
+    table = _query(data, "select * from building_attributes where departement = '12' limit 1")
+    assert list(schema) == list(table.columns)  # every column, in the table's order
+    assert schema["roof_cover_label"].description.startswith("roof material from BD TOPO codes: one of tiles, slate")
+    assert "in degrees, clipped to [0, 90]" in schema["pitch_value"].description
+    assert "nodata" in schema["pitch_status"].description and schema["roof_cover_score"].type == "double"
+
+
 def test_an_attribute_with_its_own_chip_geometry_is_cut_trained_and_predicted_on_its_own_chips(env, trained):
     """roof_cover declares 48 px chips with a 4 m margin: a set of chips beside the default ones, for it alone."""
     _, data, dep, _, _ = env

@@ -24,6 +24,8 @@ from typing import Any
 
 import yaml
 
+from ops.shards import STATUSES as PREDICTION_STATUSES
+
 TASKS = ("classification", "segmentation", "regression")
 #: Where labels come from: a per-département CSV/Parquet file, a column of the footprints, polygons.
 LABEL_KINDS = ("file", "footprint_column", "polygons")
@@ -127,6 +129,27 @@ class Attribute:
 
     def setting(self, key: str) -> int | float:
         return self.training.get(key, TRAINING_DEFAULTS[key])
+
+    def columns(self) -> list[tuple[str, str, str]]:
+        """Its columns in dbt's ``building_attributes``: (name, type, description), in the mart's order.
+
+        What an analyst reads beside the table (the asset's column schema in the UI): the values a
+        column can take come from this declaration, so they follow it.
+        """
+        what = self.description.strip().rstrip(".") or self.name.replace("_", " ")
+        if self.task == "regression":
+            bounds = f", clipped to [{self.value_range[0]:g}, {self.value_range[1]:g}]" if self.value_range else ""
+            cols = [(f"{self.name}_value", "double", f"{what}, in {self.unit}{bounds} (regression)")]
+        else:
+            cols = [
+                (f"{self.name}_label", "string", f"{what}: one of {', '.join(self.classes)} ({self.task})"),
+                (f"{self.name}_score", "double", f"calibrated probability of {self.name}_label, in [0, 1]"),
+            ]
+        return cols + [
+            (f"{self.name}_status", "string", f"{self.name} prediction status: {', '.join(PREDICTION_STATUSES)}"),
+            (f"{self.name}_model_version", "string", f"the {self.name} model version of this prediction (latest)"),
+            (f"{self.name}_predicted_at", "timestamp", f"when the {self.name} prediction was made"),
+        ]
 
     def dbt(self) -> dict[str, Any]:
         """What dbt's ``building_attributes`` needs of it (``var('attribute_models')``)."""
