@@ -56,6 +56,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import rasterio
+import torch
 from rasterio.enums import Resampling
 from rasterio.windows import Window
 
@@ -244,10 +245,16 @@ def child(kind: str, work: Path, parquet: Path, n_sample: int) -> dict:
 
 
 def pin(cpus: int) -> int:
-    """Keep this process (and the threads it will start) on its first ``cpus`` CPUs; the CPUs it got."""
+    """Keep this process (and the threads it will start) on its first ``cpus`` CPUs; the CPUs it got.
+
+    torch's thread pool was sized when it was imported, on every CPU: two of its threads on one CPU
+    made the DEFLATE floor (whose predictor is undone by a torch cumsum) 15x slower, so it is resized.
+    """
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:cpus])
-    return min(cpus, available_cpus())
+    got = min(cpus, available_cpus())
+    torch.set_num_threads(got)
+    return got
 
 
 def run_child(kind: str, work: Path, parquet: Path, n_sample: int = 0) -> dict:
@@ -297,7 +304,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.child:
         kind, work, parquet, n = args.child
         got = pin(CPUS[kind])
-        print(json.dumps({**child(kind, Path(work), Path(parquet), int(n)), "cpus": got}))
+        result = child(kind, Path(work), Path(parquet), int(n))
+        print(json.dumps({**result, "cpus": got, "torch_threads": torch.get_num_threads()}))
         return None
     root = format_folder(args.out, args.format)
     full, half, info, facts = prepare(root, args.buildings, args.format)
