@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+import torch
 from dagster import AssetExecutionContext, Config, DataVersion, MaterializeResult
 from pydantic import Field
 
@@ -123,6 +124,7 @@ def save_and_report(
         "n_train": m["n_train"],
         "n_val": m["n_val"],
         "train_seconds": m["train_seconds"],
+        "threads": torch.get_num_threads(),  # torch's CPU threads it trained with
         "departements": ", ".join(used),
     }
     if card.training_data.get("labels_digest"):
