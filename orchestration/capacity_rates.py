@@ -60,7 +60,7 @@ def crop_cost(dense: CropRun, sparse: CropRun) -> tuple[float, float]:
 # Measured 2026-11-30 on the 2-core VM: `bench.crop`'s "ours, 1 worker" (the real `chips` code path
 # pinned to one CPU), 20,000 synthetic buildings on 24 km² of imagery (833 per km²) and one in ten of
 # them (`--keep-one-in 10`), the best of two runs each. France averages about 55 buildings per km².
-# `jpeg` is the JPEG COG the monthly run converts BD ORTHO to once (`mosaic_cog`); `deflate` the
+# `jpeg` is the JPEG COG the monthly run converts BD ORTHO to once (`ortho_mosaic`, `convert: jpeg`); `deflate` the
 # lossless GeoTIFF of the sample data.
 CROP_RUNS: Mapping[str, tuple[CropRun, CropRun]] = MappingProxyType(
     {
