@@ -75,6 +75,8 @@ DEP = "33"
 SPEC = ChipSpec()
 #: the CPUs each contender runs on (see the module's doc)
 CPUS = {"rio-tiler": 1, "rasterio": 1, "floor": 1, "ours1": 1, "rio-tiler2": 2, "ours2": 2}
+#: the baseline contenders and the reader each one runs (see :func:`baseline`)
+BASELINES = {"rio-tiler": "rio-tiler", "rasterio": "rasterio", "rio-tiler2": "rio-tiler"}
 
 
 def format_folder(out: Path, imagery_format: str) -> Path:
@@ -225,9 +227,9 @@ def ours(parquet: Path, info: MosaicInfo, folder: Path, workers: int) -> tuple[f
 def child(kind: str, work: Path, parquet: Path, n_sample: int) -> dict:
     """Run one contender in this (fresh) process: the state a production step starts from."""
     info = MosaicInfo.from_json((work / "mosaic.json").read_text())
-    if kind.startswith(("rio-tiler", "rasterio")):
+    if kind in BASELINES:
         sample = windows_in_source_order(parquet, info)[:n_sample]
-        reader = kind.rstrip("2")
+        reader = BASELINES[kind]
         return {"chips_per_s": baseline(reader, work / "mosaic.vrt", sample, work / f"baseline_{reader}")}
     if kind == "floor":
         windows = windows_in_source_order(parquet, info)

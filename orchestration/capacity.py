@@ -294,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--estimate-only", action="store_true", help="do not look for footprint files")
     b.add_argument("--france-buildings", type=_count, default=FRANCE_BUILDINGS, help="basis of the estimates")
+    b.add_argument("--france-km2", type=_rate, default=FRANCE_KM2, help="imagery km² spread over the départements")
     b.add_argument(
         "--attributes",
         help="attribute declarations: each one's model runs on every chip, each chip set it declares is "
@@ -306,7 +307,6 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     r.add_argument("--crop-chips-per-s-per-core", type=_rate, help="per chip (default: the format's, measured)")
     r.add_argument("--crop-core-s-per-km2", type=_seconds, help="per km² of imagery (default: the format's, measured)")
-    b.add_argument("--france-km2", type=_rate, default=FRANCE_KM2, help="imagery km² spread over the départements")
     default_gpu = ",".join(f"{k}={v:g}" for k, v in GPU_IMAGES_PER_S.items())
     r.add_argument(
         "--gpu-images-per-s",
@@ -343,13 +343,11 @@ def render(
 ) -> str:
     """The report: the inputs and their labels, one row per département (``each``), the total."""
     rates, pool, prices = inputs
-    measured = CROP_COST.get(rates.imagery_format) == (rates.crop_core_s_per_km2, rates.crop_chips_per_s_per_core)
-    crop_basis = "measured: bench-crop, 1 CPU" if measured else "given"
     gpu = ", ".join(f"{k} {v:,.0f}" for k, v in rates.gpu_images_per_s.items())
     at_once = f", {pool.predictions_at_once} predictions at once" if pool.predictions_at_once else ""
     lines = [
         f"  crop ({rates.imagery_format}): {rates.crop_chips_per_s_per_core:,.0f} chips/s per core + "
-        f"{rates.crop_core_s_per_km2:.2f} core-s per km² of imagery ({crop_basis})",
+        f"{rates.crop_core_s_per_km2:.2f} core-s per km² of imagery ({rates.crop_label})",
         f"  GPU: {gpu} images/s on one GPU ({rates.gpu_label}); every model runs on every chip",
         f"  pool: {pool.crop_nodes} crop nodes × {pool.crop_node_cpus} cores, {pool.gpu_nodes} GPU nodes, "
         f"{pool.concurrent_runs} runs at once, {pool.crop_workers_per_run} crop workers per run{at_once}",

@@ -154,6 +154,12 @@ class Rates:
         return MEASURED if self.gpu_measured else STATED
 
     @property
+    def crop_label(self) -> str:
+        """Whether the crop rates are its format's measured ones (:data:`CROP_COST`) or given."""
+        measured = CROP_COST.get(self.imagery_format) == (self.crop_core_s_per_km2, self.crop_chips_per_s_per_core)
+        return f"{MEASURED}: bench-crop, 1 CPU" if measured else "given"
+
+    @property
     def gpu_s_per_chip(self) -> float:
         """GPU-seconds per chip: every model runs on every chip, so their times add up."""
         return sum(1.0 / r for r in self.gpu_images_per_s.values())

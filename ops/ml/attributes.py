@@ -24,8 +24,6 @@ from typing import Any
 
 import yaml
 
-from ops.shards import STATUSES as PREDICTION_STATUSES
-
 TASKS = ("classification", "segmentation", "regression")
 #: Where labels come from: a per-département CSV/Parquet file, a column of the footprints, polygons.
 LABEL_KINDS = ("file", "footprint_column", "polygons")
@@ -136,6 +134,8 @@ class Attribute:
         What an analyst reads beside the table (the asset's column schema in the UI): the values a
         column can take come from this declaration, so they follow it.
         """
+        from ops.shards import STATUSES  # here: declarations are read without pyarrow (the capacity plan)
+
         what = self.description.strip().rstrip(".") or self.name.replace("_", " ")
         if self.task == "regression":
             bounds = f", clipped to [{self.value_range[0]:g}, {self.value_range[1]:g}]" if self.value_range else ""
@@ -146,7 +146,7 @@ class Attribute:
                 (f"{self.name}_score", "double", f"calibrated probability of {self.name}_label, in [0, 1]"),
             ]
         return cols + [
-            (f"{self.name}_status", "string", f"{self.name} prediction status: {', '.join(PREDICTION_STATUSES)}"),
+            (f"{self.name}_status", "string", f"{self.name} prediction status: {', '.join(STATUSES)}"),
             (f"{self.name}_model_version", "string", f"the {self.name} model version of this prediction (latest)"),
             (f"{self.name}_predicted_at", "timestamp", f"when the {self.name} prediction was made"),
         ]
